@@ -1,0 +1,108 @@
+"""Shared plumbing: which implementation runs, argument checks, and one Triton helper.
+
+Every public op takes ``impl`` ("auto" | "triton" | "reference"). "auto" runs the Triton kernel
+for CUDA tensors and the PyTorch reference for CPU tensors. "triton" on CPU tensors runs the
+kernel under Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``) before
+``sparse_prefill`` is imported, because ``triton.jit`` reads it when a kernel is decorated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+IMPLS = ("auto", "triton", "reference")
+
+# Read once, like triton.jit does at decoration time, so the two never disagree.
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_VALUE_CHECKS = os.environ.get("SPARSE_PREFILL_VALUE_CHECKS", "1") != "0"
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """Map ``impl`` and the tensors' device to "triton" or "reference"."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    if impl == "triton" and device.type != "cuda" and not INTERPRET:
+        raise ValueError(
+            "impl='triton' with CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
+            "before importing sparse_prefill"
+        )
+    return impl
+
+
+def value_checks_enabled() -> bool:
+    """Whether checks that read tensor *values* run (on CUDA each costs a device sync)."""
+    return _VALUE_CHECKS
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Switch value checks on or off inside a ``with`` block.
+
+    Shape, dtype and device checks are free and always run. Checks of values (an id beyond a
+    cache's capacity, a length out of range) need the data on the host, which on CUDA is a
+    device sync. Engines that validate their metadata once switch them off in hot loops with
+    ``with sparse_prefill.value_checks(False): ...`` or process-wide with the environment
+    variable ``SPARSE_PREFILL_VALUE_CHECKS=0``.
+    """
+    global _VALUE_CHECKS
+    previous, _VALUE_CHECKS = _VALUE_CHECKS, bool(enabled)
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS = previous
+
+
+def _fmt_shape(shape: Sequence[object]) -> str:
+    return "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    dtypes: Sequence[torch.dtype] | None = None,
+    shape: Sequence[int | None] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Raise TypeError/ValueError naming ``name`` unless ``t`` is a tensor as described.
+
+    ``shape`` gives the expected sizes, ``None`` for a free dimension; its length is the rank.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        want = " or ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype {want}, got {t.dtype}")
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
+            raise ValueError(f"{name} must have shape {_fmt_shape(shape)}, got {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device}, got {t.device}")
+    return t
+
+
+def check_int(name: str, value: object, *, lo: int | None = None, hi: int | None = None) -> int:
+    """Raise unless ``value`` is a Python int (not bool) in ``[lo, hi]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+@triton.jit
+def mma_operand(x, UPCAST: tl.constexpr):
+    """Operand for ``tl.dot``: Triton's interpreter multiplies the raw bits of bf16 operands,
+    so under the interpreter (``UPCAST=INTERPRET``) they go in as float32; never on the GPU."""
+    if UPCAST:
+        return x.to(tl.float32)
+    return x
