@@ -106,3 +106,14 @@ def mma_operand(x, UPCAST: tl.constexpr):
     if UPCAST:
         return x.to(tl.float32)
     return x
+
+
+@triton.jit
+def to_bf16(x, INTERPRETED: tl.constexpr):
+    """float32 -> bfloat16, rounding to nearest even like the GPU does. Triton's interpreter
+    truncates instead; under it (``INTERPRETED=INTERPRET``) round the bits first (finite x)."""
+    if INTERPRETED:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(tl.bfloat16)

@@ -1,0 +1,332 @@
+"""Per-chunk index state of the sparse prefill path (DESIGN.md step 4).
+
+Everything that is the same for every layer of a chunk is built once, at the first sparse
+layer: the SWA gather, the workspace plan of each compress ratio, and the combined index rows
+of the ratio-1 (SWA only) and dense-compressed (e.g. ratio-128) layers. Ratio-4 layers have
+their own indexer top-k, so their rows are recombined per layer into buffers kept here.
+
+Staleness: the cache belongs to one batch-metadata state. ``build`` records the caller's
+``key`` (the metadata object, or a generation token that changes whenever the metadata is
+refilled) and the autograd version counters of the tensors it was built from. Every accessor
+takes the key and raises ``StaleChunkCacheError`` when the key differs, ``invalidate()`` was
+called, or a source tensor was modified in place (e.g. a CUDA-graph replay's metadata
+``copy_``; inference-mode tensors have no version counter, so engines that build metadata under
+``torch.inference_mode()`` must pass a fresh key or call ``invalidate()`` when they refill it).
+The backend's pattern::
+
+    cache = metadata.sparse_prefill_cache
+    if cache is None or not cache.is_valid_for(metadata):
+        cache = metadata.sparse_prefill_cache = SparsePrefillChunkCache.build(key=metadata, ...)
+    layer = cache.layer(compress_ratio, metadata, topk_indices)  # c4: this layer's top-k
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Collection, Mapping
+from typing import NamedTuple
+
+import torch
+
+from sparse_prefill._utils import check_int, check_tensor, resolve_impl
+from sparse_prefill.ops.indices import (
+    check_request_lengths,
+    combine,
+    swa_gather_len,
+    swa_token_ids,
+    workspace_plan,
+)
+from sparse_prefill.ops.indices.plan import (
+    INT32_MAX,
+    SwaTokenIds,
+    WorkspacePlan,
+    check_workspace_rows,
+    combined_width,
+)
+
+# The compress ratio whose layers pick compressed entries with an indexer (DeepSeek-V4's c4).
+INDEXER_RATIO = 4
+
+_I32 = (torch.int32,)
+
+
+class StaleChunkCacheError(RuntimeError):
+    """A ``SparsePrefillChunkCache`` was used for batch metadata it was not built from."""
+
+
+class LayerIndices(NamedTuple):
+    """What one layer's attention needs from the chunk cache.
+
+    plan:    the workspace plan of the layer's ratio (dequantize the layer's caches with it).
+    indices: ``[num_tokens, ceil((topk + W) / 128) * 128]`` int32 workspace rows per query.
+    lens:    ``[num_tokens]`` int32 valid entries per row (``topk_length``).
+    """
+
+    plan: WorkspacePlan
+    indices: torch.Tensor
+    lens: torch.Tensor
+
+
+def _key_getter(key: object) -> Callable[[], object]:
+    # A weak reference, so a cache stored on its metadata object does not keep it alive.
+    try:
+        return weakref.ref(key)
+    except TypeError:
+        return lambda: key
+
+
+def _same_key(a: object, b: object) -> bool:
+    """Objects match by identity; int and str generation tokens by value."""
+    return a is b or (type(a) in (int, str) and type(a) is type(b) and a == b)
+
+
+class SparsePrefillChunkCache:
+    """Index state of one prefill chunk, shared by all its sparse layers (use ``build``)."""
+
+    def __init__(
+        self,
+        *,
+        key: object,
+        seq_lens: torch.Tensor,
+        sources: list[torch.Tensor],
+        window_size: int,
+        c4_topk: int | None,
+        query_start_loc: torch.Tensor,
+        query_pos: torch.Tensor,
+        swa: SwaTokenIds,
+        plans: dict[int, WorkspacePlan],
+        rows: dict[int, tuple[torch.Tensor, torch.Tensor]],
+        impl: str,
+    ) -> None:
+        self._key = _key_getter(key)
+        # Inference tensors track no versions: the key and invalidate() cover them.
+        self._versions = [(t, t._version) for t in sources if not t.is_inference()]
+        self._valid = True
+        self._seq_lens = seq_lens
+        self.window_size = window_size
+        self.c4_topk = c4_topk
+        self._query_start_loc = query_start_loc
+        self._query_pos = query_pos
+        self._swa = swa
+        self._plans = plans
+        self._rows = rows
+        self._impl = impl
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        key: object,
+        seq_lens: torch.Tensor,
+        extend_lens: torch.Tensor,
+        swa_token_table: torch.Tensor,
+        window_size: int,
+        ratios: Collection[int],
+        compressed_token_tables: Mapping[int, torch.Tensor] | None = None,
+        c4_topk: int | None = None,
+        impl: str = "auto",
+    ) -> SparsePrefillChunkCache:
+        """Build the cache of one chunk. One host sync (the ``[R]`` lengths are read once).
+
+        Args:
+            key: the batch metadata this cache belongs to (not None): the metadata object
+                (matched by identity, held weakly) or an int/str generation token (matched by
+                value). Every accessor must be given the same key.
+            seq_lens: ``[R]`` int32 tokens of each request including the new ones.
+            extend_lens: ``[R]`` int32 new tokens of each request, ``0 <= extend_len <= seq_len``.
+                Queries are the chunk's tokens request by request: ``num_tokens = sum(extend_lens)``.
+            swa_token_table: ``[R, max_len]`` int32 SWA-cache token id of (request, position),
+                ``max_len >= max(seq_lens)``.
+            window_size: the SWA window ``W >= 1``.
+            ratios: the compress ratios of the model's layers (distinct ints >= 1). 1: SWA only;
+                4: top-k picked per layer by the indexer (``combine_c4``); any other: every
+                complete compressed entry (ratio 128).
+            compressed_token_tables: for each ratio > 1 in ``ratios`` (exactly those), ``[R,
+                max_entries]`` int32 token id of (request, compressed entry ``j``) in that
+                ratio's compressed cache, ``max_entries >= max(seq_lens // ratio)``.
+            c4_topk: the indexer's top-k (512 or 1024); required iff 4 is in ``ratios``.
+            impl: "auto" | "triton" | "reference".
+
+        Raises TypeError/ValueError on bad shapes, dtypes or lengths (always checked: the
+        lengths are on the host anyway), on more than ``2**31 - 1`` query tokens, and on a
+        workspace of more than ``2**31 - 1`` rows for some ratio (limits: ``ops/indices/plan.py``).
+        """
+        if key is None:
+            raise ValueError("key must identify the batch metadata (e.g. the metadata object), not None")
+        check_int("window_size", window_size, lo=1, hi=INT32_MAX)
+        if not isinstance(ratios, Collection) or isinstance(ratios, str) or not ratios:
+            raise ValueError(f"ratios must be a non-empty collection of ints, got {ratios!r}")
+        for c in ratios:
+            check_int("each of ratios", c, lo=1, hi=INT32_MAX)
+        ratio_list = sorted(set(ratios))
+        if len(ratio_list) != len(ratios):
+            raise ValueError(f"ratios must be distinct, got {ratios!r}")
+        check_tensor("seq_lens", seq_lens, dtypes=_I32, shape=(None,))
+        num_reqs, device = seq_lens.shape[0], seq_lens.device
+        check_tensor("extend_lens", extend_lens, dtypes=_I32, shape=(num_reqs,), device=device)
+        table_shape = (num_reqs, None)
+        check_tensor("swa_token_table", swa_token_table, dtypes=_I32, shape=table_shape, device=device)
+        tables = dict(compressed_token_tables or {})
+        if sorted(tables) != [c for c in ratio_list if c > 1]:
+            raise ValueError(
+                f"compressed_token_tables must have one table per ratio > 1 of {ratio_list}, "
+                f"got ratios {sorted(tables)}"
+            )
+        for c, t in tables.items():
+            check_tensor(f"compressed_token_tables[{c}]", t, dtypes=_I32, shape=table_shape, device=device)
+        if INDEXER_RATIO in ratio_list:
+            check_int("c4_topk", c4_topk, lo=1, hi=INT32_MAX)
+        elif c4_topk is not None:
+            raise ValueError(f"c4_topk is for ratio {INDEXER_RATIO} layers; ratios {ratio_list} have none")
+        impl = resolve_impl(impl, device)
+
+        # The one host sync: every size below is computed from these lists.
+        seq, ext = torch.stack([seq_lens, extend_lens]).tolist() if num_reqs else ([], [])
+        check_request_lengths(seq, ext, swa_token_table.shape[1], "swa_token_table")
+        num_tokens = sum(ext)
+        if num_tokens > INT32_MAX:
+            raise ValueError(f"sum(extend_lens) = {num_tokens} query tokens exceed int32 ({INT32_MAX})")
+        num_swa = sum(swa_gather_len(s, e, window_size) for s, e in zip(seq, ext))
+        num_compressed = {1: 0}
+        for c, t in tables.items():
+            check_request_lengths(seq, None, t.shape[1], f"compressed_token_tables[{c}]", c)
+            num_compressed[c] = sum(s // c for s in seq)
+            check_workspace_rows(num_compressed[c], num_swa)
+        check_workspace_rows(0, num_swa)
+
+        query_start_loc = torch.nn.functional.pad(extend_lens.cumsum(0), (1, 0)).to(torch.int32)
+        first_query = seq_lens - extend_lens - query_start_loc[:-1]
+        query_pos = (
+            torch.repeat_interleave(first_query, extend_lens, output_size=num_tokens)
+            + torch.arange(num_tokens, dtype=torch.int32, device=device)
+        )
+        swa = swa_token_ids(seq_lens, extend_lens, swa_token_table, window_size, num_swa, impl)
+        plans = {
+            c: workspace_plan(seq_lens, swa, c, tables.get(c), num_compressed[c], impl) for c in ratio_list
+        }
+        rows = {}
+        for c in ratio_list:
+            if c == INDEXER_RATIO:
+                width = combined_width(c4_topk, window_size)
+                rows[c] = (
+                    torch.empty((num_tokens, width), dtype=torch.int32, device=device),
+                    torch.empty(num_tokens, dtype=torch.int32, device=device),
+                )
+                continue
+            # Ratio 1 takes no entries; a dense ratio takes all of the longest request's.
+            topk = 0 if c == 1 else max((s // c for s, e in zip(seq, ext) if e), default=0)
+            rows[c] = combine(
+                None, query_start_loc, query_pos, seq_lens, swa.gather_lens, plans[c].compressed_base,
+                plans[c].swa_base, window_size, c, topk, None, None, impl,
+            )
+        return cls(
+            key=key,
+            seq_lens=seq_lens,
+            sources=[seq_lens, extend_lens, swa_token_table, *tables.values()],
+            window_size=window_size,
+            c4_topk=c4_topk,
+            query_start_loc=query_start_loc,
+            query_pos=query_pos,
+            swa=swa,
+            plans=plans,
+            rows=rows,
+            impl=impl,
+        )
+
+    # -- staleness ---------------------------------------------------------------------------
+
+    def invalidate(self) -> None:
+        """Mark the cache stale (call when the batch metadata is replaced or refilled)."""
+        self._valid = False
+
+    def _stale_reason(self, key: object) -> str | None:
+        if not self._valid:
+            return "it was invalidated"
+        if not _same_key(self._key(), key):
+            return "it was built for other batch metadata (key differs)"
+        if any(t._version != v for t, v in self._versions):
+            return "a tensor it was built from was modified in place"
+        return None
+
+    def is_valid_for(self, key: object) -> bool:
+        """Whether this cache may serve the batch metadata identified by ``key``."""
+        return self._stale_reason(key) is None
+
+    def check(self, key: object) -> None:
+        """Raise ``StaleChunkCacheError`` unless ``is_valid_for(key)``."""
+        reason = self._stale_reason(key)
+        if reason is not None:
+            raise StaleChunkCacheError(f"SparsePrefillChunkCache is stale: {reason}; rebuild it")
+
+    # -- accessors (each checks the key) -----------------------------------------------------
+
+    @property
+    def ratios(self) -> tuple[int, ...]:
+        return tuple(self._plans)
+
+    @property
+    def num_tokens(self) -> int:
+        return self._query_pos.shape[0]
+
+    @property
+    def max_workspace_rows(self) -> int:
+        """Rows of a workspace that fits every ratio's plan (allocate it once per chunk)."""
+        return max(p.num_rows for p in self._plans.values())
+
+    def plan(self, ratio: int, key: object) -> WorkspacePlan:
+        """The workspace plan of ``ratio`` (shared by all layers of that ratio)."""
+        self.check(key)
+        if ratio not in self._plans:
+            raise ValueError(f"ratio must be one of {self.ratios}, got {ratio!r}")
+        return self._plans[ratio]
+
+    def swa(self, key: object) -> SwaTokenIds:
+        """The chunk's SWA gather (``build_swa_token_ids``)."""
+        self.check(key)
+        return self._swa
+
+    def combine_c4(self, topk_indices: torch.Tensor, key: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """Recombine one ratio-4 layer's rows from its indexer top-k into the reused buffers.
+
+        Args:
+            topk_indices: ``[num_tokens, c4_topk]`` int32 request-local compressed entry ids
+                (negative = no pick), the layer's indexer output.
+            key: the batch metadata key given to ``build``.
+
+        Returns:
+            ``(indices, lens)`` as ``combine_topk_swa_indices``; the same buffers every call, so
+            a layer's rows are overwritten by the next layer's (stream-ordered on the GPU).
+        """
+        self.check(key)
+        if INDEXER_RATIO not in self._rows:
+            raise ValueError(f"combine_c4 needs ratio {INDEXER_RATIO}; the cache has ratios {self.ratios}")
+        check_tensor(
+            "topk_indices", topk_indices, dtypes=_I32, shape=(self.num_tokens, self.c4_topk),
+            device=self._query_pos.device,
+        )
+        plan = self._plans[INDEXER_RATIO]
+        out_indices, out_lens = self._rows[INDEXER_RATIO]
+        return combine(
+            topk_indices, self._query_start_loc, self._query_pos, self._seq_lens, self._swa.gather_lens,
+            plan.compressed_base, plan.swa_base, self.window_size, INDEXER_RATIO, self.c4_topk,
+            out_indices, out_lens, self._impl,
+        )
+
+    def layer(self, ratio: int, key: object, topk_indices: torch.Tensor | None = None) -> LayerIndices:
+        """Plan and combined rows of one layer of ``ratio``.
+
+        ``topk_indices`` (``[num_tokens, c4_topk]`` int32) is required for ratio 4 (recombined
+        into the reused buffers) and must be None otherwise (rows built once per chunk).
+        """
+        plan = self.plan(ratio, key)
+        if ratio == INDEXER_RATIO:
+            if topk_indices is None:
+                raise ValueError(f"ratio {INDEXER_RATIO} layers need their indexer's topk_indices")
+            indices, lens = self.combine_c4(topk_indices, key)
+        else:
+            if topk_indices is not None:
+                raise ValueError(
+                    f"topk_indices is only for ratio {INDEXER_RATIO} layers, not ratio {ratio}"
+                )
+            indices, lens = self._rows[ratio]
+        return LayerIndices(plan, indices, lens)

@@ -1,0 +1,195 @@
+"""Which path a batch takes: the one place where that is decided.
+
+Two paths compute the same attention (``backend.py``):
+
+* **sparse**: dequantize the referenced cache tokens into a bf16 workspace, build combined index
+  rows (ratio 4), run ``sparse_attn_fwd`` on the workspace;
+* **regular**: ``paged_fp8_sparse_attn_fwd`` straight from the FP8 caches, no workspace.
+
+The rule: decode batches always take the regular path; extend batches take the path whose
+estimated time for a layer is lower, per compress ratio (a ratio-1 layer attends to 128 tokens
+per query and is cheap next to its dequantize; a ratio-4 layer attends to ``topk + 128``). The
+estimate is a linear cost model, :class:`PathCosts`, whose constants are measured per path:
+
+    regular_us = LAUNCH + flops(regular rows) / REGULAR_TFLOPS
+    sparse_us  = LAUNCH * launches + flops(sparse rows) / SPARSE_TFLOPS
+                 + workspace_rows * DEQUANT_NS_PER_ROW + combined_entries * COMBINE_NS_PER_ENTRY
+
+with ``flops = 2 * sum over queries of scanned kv * max(h_q, MIN_HEADS) * (d_qk + d_v)``.
+
+Where the constants come from: ``DEFAULT_COSTS`` holds PLACEHOLDERS derived from
+``ANCHORS.md`` (H100 80GB HBM3, FlashMLA 9241ae3, 2026-11-23): the FP8 decode kernel ran at 346
+(h_q 64) / 429 (h_q 128) TFLOP/s and ``flash_mla_sparse_fwd`` on a bf16 workspace at 501 / 535
+TFLOP/s on the same rows (s_q 4096, topk + W = 640 / 1152); dequantize is bandwidth bound
+(584 bytes read + 1024 written per row at ~2.5 TB/s of the measured 3 TB/s copy ceiling);
+combine writes/reads ~6 bytes per entry. With these, sparse wins every extend batch above a
+few hundred tokens (ratio 4) or a couple of thousand (ratio 1), where the fixed launch costs of
+its extra kernels are paid back. ``benchmarks/bench_backend.py`` measures our kernels' figures
+on the GPU and prints the constants to put here; the lead replaces the placeholders with them.
+
+Override: ``SPARSE_PREFILL_PATH=auto|sparse|regular`` in the environment, or the backend's
+``path`` argument; an explicit ``sparse``/``regular`` argument wins over the environment, and
+``auto`` defers to it. Decode stays regular whatever is forced.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from sparse_prefill.backend.config import ModelConfig
+from sparse_prefill.backend.metadata import BatchMetadata
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "SPARSE_PREFILL_PATH"
+PATH_SETTINGS = ("auto", "sparse", "regular")
+SPARSE = "sparse"
+REGULAR = "regular"
+
+# Columns of a combined index row are padded to this (FlashMLA's B_TOPK for h_q 128).
+COMBINED_ALIGN = 128
+# Bytes the dequantize moves per workspace row: one V4 token read (584) + 512 bf16 written.
+DEQUANT_ROW_BYTES = 584 + 1024
+
+
+@dataclass(frozen=True)
+class PathCosts:
+    """Measured constants of the cost model above (placeholders until the lead's H100 figures).
+
+    Throughputs are given at h_q 64 and 128 and interpolated linearly in between; fewer heads
+    than ``min_heads`` cost as much as ``min_heads`` (a head block is computed whole).
+    """
+
+    regular_tflops_h64: float = 346.0  # ANCHORS: FlashMLA FP8 decode, topk 512 + 128
+    regular_tflops_h128: float = 429.0  # ANCHORS: FlashMLA FP8 decode, topk 1024 + 128
+    sparse_tflops_h64: float = 501.0  # ANCHORS: flash_mla_sparse_fwd on the same rows
+    sparse_tflops_h128: float = 535.0
+    min_heads: int = 64
+    dequant_ns_per_row: float = DEQUANT_ROW_BYTES / 2.5e12 * 1e9  # ~0.64 ns at 2.5 TB/s
+    combine_ns_per_entry: float = 6 / 2.5e12 * 1e9
+    launch_us: float = 8.0  # one kernel launch + its tail, small-shape latency
+
+    def tflops(self, path: str, num_heads: int) -> float:
+        lo, hi = (
+            (self.regular_tflops_h64, self.regular_tflops_h128)
+            if path == REGULAR
+            else (self.sparse_tflops_h64, self.sparse_tflops_h128)
+        )
+        h = min(max(num_heads, 64), 128)
+        return lo + (hi - lo) * (h - 64) / 64
+
+
+DEFAULT_COSTS = PathCosts()
+
+
+@dataclass(frozen=True)
+class LayerWork:
+    """What one layer of a compress ratio costs each path for a batch (host arithmetic only).
+
+    ``regular_kv``: kv entries the regular kernel scans, summed over queries (ratio 4 scans all
+    ``topk`` picks, masked ones included); ``sparse_kv``: entries a combined row's
+    ``topk_length`` covers (valid picks are compacted); ``workspace_rows``: rows dequantized per
+    layer; ``combined_entries``: index entries combined per layer (ratio 4 only).
+    """
+
+    ratio: int
+    num_tokens: int
+    num_heads: int
+    regular_kv: int
+    sparse_kv: int
+    workspace_rows: int
+    combined_entries: int
+
+
+def _window_sum(positions: torch.Tensor, window: int) -> int:
+    return int(torch.clamp(positions + 1, max=window).sum())
+
+
+def layer_work(config: ModelConfig, metadata: BatchMetadata, ratio: int) -> LayerWork:
+    """The :class:`LayerWork` of a ratio-``ratio`` layer for ``metadata``'s batch."""
+    w, topk = config.window_size, config.topk
+    regular = sparse = rows = 0
+    for prefix, seq in zip(metadata.prefix_lens_host, metadata.seq_lens_host):
+        pos = torch.arange(prefix, seq, dtype=torch.int64)
+        win = _window_sum(pos, w)
+        rows += min(seq, seq - prefix + w - 1)
+        if ratio == 1:
+            regular += win
+            sparse += win
+            continue
+        visible = (pos + 1) // ratio
+        rows += seq // ratio
+        if ratio == 4:
+            regular += win + topk * len(pos)
+            sparse += win + int(torch.clamp(visible, max=topk).sum())
+        else:
+            regular += win + int(visible.sum())
+            sparse += win + int(visible.sum())
+    width = -(-(topk + w) // COMBINED_ALIGN) * COMBINED_ALIGN
+    return LayerWork(
+        ratio=ratio,
+        num_tokens=metadata.num_tokens,
+        num_heads=config.num_heads,
+        regular_kv=regular,
+        sparse_kv=sparse,
+        workspace_rows=rows,
+        combined_entries=metadata.num_tokens * width if ratio == 4 else 0,
+    )
+
+
+def estimate_us(path: str, work: LayerWork, costs: PathCosts = DEFAULT_COSTS) -> float:
+    """Estimated microseconds of one layer on ``path`` (the cost model of this module)."""
+    heads = max(work.num_heads, costs.min_heads)
+    kv = work.regular_kv if path == REGULAR else work.sparse_kv
+    attn_us = 2 * kv * heads * 1024 / (costs.tflops(path, work.num_heads) * 1e12) * 1e6
+    if path == REGULAR:
+        return costs.launch_us + attn_us
+    launches = 2 + (work.ratio > 1) + (work.ratio == 4)  # SWA + compressed dequant, combine, attn
+    return (
+        costs.launch_us * launches
+        + attn_us
+        + work.workspace_rows * costs.dequant_ns_per_row * 1e-3
+        + work.combined_entries * costs.combine_ns_per_entry * 1e-3
+    )
+
+
+def path_setting(path: str = "auto") -> str:
+    """The effective setting: ``path`` unless it is "auto", then ``$SPARSE_PREFILL_PATH`` (default auto)."""
+    if path not in PATH_SETTINGS:
+        raise ValueError(f"path must be one of {PATH_SETTINGS}, got {path!r}")
+    if path != "auto":
+        return path
+    env = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if env not in PATH_SETTINGS:
+        raise ValueError(f"environment variable {ENV_VAR} must be one of {PATH_SETTINGS}, got {env!r}")
+    return env
+
+
+def choose_path(
+    setting: str,
+    config: ModelConfig,
+    metadata: BatchMetadata,
+    ratio: int,
+    costs: PathCosts = DEFAULT_COSTS,
+) -> str:
+    """"sparse" or "regular" for the ratio-``ratio`` layers of ``metadata``'s batch.
+
+    ``setting`` is :func:`path_setting`'s result. Decode batches are always regular.
+    """
+    if metadata.is_decode:
+        chosen, why = REGULAR, "decode batch"
+    elif setting != "auto":
+        chosen, why = setting, "forced"
+    else:
+        work = layer_work(config, metadata, ratio)
+        est = {p: estimate_us(p, work, costs) for p in (SPARSE, REGULAR)}
+        chosen = SPARSE if est[SPARSE] < est[REGULAR] else REGULAR
+        why = f"estimated sparse {est[SPARSE]:.1f} us vs regular {est[REGULAR]:.1f} us"
+    logger.debug(
+        "sparse_prefill: ratio-%d layers of %r take the %s path (%s)", ratio, metadata, chosen, why
+    )
+    return chosen

@@ -1,0 +1,146 @@
+"""``paged_fp8_sparse_attn_fwd``: sparse MLA attention straight from FP8 paged KV caches (the
+"regular path", FlashMLA ``flash_mla_with_kvcache`` sparse FP8 semantics), no bf16 workspace."""
+
+from __future__ import annotations
+
+import torch
+
+from sparse_prefill._utils import check_int, check_tensor, resolve_impl
+from sparse_prefill.layout import KVCacheLayout
+from sparse_prefill.ops.fp8_sparse_attn.naive import paged_fp8_sparse_attn_fwd_naive
+from sparse_prefill.ops.sparse_attn import (
+    D_V,
+    AttnOutputs,
+    check_indices,
+    check_lengths,
+    check_query,
+    check_scale_and_d_v,
+    check_sink,
+    prepare_outputs,
+    write_reference,
+)
+
+__all__ = ["paged_fp8_sparse_attn_fwd"]
+
+
+def _check_cache(
+    name: str, cache: object, page_size_name: str, page_size: object, layout: KVCacheLayout,
+    device: torch.device,
+) -> None:
+    """``cache`` [num_pages >= 1, layout.page_bytes(page_size)] uint8, contiguous (kernels
+    address pages by ``page_bytes``)."""
+    check_int(page_size_name, page_size, lo=1)
+    page_bytes = layout.page_bytes(page_size)
+    check_tensor(name, cache, dtypes=(torch.uint8,), shape=(None, page_bytes), device=device)
+    if cache.shape[0] < 1:
+        raise ValueError(f"{name} must have at least one page, got shape {tuple(cache.shape)}")
+    if not cache.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {tuple(cache.stride())}")
+
+
+def paged_fp8_sparse_attn_fwd(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    indices: torch.Tensor,
+    page_size: int,
+    sm_scale: float,
+    *,
+    extra_cache: torch.Tensor | None = None,
+    extra_indices: torch.Tensor | None = None,
+    extra_page_size: int | None = None,
+    topk_length: torch.Tensor | None = None,
+    extra_topk_length: torch.Tensor | None = None,
+    attn_sink: torch.Tensor | None = None,
+    layout: KVCacheLayout = KVCacheLayout.V4,
+    d_v: int = D_V,
+    out: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> AttnOutputs:
+    """Sparse attention of one query token per row over tokens of FP8 paged KV caches, read and
+    dequantized on the fly: FlashMLA's sparse FP8 decode (``flash_mla_with_kvcache`` with
+    ``indices`` / ``extra_indices``), with ``[b, s_q]`` flattened to rows, any ``h_q`` in 1..128.
+
+    Args:
+        q: [s_q, h_q, layout.dim], bfloat16 (512 for V4, 576 for V3.2), ``1 <= h_q <= 128``.
+        cache: [num_pages, layout.page_bytes(page_size)], uint8, contiguous, ``num_pages >= 1``:
+            the paged FP8 cache of the main scope (``sparse_prefill.layout``).
+        indices: [s_q, topk], int32, ``topk >= 1``: token ids into ``cache`` (token ``t`` is
+            offset ``t % page_size`` of page ``t // page_size``). An entry is invalid, and
+            ignored, when it is ``< 0`` or ``>= num_pages * page_size`` (any int32) or its
+            position is ``>= topk_length[i]``. A token listed twice counts twice.
+        page_size: tokens per page of ``cache``, ``>= 1``.
+        sm_scale: float, finite. Scale applied to ``q @ k`` before the softmax.
+        extra_cache, extra_indices, extra_page_size: optional second scope (all three or none),
+            like the main one: extra_cache [extra_pages, layout.page_bytes(extra_page_size)]
+            uint8, extra_indices [s_q, extra_topk] int32, ids into ``extra_cache``. In DeepSeek-V4
+            one scope is the compressed cache (top-k ids), the other the SWA cache (window ids).
+        topk_length: optional, [s_q], int32, values in ``[0, topk]``: row ``i`` considers only
+            ``indices[i, :topk_length[i]]`` (later entries are ignored, whatever they point at).
+        extra_topk_length: optional, [s_q], int32, values in ``[0, extra_topk]``, the same for
+            ``extra_indices``; needs the extra scope. Length values outside their range raise
+            ValueError while value checks are on (``sparse_prefill.value_checks``); with them off
+            a value past the width acts as the width and a negative one as 0.
+        attn_sink: optional, [h_q], float32. ``out`` of head ``h`` is multiplied by
+            ``exp(lse) / (exp(lse) + exp(attn_sink[h]))``; -inf leaves it unchanged, +inf makes
+            it 0; ``lse`` and ``max_logits`` are not changed.
+        layout: ``KVCacheLayout.V4`` or ``KVCacheLayout.V32``, the byte layout of both caches.
+        d_v: value dims, must be 512.
+        out: optional, [s_q, h_q, d_v], bfloat16, preallocated output; written and returned.
+        impl: "auto" (Triton for CUDA tensors, the PyTorch reference for CPU tensors), "triton"
+            (on CPU needs ``TRITON_INTERPRET=1``) or "reference".
+
+    Every tensor must be on ``q``'s device; q, the index rows and out need unit stride in their
+    last dim (other dims take any stride). Violations raise TypeError/ValueError naming the
+    argument, before any launch.
+
+    Returns:
+        (out, max_logits, lse): with ``K`` the valid tokens of both scopes of row ``i``,
+        dequantized exactly as ``dequantize_k_cache_paged`` does, and ``P = (q @ K.T) *
+        sm_scale``, one softmax over the union:
+        - out: [s_q, h_q, d_v], bfloat16, ``softmax(P) @ K[:, :d_v]`` times the sink factor;
+          0 for a row with no valid token.
+        - max_logits: [s_q, h_q], float32, ``max(P)``; -inf for a row with no valid token.
+        - lse: [s_q, h_q], float32, ``logsumexp(P)`` (natural log); +inf for a row with no valid
+          token.
+        ``s_q = 0`` returns empty tensors without launching anything.
+    """
+    if not isinstance(layout, KVCacheLayout):
+        raise TypeError(f"layout must be a KVCacheLayout (V4 or V32), got {type(layout).__name__}")
+    s_q, h_q, _ = check_query(q, (layout.dim,))
+    device = q.device
+    _check_cache("cache", cache, "page_size", page_size, layout, device)
+    topk = check_indices("indices", indices, (s_q, None), device)
+    extra = (extra_cache, extra_indices, extra_page_size)
+    if any(x is not None for x in extra):
+        if any(x is None for x in extra):
+            given = [n for n, x in zip(("extra_cache", "extra_indices", "extra_page_size"), extra) if x is not None]
+            raise ValueError(f"extra_cache, extra_indices and extra_page_size go together; got only {given}")
+        _check_cache("extra_cache", extra_cache, "extra_page_size", extra_page_size, layout, device)
+        extra_topk = check_indices("extra_indices", extra_indices, (s_q, None), device)
+    elif extra_topk_length is not None:
+        raise ValueError("extra_topk_length needs the extra scope (extra_cache, extra_indices, extra_page_size)")
+    sm_scale = check_scale_and_d_v(sm_scale, d_v)
+    attn_sink = check_sink(attn_sink, h_q, device)
+    topk_length = check_lengths("topk_length", topk_length, s_q, topk, device)
+    if extra_indices is not None:
+        extra_topk_length = check_lengths("extra_topk_length", extra_topk_length, s_q, extra_topk, device)
+    impl = resolve_impl(impl, device)
+    out, max_logits, lse = prepare_outputs(out, s_q, h_q, d_v, device)
+    if s_q == 0:
+        return out, max_logits, lse
+
+    if impl == "reference":
+        reference = paged_fp8_sparse_attn_fwd_naive(
+            q, cache, indices, page_size, sm_scale, extra_cache=extra_cache,
+            extra_indices=extra_indices, extra_page_size=extra_page_size, topk_length=topk_length,
+            extra_topk_length=extra_topk_length, attn_sink=attn_sink, layout=layout, d_v=d_v,
+        )
+        return write_reference(reference, out)
+
+    from sparse_prefill.ops.fp8_sparse_attn.kernel import paged_fp8_sparse_attn_triton
+
+    paged_fp8_sparse_attn_triton(
+        q, cache, indices, page_size, extra_cache, extra_indices, extra_page_size, topk_length,
+        extra_topk_length, sm_scale, attn_sink, layout, d_v, out, max_logits, lse,
+    )
+    return out, max_logits, lse

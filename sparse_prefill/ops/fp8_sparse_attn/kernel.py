@@ -1,0 +1,117 @@
+"""Triton kernel of ``paged_fp8_sparse_attn_fwd``: sparse MLA straight from FP8 paged caches.
+
+The same program shape and online softmax as ``sparse_attn_fwd`` (it reuses that kernel's scope
+loop and epilogue), but each KV tile is gathered from the paged FP8 cache and dequantized in
+registers, so no bf16 workspace exists. Two index scopes (``indices`` into ``cache`` and
+``extra_indices`` into ``extra_cache``, e.g. DeepSeek-V4's compressed and SWA caches) feed one
+softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sparse_prefill._utils import INTERPRET
+from sparse_prefill.layout import KVCacheLayout
+from sparse_prefill.ops.sparse_attn.kernel import LOG2E, attend_scope, pick_config, store_attn_outputs
+
+
+@triton.jit
+def _paged_fp8_sparse_attn_kernel(
+    q_ptr, cache_ptr, idx_ptr, xcache_ptr, xidx_ptr,
+    out_ptr, max_ptr, lse_ptr, sink_ptr, topk_len_ptr, xtopk_len_ptr,
+    h_q, topk, xtopk, capacity, xcapacity, page_size, page_bytes, xpage_size, xpage_bytes,
+    qk_scale_log2,
+    stride_q_s, stride_q_h, stride_i_s, stride_xi_s, stride_o_s, stride_o_h, stride_ml_s,
+    NUM_HEAD_BLOCKS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, IS_V4: tl.constexpr,
+    HAS_EXTRA: tl.constexpr, HAS_SINK: tl.constexpr, HAS_TOPK_LEN: tl.constexpr,
+    HAS_XTOPK_LEN: tl.constexpr, UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tok = pid // NUM_HEAD_BLOCKS
+    offs_h = (pid % NUM_HEAD_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_h = offs_h < h_q
+    offs_d = tl.arange(0, D_MAIN)
+    tok64 = tok.to(tl.int64)
+
+    q_rows = q_ptr + tok64 * stride_q_s + offs_h[:, None].to(tl.int64) * stride_q_h
+    q = tl.load(q_rows + offs_d[None, :], mask=mask_h[:, None], other=0.0)
+    if D_TAIL > 0:
+        q_tail = tl.load(q_rows + (D_MAIN + tl.arange(0, D_TAIL))[None, :], mask=mask_h[:, None], other=0.0)
+    else:
+        q_tail = q
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, D_MAIN], tl.float32)
+
+    n_keys = topk
+    if HAS_TOPK_LEN:
+        n_keys = tl.minimum(tl.load(topk_len_ptr + tok), topk)
+    m_i, l_i, acc = attend_scope(q, q_tail, m_i, l_i, acc, qk_scale_log2, cache_ptr,
+                                 idx_ptr + tok64 * stride_i_s, n_keys, capacity, 0, page_size,
+                                 page_bytes, BLOCK_N, D_MAIN, D_TAIL, True, IS_V4, UPCAST,
+                                 NUM_STAGES, WARP_SPEC)
+    if HAS_EXTRA:
+        n_xkeys = xtopk
+        if HAS_XTOPK_LEN:
+            n_xkeys = tl.minimum(tl.load(xtopk_len_ptr + tok), xtopk)
+        m_i, l_i, acc = attend_scope(q, q_tail, m_i, l_i, acc, qk_scale_log2, xcache_ptr,
+                                     xidx_ptr + tok64 * stride_xi_s, n_xkeys, xcapacity, 0,
+                                     xpage_size, xpage_bytes, BLOCK_N, D_MAIN, D_TAIL, True, IS_V4,
+                                     UPCAST, NUM_STAGES, WARP_SPEC)
+
+    store_attn_outputs(out_ptr, max_ptr, lse_ptr, sink_ptr, m_i, l_i, acc, tok, offs_h, mask_h,
+                       stride_o_s, stride_o_h, stride_ml_s, offs_d, HAS_SINK, UPCAST)
+
+
+def paged_fp8_sparse_attn_triton(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    indices: torch.Tensor,
+    page_size: int,
+    extra_cache: torch.Tensor | None,
+    extra_indices: torch.Tensor | None,
+    extra_page_size: int | None,
+    topk_length: torch.Tensor | None,
+    extra_topk_length: torch.Tensor | None,
+    sm_scale: float,
+    attn_sink: torch.Tensor | None,
+    layout: KVCacheLayout,
+    d_v: int,
+    out: torch.Tensor,
+    max_logits: torch.Tensor,
+    lse: torch.Tensor,
+    **tuning: int,
+) -> None:
+    """Launch on validated inputs (see ``paged_fp8_sparse_attn_fwd``); d_v is 512."""
+    s_q, h_q, d_qk = q.shape
+    cfg = pick_config(h_q, **tuning)
+    num_head_blocks = triton.cdiv(h_q, cfg["BLOCK_H"])
+    has_extra = extra_indices is not None
+    xcache = extra_cache if has_extra else cache
+    xidx = extra_indices if has_extra else indices
+    xpage = extra_page_size if has_extra else page_size
+    _paged_fp8_sparse_attn_kernel[(s_q * num_head_blocks,)](
+        q, cache, indices, xcache, xidx,
+        out, max_logits, lse,
+        attn_sink if attn_sink is not None else lse,
+        topk_length if topk_length is not None else indices,
+        extra_topk_length if extra_topk_length is not None else indices,
+        h_q, indices.shape[1], xidx.shape[1],
+        cache.shape[0] * page_size, xcache.shape[0] * xpage,
+        page_size, cache.shape[1], xpage, xcache.shape[1],
+        sm_scale * LOG2E,
+        q.stride(0), q.stride(1), indices.stride(0), xidx.stride(0), out.stride(0), out.stride(1),
+        lse.stride(0),
+        NUM_HEAD_BLOCKS=num_head_blocks, BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"],
+        D_MAIN=512, D_TAIL=d_qk - 512, IS_V4=layout is KVCacheLayout.V4,
+        HAS_EXTRA=has_extra, HAS_SINK=attn_sink is not None,
+        HAS_TOPK_LEN=topk_length is not None, HAS_XTOPK_LEN=extra_topk_length is not None,
+        UPCAST=INTERPRET, NUM_STAGES=cfg["NUM_STAGES"], WARP_SPEC=bool(cfg["WARP_SPEC"]),
+        num_warps=cfg["num_warps"],
+    )

@@ -1,0 +1,98 @@
+"""Result types and sizes shared by the index ops, their references and the chunk cache.
+
+Index ranges (why each dtype is wide enough):
+
+- lengths and positions (``seq_lens``, ``extend_lens``, ``first_pos``, ``gather_lens``,
+  ``query_pos``) are int32: a request holds at most ``2**31 - 1`` tokens.
+- ``offsets`` (cumulative SWA gather lengths) are int64, so a sum over requests cannot wrap.
+- workspace rows (``compressed_base``, ``swa_base``, every combined index) are int32, as
+  ``sparse_attn_fwd`` takes them: a workspace may hold at most ``2**31 - 1`` rows. Building a
+  plan beyond that raises. (At 1 KiB per bf16 row that is 2 TiB, far beyond any GPU.)
+- query rows (``query_start_loc``) are int32: at most ``2**31 - 1`` query tokens per chunk;
+  the combined ``[num_tokens, width]`` tensor itself may exceed ``2**31`` elements (kernels
+  address it in int64).
+- token ids in the SWA / compressed token tables are opaque int32 cache ids, copied unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+INT32_MAX = 2**31 - 1
+
+# flash_mla_sparse_fwd needs topk % 64 (h_q = 64) or % 128 (h_q = 128) == 0: pad to 128.
+COMBINED_ALIGN = 128
+
+
+def combined_width(topk: int, window_size: int) -> int:
+    """Width of a combined index row: ``topk + window_size`` rounded up to a multiple of 128."""
+    return -(-(topk + window_size) // COMBINED_ALIGN) * COMBINED_ALIGN
+
+
+class SwaTokenIds(NamedTuple):
+    """SWA gather of a chunk (``build_swa_token_ids``); ``R`` requests.
+
+    token_ids:   ``[total]`` int32, request ``r``'s SWA-cache token ids of positions
+                 ``first_pos[r] .. first_pos[r] + gather_lens[r] - 1`` at
+                 ``offsets[r] .. offsets[r+1] - 1``.
+    first_pos:   ``[R]`` int32, first gathered position, ``seq_len - gather_len``.
+    gather_lens: ``[R]`` int32, ``min(seq_len, extend_len + W - 1)`` (0 when ``extend_len == 0``).
+    offsets:     ``[R + 1]`` int64, exclusive cumulative sum of ``gather_lens``.
+    """
+
+    token_ids: torch.Tensor
+    first_pos: torch.Tensor
+    gather_lens: torch.Tensor
+    offsets: torch.Tensor
+
+
+class WorkspacePlan(NamedTuple):
+    """Which cache tokens go to which rows of a layer's bf16 workspace, for one compress ratio.
+
+    The workspace is ``[num_rows, 1, d]``: rows ``compressed_rows`` hold, back to back, every
+    request's complete compressed entries ``j < seq_len // ratio`` (request ``r``'s entry ``j``
+    at row ``compressed_base[r] + j``), dequantized from ``compressed_token_ids`` of the layer's
+    compressed cache; rows ``swa_rows`` hold every request's SWA gather (position ``pos`` of
+    request ``r`` at row ``swa_base[r] + pos - first_pos[r]``), dequantized from
+    ``swa_token_ids`` of the layer's SWA cache. Ratio 1 has no compressed region.
+
+    compress_ratio:       the ratio this plan is for.
+    compressed_token_ids: ``[num_compressed_rows]`` int32 token ids of the ratio's compressed cache.
+    swa_token_ids:        ``[num_swa_rows]`` int32 SWA-cache token ids (``SwaTokenIds.token_ids``).
+    compressed_base:      ``[R]`` int32 first compressed row of each request.
+    swa_base:             ``[R]`` int32 first SWA row of each request.
+    """
+
+    compress_ratio: int
+    compressed_token_ids: torch.Tensor
+    swa_token_ids: torch.Tensor
+    compressed_base: torch.Tensor
+    swa_base: torch.Tensor
+
+    @property
+    def num_compressed_rows(self) -> int:
+        return self.compressed_token_ids.shape[0]
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the workspace: compressed entries plus SWA gathers of all requests."""
+        return self.compressed_token_ids.shape[0] + self.swa_token_ids.shape[0]
+
+    @property
+    def compressed_rows(self) -> slice:
+        return slice(0, self.num_compressed_rows)
+
+    @property
+    def swa_rows(self) -> slice:
+        return slice(self.num_compressed_rows, self.num_rows)
+
+
+def check_workspace_rows(num_compressed: int, num_swa: int) -> None:
+    """Raise unless the workspace rows fit int32 (combined indices are int32 rows)."""
+    if num_compressed + num_swa > INT32_MAX:
+        raise ValueError(
+            f"workspace of {num_compressed} compressed + {num_swa} SWA rows exceeds the int32 "
+            f"row indices of sparse_attn_fwd ({INT32_MAX}); split the chunk"
+        )

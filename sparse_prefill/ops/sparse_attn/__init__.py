@@ -1,0 +1,191 @@
+"""``sparse_attn_fwd``: sparse MLA prefill attention, ``flash_mla_sparse_fwd`` compatible.
+
+The argument checks below are shared with ``paged_fp8_sparse_attn_fwd``
+(``ops/fp8_sparse_attn``), which has the same query, scale, sink, length and output contract.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sparse_prefill._utils import check_int, check_tensor, resolve_impl, value_checks_enabled
+from sparse_prefill.ops.sparse_attn.naive import sparse_attn_fwd_naive
+
+__all__ = ["sparse_attn_fwd"]
+
+MAX_HEADS = 128
+D_V = 512
+INT32_MAX = 2**31 - 1
+
+AttnOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def check_unit_stride(name: str, t: torch.Tensor) -> None:
+    """Kernels address the last dim with stride 1 (other dims take any stride)."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must have unit stride in its last dim, got strides {tuple(t.stride())}; "
+            f"pass {name}.contiguous()"
+        )
+
+
+def check_query(q: object, head_dims: tuple[int, ...]) -> tuple[int, int, int]:
+    """Check ``q`` [s_q, h_q, d_qk] bf16 with 1 <= h_q <= 128; return (s_q, h_q, d_qk)."""
+    check_tensor("q", q, dtypes=(torch.bfloat16,), shape=(None, None, None))
+    s_q, h_q, d_qk = q.shape
+    if not 1 <= h_q <= MAX_HEADS:
+        raise ValueError(f"q must have 1..{MAX_HEADS} heads (dim 1), got {h_q}")
+    if d_qk not in head_dims:
+        raise ValueError(f"q must have head dim (dim 2) in {head_dims}, got {d_qk}")
+    check_unit_stride("q", q)
+    return s_q, h_q, d_qk
+
+
+def check_scale_and_d_v(sm_scale: object, d_v: object) -> float:
+    """``sm_scale`` must be a finite real number, ``d_v`` 512; return ``sm_scale`` as float."""
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
+        raise TypeError(f"sm_scale must be a float, got {type(sm_scale).__name__}")
+    if not math.isfinite(sm_scale):
+        raise ValueError(f"sm_scale must be finite, got {sm_scale}")
+    check_int("d_v", d_v)
+    if d_v != D_V:
+        raise ValueError(f"d_v must be {D_V} (the value dims of DeepSeek MLA), got {d_v}")
+    return float(sm_scale)
+
+
+def check_sink(attn_sink: object, h_q: int, device: torch.device) -> torch.Tensor | None:
+    """``attn_sink`` is None or [h_q] float32; returned contiguous (kernels read it densely)."""
+    if attn_sink is None:
+        return None
+    check_tensor("attn_sink", attn_sink, dtypes=(torch.float32,), shape=(h_q,), device=device)
+    return attn_sink.contiguous()
+
+
+def check_lengths(
+    name: str, lengths: object, s_q: int, width: int, device: torch.device
+) -> torch.Tensor | None:
+    """``lengths`` is None or [s_q] int32 with values in [0, width] (a value check); returned
+    contiguous (kernels read it densely)."""
+    if lengths is None:
+        return None
+    check_tensor(name, lengths, dtypes=(torch.int32,), shape=(s_q,), device=device)
+    if value_checks_enabled() and s_q > 0:
+        lo, hi = torch.stack(torch.aminmax(lengths)).tolist()  # one device sync
+        if lo < 0 or hi > width:
+            raise ValueError(
+                f"{name} values must be in [0, {width}] (the width of its index rows), "
+                f"got values in [{lo}, {hi}]"
+            )
+    return lengths.contiguous()
+
+
+def check_indices(name: str, indices: object, shape: tuple[int | None, ...], device: torch.device) -> int:
+    """``indices`` int32 of ``shape`` (last dim free, >= 1), unit stride in it; return its width."""
+    check_tensor(name, indices, dtypes=(torch.int32,), shape=shape, device=device)
+    if indices.shape[-1] < 1:
+        raise ValueError(f"{name} must have at least one entry per row (last dim), got {tuple(indices.shape)}")
+    check_unit_stride(name, indices)
+    return indices.shape[-1]
+
+
+def prepare_outputs(
+    out: object, s_q: int, h_q: int, d_v: int, device: torch.device
+) -> AttnOutputs:
+    """Check or allocate ``out`` [s_q, h_q, d_v] bf16; allocate max_logits and lse [s_q, h_q]."""
+    if out is None:
+        out = torch.empty(s_q, h_q, d_v, dtype=torch.bfloat16, device=device)
+    else:
+        check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(s_q, h_q, d_v), device=device)
+        check_unit_stride("out", out)
+    max_logits = torch.empty(s_q, h_q, dtype=torch.float32, device=device)
+    lse = torch.empty(s_q, h_q, dtype=torch.float32, device=device)
+    return out, max_logits, lse
+
+
+def write_reference(reference: AttnOutputs, out: torch.Tensor) -> AttnOutputs:
+    """Store a float32 reference result: out in bf16 (into the caller's buffer), the rest as is."""
+    ref_out, max_logits, lse = reference
+    out.copy_(ref_out)
+    return out, max_logits, lse
+
+
+def sparse_attn_fwd(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    d_v: int = D_V,
+    attn_sink: torch.Tensor | None = None,
+    topk_length: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> AttnOutputs:
+    """Sparse attention prefill (MLA in MQA form): each query token attends to its own list of KV
+    rows. Drop-in for FlashMLA's ``flash_mla_sparse_fwd``, on any ``h_q`` in 1..128, any
+    ``topk >= 1`` and strided inputs.
+
+    Args:
+        q: [s_q, h_q, d_qk], bfloat16. ``1 <= h_q <= 128``, ``d_qk`` 512 or 576.
+        kv: [s_kv, h_kv, d_qk], bfloat16, ``h_kv`` must be 1 (keys are all ``d_qk`` dims,
+            values the first ``d_v``). ``1 <= s_kv <= 2**31 - 1``.
+        indices: [s_q, h_kv, topk], int32, ``topk >= 1``. Row ``i`` lists the KV rows query
+            token ``i`` attends to. An entry is invalid, and ignored, when it is ``< 0`` or
+            ``>= s_kv`` (any int32, INT_MIN and INT_MAX included) or when its position is
+            ``>= topk_length[i]``. A valid row listed twice counts twice.
+        sm_scale: float, finite. Scale applied to ``q @ k`` before the softmax.
+        d_v: value dims, must be 512.
+        attn_sink: optional, [h_q], float32. When given, ``out`` of head ``h`` is multiplied by
+            ``exp(lse) / (exp(lse) + exp(attn_sink[h]))``: ``-inf`` leaves it unchanged, ``+inf``
+            makes it 0. It does not change ``max_logits`` or ``lse``.
+        topk_length: optional, [s_q], int32, values in ``[0, topk]``. Token ``i`` only considers
+            ``indices[i, :, :topk_length[i]]``; later entries are ignored even when they point at
+            rows holding NaN. A value outside ``[0, topk]`` raises ValueError while value checks
+            are on (``sparse_prefill.value_checks``); with them off, ``> topk`` acts as ``topk``
+            and ``< 0`` as 0 (no position is below it).
+        out: optional, [s_q, h_q, d_v], bfloat16, preallocated output (e.g. a slice of a larger
+            buffer); written and returned.
+        impl: "auto" (Triton for CUDA tensors, the PyTorch reference for CPU tensors), "triton"
+            (on CPU needs ``TRITON_INTERPRET=1``) or "reference".
+
+    Every tensor must be on ``q``'s device and have unit stride in its last dim (other dims take
+    any stride). Violations raise TypeError/ValueError naming the argument, before any launch.
+
+    Returns:
+        (out, max_logits, lse), with ``P = (q @ kv[idx].T) * sm_scale`` over the valid entries:
+        - out: [s_q, h_q, d_v], bfloat16, ``softmax(P) @ kv[idx, :d_v]`` times the sink factor;
+          0 for a token with no valid entry.
+        - max_logits: [s_q, h_q], float32, ``max(P)``; -inf for a token with no valid entry.
+        - lse: [s_q, h_q], float32, ``logsumexp(P)`` (natural log); +inf for a token with no
+          valid entry.
+        ``s_q = 0`` returns empty tensors without launching anything.
+    """
+    s_q, h_q, d_qk = check_query(q, (512, 576))
+    device = q.device
+    check_tensor("kv", kv, dtypes=(torch.bfloat16,), shape=(None, 1, d_qk), device=device)
+    s_kv = kv.shape[0]
+    if not 1 <= s_kv <= INT32_MAX:
+        # int32 indices cannot address rows past 2**31 - 1: pass a slice of kv instead.
+        raise ValueError(f"kv must have 1..{INT32_MAX} rows (dim 0), got {s_kv}")
+    check_unit_stride("kv", kv)
+    topk = check_indices("indices", indices, (s_q, 1, None), device)
+    sm_scale = check_scale_and_d_v(sm_scale, d_v)
+    attn_sink = check_sink(attn_sink, h_q, device)
+    topk_length = check_lengths("topk_length", topk_length, s_q, topk, device)
+    impl = resolve_impl(impl, device)
+    out, max_logits, lse = prepare_outputs(out, s_q, h_q, d_v, device)
+    if s_q == 0:
+        return out, max_logits, lse
+
+    if impl == "reference":
+        reference = sparse_attn_fwd_naive(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+        return write_reference(reference, out)
+
+    from sparse_prefill.ops.sparse_attn.kernel import sparse_attn_fwd_triton
+
+    sparse_attn_fwd_triton(
+        q, kv[:, 0], indices[:, 0], sm_scale, d_v, attn_sink, topk_length, out, max_logits, lse
+    )
+    return out, max_logits, lse

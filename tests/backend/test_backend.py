@@ -1,0 +1,314 @@
+"""SparsePrefillBackend: both paths against the plain reference (naive.py) per layer, stale
+state after replaced/refilled metadata, query splitting, decode, validation; GPU: long chunks.
+
+Tolerances: the shared FlashMLA criteria (``assert_close`` with ``OUT_TOL``). The PyTorch
+reference implementations of the ops compute in float32 like naive.py, so on that path each
+output is also required to be within one bf16 step of the reference: a single key too many or
+too few moves outputs by far more than that.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from sparse_prefill import value_checks
+from sparse_prefill._utils import INTERPRET
+from sparse_prefill.backend import (
+    BatchMetadata,
+    ForwardMode,
+    LayerCaches,
+    ModelConfig,
+    SparsePrefillBackend,
+    make_synthetic_batch,
+    naive_layer_forward,
+)
+from tests.ops.test_sparse_attn import OUT_TOL, assert_close
+
+STACK = (1, 4, 128, 4, 1)
+
+
+def small_config(**kw):
+    base = dict(
+        num_heads=4, compress_ratios=STACK, topk=16, window_size=8, swa_page_size=4,
+        compressed_page_size={4: 3, 128: 2},
+    )
+    return ModelConfig(**{**base, **kw})
+
+
+def assert_within_one_step(name, ans, ref):
+    """Two bf16 roundings of float32 results that differ only in summation order are at most
+    one bf16 step apart (``2**-7`` relative, bf16 has 8 significant bits)."""
+    a, r = ans.float(), ref.float()
+    bad = (a - r).abs() > r.abs() * 2**-7 + 1e-5
+    assert not bad.any(), f"{name}: {int(bad.sum())} elements more than one bf16 step from the reference"
+
+
+def run_layers(backend, batch, layers=None):
+    backend.begin_forward(batch.metadata)
+    layers = range(batch.config.num_layers) if layers is None else layers
+    return {layer: backend.forward(*batch.layer_inputs(layer)) for layer in layers}
+
+
+def check_against_naive(batch, outs, *, tight, tol=OUT_TOL):
+    for layer, out in outs.items():
+        ref = naive_layer_forward(batch.config, batch.metadata, *batch.layer_inputs(layer))
+        name = f"layer {layer} (ratio {batch.config.compress_ratios[layer]})"
+        assert_close(name, out, ref, **tol)
+        if tight:
+            assert_within_one_step(name, out, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# End-to-end equivalence (reference implementations of the ops)
+
+BATCHES = {
+    # mixed: no prefix, prefix crossing a ratio-128 boundary, short prefix + long extend
+    "mixed": (small_config(), [0, 300, 17], [40, 30, 90]),
+    # odd heads and page sizes, window 16, prefixes that are and are not multiples of 4
+    "odd": (
+        small_config(num_heads=3, topk=24, window_size=16, swa_page_size=5, compressed_page_size={4: 1, 128: 4}),
+        [0, 3, 4, 255, 511], [1, 9, 60, 2, 40],
+    ),
+    # single head, one long request: queries see more compressed entries than topk
+    "one": (small_config(num_heads=1, topk=8, window_size=5), [129], [140]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BATCHES))
+def test_paths_match_reference(name):
+    cfg, prefix, extend = BATCHES[name]
+    batch = make_synthetic_batch(cfg, prefix, extend, seed=len(name))
+    outs = {}
+    for path in ("sparse", "regular"):
+        backend = SparsePrefillBackend(cfg, path, impl="reference")
+        outs[path] = run_layers(backend, batch)
+        assert all(backend.path_for(r) == path for r in set(cfg.compress_ratios))
+        check_against_naive(batch, outs[path], tight=True)
+    for layer in outs["sparse"]:
+        assert_within_one_step(f"sparse vs regular, layer {layer}", outs["sparse"][layer], outs["regular"][layer])
+
+
+def test_kernels_under_interpreter_or_gpu(device):
+    """The same through the Triton kernels (interpreter on CPU: a few tokens, enough keys per
+    query for bf16 probabilities to meet the tolerance)."""
+    cfg = small_config(num_heads=2, compress_ratios=(1, 4, 128), topk=8, window_size=64, compressed_page_size=2)
+    # FlashMLA's test data (randn / 10 plus an offset) with logits spread about 1.
+    batch = make_synthetic_batch(cfg, [70, 300], [4, 2], device=device, seed=3, q_std=10, k_std=0.1, k_mean=0.05)
+    # Triton's interpreter casts float32 to bf16 by truncation (the GPU rounds to nearest), which
+    # biases the kernels' bf16 probabilities: 1.5e-5 cosine difference from their own reference
+    # on CPU, whatever the data; the element-wise criteria still hold.
+    tol = dict(OUT_TOL, cos_tol=5e-5) if INTERPRET else OUT_TOL
+    for path in ("sparse", "regular"):
+        outs = run_layers(SparsePrefillBackend(cfg, path, impl="triton"), batch)
+        check_against_naive(batch, outs, tight=False, tol=tol)
+
+
+def test_auto_path_and_debug_log(caplog):
+    cfg, prefix, extend = BATCHES["mixed"]
+    batch = make_synthetic_batch(cfg, prefix, extend, seed=5, layers=(1,))
+    backend = SparsePrefillBackend(cfg)  # auto
+    with caplog.at_level(logging.DEBUG, logger="sparse_prefill.backend.routing"):
+        outs = run_layers(backend, batch, layers=(1,))
+    assert f"take the {backend.path_for(4)} path" in caplog.text
+    check_against_naive(batch, outs, tight=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stale state: replaced or refilled metadata
+
+
+def test_replaced_metadata_rebuilds_state():
+    cfg = small_config()
+    first = make_synthetic_batch(cfg, [0, 40], [30, 20], seed=1)
+    second = make_synthetic_batch(cfg, [150, 3, 9], [5, 30, 2], seed=2)
+    backend = SparsePrefillBackend(cfg, "sparse", impl="reference")
+    run_layers(backend, first, layers=(0, 1))
+    chunk = backend._state.chunk_cache
+    # A different metadata object mid-"forward" (no begin_forward): state must follow it.
+    outs = {layer: backend.forward(*second.layer_inputs(layer), metadata=second.metadata) for layer in (1, 2, 0)}
+    assert backend._state.metadata is second.metadata and backend._state.chunk_cache is not chunk
+    check_against_naive(second, outs, tight=True)
+
+
+@pytest.mark.parametrize("path", ["sparse", "regular"])
+def test_refilled_metadata_never_uses_stale_state(path):
+    """CUDA-graph replay refills the captured metadata in place (``copy_``): same object, same
+    tensor shapes, new lengths and tables. The next layer must not use the old state."""
+    cfg = small_config()
+    first = make_synthetic_batch(cfg, [10, 200], [30, 20], seed=1)
+    second = make_synthetic_batch(cfg, [150, 3], [20, 30], seed=2)
+    md, new = first.metadata, second.metadata
+
+    def pad(t, like):
+        return torch.nn.functional.pad(t, (0, like.shape[1] - t.shape[1]), value=-1)
+
+    refill = BatchMetadata(
+        cfg, new.prefix_lens_host, new.extend_lens_host, pad(new.swa_token_table, md.swa_token_table),
+        {c: pad(t, md.compressed_token_tables[c]) for c, t in new.compressed_token_tables.items()},
+    )
+    backend = SparsePrefillBackend(cfg, path, impl="reference")
+    run_layers(backend, first, layers=(0, 1, 2))
+    ptr = md.swa_token_table.data_ptr()
+    md.copy_(refill)
+    assert md.swa_token_table.data_ptr() == ptr  # refilled in place, as a graph needs
+    second.metadata = md
+    outs = {layer: backend.forward(*second.layer_inputs(layer)) for layer in (1, 2, 0, 3, 4)}
+    check_against_naive(second, outs, tight=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting, decode, output buffer
+
+
+@pytest.mark.parametrize("path", ["sparse", "regular"])
+def test_query_split_is_invisible(path):
+    cfg, prefix, extend = BATCHES["mixed"]
+    batch = make_synthetic_batch(cfg, prefix, extend, seed=7, layers=(0, 1, 2))
+    whole = run_layers(SparsePrefillBackend(cfg, path, impl="reference"), batch, layers=(0, 1, 2))
+    split = run_layers(SparsePrefillBackend(cfg, path, impl="reference", max_query_rows=23), batch, layers=(0, 1, 2))
+    for layer in whole:
+        assert torch.equal(whole[layer], split[layer]), f"layer {layer}"
+
+
+def test_decode_batch_takes_regular_path():
+    cfg = small_config()
+    batch = make_synthetic_batch(cfg, [0, 5, 130, 700], [1, 1, 1, 1], seed=4, forward_mode=ForwardMode.DECODE)
+    backend = SparsePrefillBackend(cfg, "sparse", impl="reference")
+    outs = run_layers(backend, batch)
+    assert all(backend.path_for(r) == "regular" for r in (1, 4, 128))
+    assert backend._state.chunk_cache is None  # nothing of the sparse path was built
+    check_against_naive(batch, outs, tight=True)
+
+
+def test_out_buffer_and_call():
+    cfg = small_config()
+    batch = make_synthetic_batch(cfg, [3], [12], seed=6, layers=(3,))
+    backend = SparsePrefillBackend(cfg, impl="reference")
+    backend.begin_forward(batch.metadata)
+    out = torch.full_like(batch.q[3], float("nan"))
+    assert backend(*batch.layer_inputs(3), out=out) is out
+    check_against_naive(batch, {3: out}, tight=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+CFG = small_config()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_synthetic_batch(CFG, [20, 0], [5, 3], seed=0)
+
+
+def _args(batch, layer, **change):
+    _, q, caches, topk, sink = batch.layer_inputs(layer)
+    args = dict(layer=layer, q=q, caches=caches, topk_indices=topk, attn_sink=sink)
+    return {k: (v(args) if callable(v) else v) for k, v in {**args, **change}.items()}
+
+
+BAD_FORWARD = {
+    "layer -1": (1, dict(layer=-1), ValueError, "layer must be in"),
+    "layer 5": (1, dict(layer=5), ValueError, "layer must be in"),
+    "q dtype": (1, dict(q=lambda a: a["q"].float()), TypeError, "q must have dtype"),
+    "q heads": (1, dict(q=lambda a: a["q"][:, :2]), ValueError, "q must have shape"),
+    "q rows": (1, dict(q=lambda a: a["q"][:-1]), ValueError, "q must have shape"),
+    "topk missing": (1, dict(topk_indices=None), TypeError, "topk_indices must be a torch.Tensor"),
+    "topk int64": (1, dict(topk_indices=lambda a: a["topk_indices"].long()), TypeError, "topk_indices"),
+    "topk width": (1, dict(topk_indices=lambda a: a["topk_indices"][:, :4]), ValueError, "topk_indices must have shape"),
+    "topk on ratio 1": (0, dict(topk_indices=torch.zeros(8, 16, dtype=torch.int32)), ValueError, "ratio-4 layers only"),
+    "caches type": (1, dict(caches=lambda a: a["caches"].swa), TypeError, "caches must be a LayerCaches"),
+    "no compressed": (1, dict(caches=lambda a: LayerCaches(a["caches"].swa)), TypeError, "caches.compressed"),
+    "compressed on ratio 1": (0, dict(caches=lambda a: LayerCaches(a["caches"].swa, a["caches"].swa)), ValueError,
+                              "must be None for a ratio-1 layer"),
+    "swa page bytes": (0, dict(caches=lambda a: LayerCaches(a["caches"].swa[:, :-576])), ValueError,
+                       "caches.swa must have"),
+    "swa too small": (0, dict(caches=lambda a: LayerCaches(a["caches"].swa[:1])), ValueError, "capacity"),
+    "compressed dtype": (2, dict(caches=lambda a: LayerCaches(a["caches"].swa, a["caches"].compressed.view(torch.int8))),
+                         TypeError, "caches.compressed"),
+    "sink dtype": (1, dict(attn_sink=lambda a: a["attn_sink"].double()), TypeError, "attn_sink"),
+    "sink shape": (1, dict(attn_sink=torch.zeros(3)), ValueError, "attn_sink"),
+    "out shape": (1, dict(out=torch.empty(8, 4, 511, dtype=torch.bfloat16)), ValueError, "out must have shape"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FORWARD))
+def test_forward_validation(tiny, case):
+    layer, change, exc, match = BAD_FORWARD[case]
+    backend = SparsePrefillBackend(CFG, impl="reference")
+    backend.begin_forward(tiny.metadata)
+    with pytest.raises(exc, match=match):
+        backend.forward(**_args(tiny, layer, **change))
+
+
+def test_backend_validation(tiny):
+    with pytest.raises(TypeError, match="config"):
+        SparsePrefillBackend(None)
+    with pytest.raises(ValueError, match="path"):
+        SparsePrefillBackend(CFG, "fastest")
+    with pytest.raises(ValueError, match="impl"):
+        SparsePrefillBackend(CFG, impl="cuda")
+    with pytest.raises(ValueError, match="max_query_rows"):
+        SparsePrefillBackend(CFG, max_query_rows=0)
+    with pytest.raises(TypeError, match="costs"):
+        SparsePrefillBackend(CFG, costs={})
+    backend = SparsePrefillBackend(CFG, impl="reference")
+    with pytest.raises(ValueError, match="begin_forward"):
+        backend.forward(*tiny.layer_inputs(0))
+    with pytest.raises(TypeError, match="metadata must be a BatchMetadata"):
+        backend.begin_forward(object())
+    with pytest.raises(ValueError, match="different ModelConfig"):
+        SparsePrefillBackend(small_config(window_size=9)).begin_forward(tiny.metadata)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: long chunks, DeepSeek-V4 shapes, caches beyond 2**31 bytes
+
+V4_STACK = (1, 4, 128)
+
+
+def v4_config(num_heads, topk):
+    return ModelConfig(num_heads=num_heads, compress_ratios=V4_STACK, topk=topk, window_size=128,
+                       swa_page_size=64, compressed_page_size=64)
+
+
+def check_gpu_batch(cfg, prefix, extend, layers=(0, 1, 2), **kw):
+    batch = make_synthetic_batch(cfg, prefix, extend, device="cuda", seed=11, share_q=True, q_std=1.0,
+                                 k_std=0.1, k_mean=0.05, layers=layers, **kw)
+    with value_checks(False):
+        for path in ("sparse", "regular"):
+            outs = run_layers(SparsePrefillBackend(cfg, path), batch, layers=layers)
+            check_against_naive(batch, outs, tight=False)
+            del outs
+            torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_heads, topk", [(64, 512), (128, 1024)])
+def test_gpu_chunk_32768(num_heads, topk):
+    check_gpu_batch(v4_config(num_heads, topk), [0, 16384, 0, 16384], [8192] * 4)
+
+
+@pytest.mark.gpu
+def test_gpu_chunk_65536():
+    check_gpu_batch(v4_config(64, 512), [0, 16384], [32768] * 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_heads", [8, 16, 32])
+def test_gpu_tensor_parallel_heads(num_heads):
+    check_gpu_batch(v4_config(num_heads, 512), [0, 3, 130, 5000, 20000], [1, 700, 2000, 129, 3000])
+
+
+@pytest.mark.gpu
+def test_gpu_caches_beyond_int32_bytes():
+    # ~4.2M-token pools: pages of the batch land past 2**31 bytes of the caches.
+    check_gpu_batch(v4_config(64, 512), [0, 9000], [3000, 1000], layers=(0, 1), spare_pages=66000)
+
+
+@pytest.mark.gpu
+def test_gpu_decode():
+    check_gpu_batch(v4_config(128, 1024), [0, 127, 128, 70000], [1] * 4, forward_mode=ForwardMode.DECODE)

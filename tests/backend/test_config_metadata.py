@@ -1,0 +1,198 @@
+"""ModelConfig and BatchMetadata: normalisation, derived fields, validation, copy_."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sparse_prefill import value_checks
+from sparse_prefill.backend import BatchMetadata, ForwardMode, ModelConfig
+
+# ---------------------------------------------------------------------------------------------
+# ModelConfig
+
+
+def test_config_defaults_and_normalisation():
+    cfg = ModelConfig(num_heads=8, compress_ratios=[1, 4, 128, 4], topk=512)
+    assert cfg.compress_ratios == (1, 4, 128, 4)
+    assert cfg.num_layers == 4
+    assert cfg.window_size == 128 and cfg.head_dim == 512
+    assert cfg.compressed_page_size == {4: 64, 128: 64}
+    assert cfg.compressed_ratios == (4, 128)
+    assert cfg.sm_scale == 1 / math.sqrt(512)
+    assert cfg.ratio_of(2) == 128 and cfg.page_size_of(4) == 64
+    assert hash(cfg) == hash(ModelConfig(num_heads=8, compress_ratios=(1, 4, 128, 4), topk=512))
+
+
+def test_config_page_size_per_ratio_and_scale():
+    cfg = ModelConfig(
+        num_heads=1, compress_ratios=(4, 128), topk=1, window_size=1, swa_page_size=1,
+        compressed_page_size={128: 2, 4: 1}, sm_scale=0.25,
+    )
+    assert cfg.page_size_of(4) == 1 and cfg.page_size_of(128) == 2 and cfg.sm_scale == 0.25
+    swa_only = ModelConfig(num_heads=128, compress_ratios=(1, 1), topk=1)
+    assert swa_only.compressed_ratios == () and swa_only.compressed_page_size == {}
+    with pytest.raises(ValueError, match="no layer uses compress ratio 4"):
+        swa_only.page_size_of(4)
+    with pytest.raises(ValueError, match="layer must be in"):
+        swa_only.ratio_of(2)
+
+
+BASE = dict(num_heads=8, compress_ratios=(1, 4, 128), topk=64)
+
+
+@pytest.mark.parametrize(
+    "change, exc, match",
+    [
+        (dict(num_heads=0), ValueError, "num_heads"),
+        (dict(num_heads=129), ValueError, "num_heads"),
+        (dict(num_heads=8.0), TypeError, "num_heads"),
+        (dict(num_heads=True), TypeError, "num_heads"),
+        (dict(head_dim=576), ValueError, "head_dim must be 512"),
+        (dict(compress_ratios=()), ValueError, "compress_ratios"),
+        (dict(compress_ratios=(1, 2)), ValueError, r"compress_ratios\[1\]"),
+        (dict(compress_ratios=(1, 4.0)), TypeError, r"compress_ratios\[1\]"),
+        (dict(compress_ratios="14"), TypeError, "compress_ratios"),
+        (dict(compress_ratios=4), TypeError, "compress_ratios"),
+        (dict(topk=0), ValueError, "topk"),
+        (dict(window_size=0), ValueError, "window_size"),
+        (dict(swa_page_size=0), ValueError, "swa_page_size"),
+        (dict(compressed_page_size=0), ValueError, "compressed_page_size"),
+        (dict(compressed_page_size={4: 64}), ValueError, "ratio 128"),
+        (dict(compressed_page_size={4: 64, 128: 64, 16: 1}), ValueError, "names ratio 16"),
+        (dict(compressed_page_size={4: 0, 128: 1}), ValueError, r"compressed_page_size\[4\]"),
+        (dict(sm_scale=float("nan")), ValueError, "sm_scale"),
+        (dict(sm_scale=-0.1), ValueError, "sm_scale"),
+        (dict(sm_scale=0.0), ValueError, "sm_scale"),
+        (dict(sm_scale="0.1"), TypeError, "sm_scale"),
+        (dict(sm_scale=True), TypeError, "sm_scale"),
+    ],
+)
+def test_config_validation(change, exc, match):
+    with pytest.raises(exc, match=match):
+        ModelConfig(**{**BASE, **change})
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchMetadata
+
+CFG = ModelConfig(num_heads=2, compress_ratios=(1, 4, 128), topk=8, window_size=4, swa_page_size=2, compressed_page_size=1)
+PREFIX, EXTEND = [0, 5, 130], [3, 1, 2]
+SEQ = [3, 6, 132]
+
+
+def tables(width=134, c4=40, c128=2, fill=None):
+    """Identity-like tables: position/entry ``j`` of request ``r`` -> ``1000 * r + j``."""
+    def make(w):
+        t = (torch.arange(3)[:, None] * 1000 + torch.arange(w)).int()
+        return t if fill is None else t.fill_(fill)
+    return make(width), {4: make(c4), 128: make(c128)}
+
+
+def test_metadata_derived_fields():
+    swa, comp = tables()
+    md = BatchMetadata(CFG, PREFIX, EXTEND, swa, comp)
+    assert md.forward_mode is ForwardMode.EXTEND and not md.is_decode
+    assert md.num_requests == 3 and md.num_tokens == 6 and md.max_seq_len == 132
+    assert md.seq_lens_host == tuple(SEQ)
+    assert md.seq_lens.tolist() == SEQ and md.seq_lens.dtype == torch.int32
+    assert md.prefix_lens.tolist() == PREFIX and md.extend_lens.tolist() == EXTEND
+    assert md.query_start_loc.tolist() == [0, 3, 4, 6] and md.query_start_loc.dtype == torch.int32
+    assert md.query_pos.tolist() == [0, 1, 2, 5, 130, 131] and md.query_pos.dtype == torch.int32
+    assert md.query_req.tolist() == [0, 0, 0, 1, 2, 2]
+    # Reached SWA positions: [0, 3), [2, 6), [127, 132); compressed: seq // ratio entries.
+    assert md.max_swa_id == 2131
+    assert md.max_compressed_id == {4: 2032, 128: 2000}
+    # Lengths as tensors of any integer dtype give the same batch.
+    md2 = BatchMetadata(CFG, torch.tensor(PREFIX), torch.tensor(EXTEND, dtype=torch.int16), swa, comp)
+    assert md2.query_pos.tolist() == md.query_pos.tolist()
+    assert md2.generation != md.generation
+    assert "tokens=6" in repr(md)
+
+
+def test_metadata_value_checks():
+    swa, comp = tables()
+    swa[1, 1] = -1  # position 1 of request 1: before its window union [2, 6)
+    swa[2, :127] = -5  # evicted positions of request 2
+    comp[4][0, 0] = -1  # entry 0 of request 0: seq 3 // 4 = 0 complete entries
+    comp[128][0:2, 0] = -1  # requests 0 and 1 have no complete ratio-128 entry
+    BatchMetadata(CFG, PREFIX, EXTEND, swa, comp)
+    swa[1, 2] = -1
+    with pytest.raises(ValueError, match="swa_token_table holds a negative token id"):
+        BatchMetadata(CFG, PREFIX, EXTEND, swa, comp)
+    with value_checks(False):
+        md = BatchMetadata(CFG, PREFIX, EXTEND, swa, comp)
+    assert md.max_swa_id is None and md.max_compressed_id is None
+    swa[1, 2] = 7
+    comp[4][1, 0] = -3
+    with pytest.raises(ValueError, match=r"compressed_token_tables\[4\] holds a negative token id \(-3\)"):
+        BatchMetadata(CFG, PREFIX, EXTEND, swa, comp)
+
+
+def _bad_tables(**kw):
+    swa, comp = tables()
+    kw = {k: v(swa, comp) if callable(v) else v for k, v in kw.items()}
+    return {"swa_token_table": swa, "compressed_token_tables": comp, **kw}
+
+
+@pytest.mark.parametrize(
+    "args, exc, match",
+    [
+        (dict(prefix_lens=[0, 0]), ValueError, "same length"),
+        (dict(prefix_lens=[], extend_lens=[]), ValueError, "at least one request"),
+        (dict(prefix_lens=[0, -1, 0]), ValueError, r"prefix_lens\[1\] must be >= 0"),
+        (dict(extend_lens=[3, 0, 2]), ValueError, r"extend_lens\[1\] must be >= 1"),
+        (dict(prefix_lens=[0, 1.5, 0]), TypeError, r"prefix_lens\[1\]"),
+        (dict(prefix_lens=torch.zeros(3)), TypeError, "prefix_lens"),
+        (dict(extend_lens=torch.ones(3, 1, dtype=torch.int32)), TypeError, "extend_lens"),
+        (dict(extend_lens="123"), TypeError, "extend_lens"),
+        (dict(forward_mode=ForwardMode.DECODE), ValueError, r"extend_lens\[0\] must be 1 in DECODE"),
+        (dict(forward_mode="extend"), TypeError, "forward_mode"),
+        (dict(config=None), TypeError, "config"),
+        (_bad_tables(swa_token_table=lambda s, c: s.long()), TypeError, "swa_token_table"),
+        (_bad_tables(swa_token_table=lambda s, c: s[:2]), ValueError, "swa_token_table must have shape"),
+        (_bad_tables(swa_token_table=lambda s, c: s[:, :131]), ValueError, "at least max.seq_lens. = 132 columns"),
+        (_bad_tables(compressed_token_tables=lambda s, c: {4: c[4]}), ValueError, r"exactly the ratios \(4, 128\)"),
+        (_bad_tables(compressed_token_tables=lambda s, c: [c[4], c[128]]), TypeError, "mapping"),
+        (_bad_tables(compressed_token_tables=lambda s, c: {**c, 16: c[4]}), ValueError, "exactly the ratios"),
+        (_bad_tables(compressed_token_tables=lambda s, c: {4: c[4][:, :32], 128: c[128]}), ValueError,
+         r"compressed_token_tables\[4\] must have at least max\(seq_lens\) // 4 = 33 columns"),
+        (_bad_tables(compressed_token_tables=lambda s, c: {4: c[4], 128: c[128].long()}), TypeError,
+         r"compressed_token_tables\[128\]"),
+    ],
+)
+def test_metadata_validation(args, exc, match):
+    swa, comp = tables()
+    full = dict(config=CFG, prefix_lens=PREFIX, extend_lens=EXTEND, swa_token_table=swa, compressed_token_tables=comp)
+    full.update(args)
+    with pytest.raises(exc, match=match):
+        BatchMetadata(**full)
+
+
+def test_metadata_decode_mode():
+    swa, comp = tables()
+    md = BatchMetadata(CFG, [0, 4, 131], [1, 1, 1], swa, comp, ForwardMode.DECODE)
+    assert md.is_decode and md.query_pos.tolist() == [0, 4, 131]
+
+
+def test_metadata_copy_refills_in_place():
+    swa, comp = tables()
+    md = BatchMetadata(CFG, PREFIX, EXTEND, swa, comp)
+    swa2, comp2 = tables(fill=9)
+    other = BatchMetadata(CFG, [100, 0, 7], [1, 4, 1], swa2, comp2)
+    ptrs = {name: getattr(md, name).data_ptr() for name in ("swa_token_table", "query_pos", "seq_lens")}
+    gen = md.generation
+    md.copy_(other)
+    assert md.generation > gen and md.generation != other.generation
+    assert md.seq_lens_host == (101, 4, 8) and md.num_tokens == 6
+    assert md.query_pos.tolist() == [100, 0, 1, 2, 3, 7]
+    assert (md.swa_token_table == 9).all() and (md.compressed_token_tables[4] == 9).all()
+    # Same shapes: the storage captured by a CUDA graph is kept.
+    assert {name: getattr(md, name).data_ptr() for name in ptrs} == ptrs
+    with pytest.raises(TypeError, match="other"):
+        md.copy_(None)
+    other_cfg = ModelConfig(num_heads=2, compress_ratios=(1, 4, 128), topk=8, window_size=8, swa_page_size=2, compressed_page_size=1)
+    with pytest.raises(ValueError, match="same config"):
+        md.copy_(BatchMetadata(other_cfg, PREFIX, EXTEND, swa, comp))

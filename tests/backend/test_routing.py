@@ -1,0 +1,96 @@
+"""Routing: the override settings, the cost model's decisions, the debug log."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from sparse_prefill import value_checks
+from sparse_prefill.backend import BatchMetadata, ForwardMode, ModelConfig, PathCosts, SparsePrefillBackend
+from sparse_prefill.backend import routing
+
+CFG = ModelConfig(num_heads=64, compress_ratios=(1, 4, 128), topk=512)
+
+
+def metadata(prefix, extend, cfg=CFG, mode=ForwardMode.EXTEND):
+    """A batch with trivial tables (routing reads lengths only); value checks off for speed."""
+    seq = [p + e for p, e in zip(prefix, extend)]
+    r, width = len(seq), max(seq)
+    tables = {c: torch.zeros(r, width // c + 1, dtype=torch.int32) for c in cfg.compressed_ratios}
+    with value_checks(False):
+        return BatchMetadata(cfg, prefix, extend, torch.zeros(r, width, dtype=torch.int32), tables, mode)
+
+
+def test_path_setting(monkeypatch):
+    monkeypatch.delenv(routing.ENV_VAR, raising=False)
+    assert routing.path_setting() == "auto"
+    monkeypatch.setenv(routing.ENV_VAR, " Regular ")
+    assert routing.path_setting("auto") == "regular"
+    assert routing.path_setting("sparse") == "sparse"  # an explicit argument wins
+    monkeypatch.setenv(routing.ENV_VAR, "")
+    assert routing.path_setting() == "auto"
+    monkeypatch.setenv(routing.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="SPARSE_PREFILL_PATH"):
+        routing.path_setting()
+    with pytest.raises(ValueError, match="SPARSE_PREFILL_PATH"):
+        SparsePrefillBackend(CFG)
+    with pytest.raises(ValueError, match="path must be one of"):
+        routing.path_setting("flashmla")
+
+
+def test_layer_work_counts():
+    cfg = ModelConfig(num_heads=8, compress_ratios=(1, 4, 128), topk=2, window_size=4)
+    md = metadata([0, 130], [3, 2], cfg)  # positions 0, 1, 2 and 130, 131
+    win = 1 + 2 + 3 + 4 + 4
+    w1 = routing.layer_work(cfg, md, 1)
+    assert (w1.regular_kv, w1.sparse_kv, w1.combined_entries) == (win, win, 0)
+    assert w1.workspace_rows == 3 + 5  # min(seq, extend + W - 1) per request
+    w4 = routing.layer_work(cfg, md, 4)
+    # Visible entries (p + 1) // 4: 0, 0, 0, 32, 33, capped at topk 2 for the sparse rows.
+    assert w4.regular_kv == win + 2 * 5 and w4.sparse_kv == win + 4
+    assert w4.workspace_rows == 8 + 0 + 33 and w4.combined_entries == 5 * 128
+    w128 = routing.layer_work(cfg, md, 128)
+    assert w128.regular_kv == w128.sparse_kv == win + 2 and w128.workspace_rows == 8 + 1
+
+
+def test_auto_rule_picks_by_estimate(caplog):
+    big = metadata([0, 16384, 0, 16384], [4096] * 4)
+    tiny = metadata([200000], [1])  # one token after a long prefix: dequantizing costs more
+    with caplog.at_level(logging.DEBUG, logger="sparse_prefill.backend.routing"):
+        assert routing.choose_path("auto", CFG, big, 4) == routing.SPARSE
+    assert "ratio-4 layers" in caplog.text and "sparse path" in caplog.text and "estimated" in caplog.text
+    for ratio in (1, 4, 128):
+        work = routing.layer_work(CFG, tiny, ratio)
+        assert routing.estimate_us("sparse", work) > routing.estimate_us("regular", work)
+        assert routing.choose_path("auto", CFG, tiny, ratio) == routing.REGULAR
+    # The rule follows the constants: a slow sparse kernel sends the big batch to regular.
+    slow = PathCosts(sparse_tflops_h64=100.0, sparse_tflops_h128=100.0)
+    assert routing.choose_path("auto", CFG, big, 4, slow) == routing.REGULAR
+
+
+def test_forced_and_decode():
+    big = metadata([0, 16384], [4096] * 2)
+    assert routing.choose_path("regular", CFG, big, 4) == routing.REGULAR
+    assert routing.choose_path("sparse", CFG, metadata([200000], [1]), 4) == routing.SPARSE
+    decode = metadata([0, 5, 900], [1, 1, 1], mode=ForwardMode.DECODE)
+    for setting in ("auto", "sparse", "regular"):
+        assert routing.choose_path(setting, CFG, decode, 4) == routing.REGULAR
+
+
+def test_backend_takes_env_and_argument(monkeypatch):
+    big = metadata([0, 16384], [4096] * 2)
+    monkeypatch.setenv(routing.ENV_VAR, "regular")
+    assert SparsePrefillBackend(CFG).path_for(4, big) == "regular"
+    assert SparsePrefillBackend(CFG, "sparse").path_for(4, big) == "sparse"
+    monkeypatch.setenv(routing.ENV_VAR, "auto")
+    assert SparsePrefillBackend(CFG).path_for(4, big) == "sparse"
+    assert SparsePrefillBackend(CFG, "regular").path_for(4, big) == "regular"
+
+
+def test_tflops_interpolation():
+    c = PathCosts()
+    assert c.tflops("regular", 8) == c.regular_tflops_h64
+    assert c.tflops("sparse", 128) == c.sparse_tflops_h128
+    assert c.tflops("sparse", 96) == pytest.approx((c.sparse_tflops_h64 + c.sparse_tflops_h128) / 2)

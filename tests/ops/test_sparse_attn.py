@@ -1,0 +1,519 @@
+"""sparse_attn_fwd: reference vs an independent dense float64 computation, kernel vs reference
+(CPU: Triton interpreter on small shapes; GPU: real sizes), argument validation.
+
+``assert_close`` / ``assert_attn_close`` are THE tolerance check of every attention test
+(FlashMLA's criteria, issue "sparse_attn_fwd"); other attention tests import them from here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+
+from sparse_prefill import value_checks
+from sparse_prefill.ops.sparse_attn import sparse_attn_fwd
+from sparse_prefill.ops.sparse_attn import naive as naive_module
+from sparse_prefill.ops.sparse_attn.naive import sparse_attn_fwd_naive
+
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+INF = float("inf")
+D_V = 512
+
+needs_kernel = pytest.mark.skipif(
+    importlib.util.find_spec("sparse_prefill.ops.sparse_attn.kernel") is None,
+    reason="sparse_attn kernel not written yet",
+)
+
+# ---------------------------------------------------------------------------------------------
+# The tolerance check shared by every attention test.
+# ---------------------------------------------------------------------------------------------
+
+OUT_TOL = dict(abs_tol=8e-4, rel_tol=3 / 128, cos_tol=7e-6)
+STAT_TOL = dict(abs_tol=1e-6, rel_tol=2 / 65536)
+
+
+# Elements compared at a time, so real-size GPU outputs (70000 x 64 x 512) fit in memory.
+_COMPARE_CHUNK = 1 << 24
+
+
+def _position(flat_index: int, shape: torch.Size) -> tuple[int, ...]:
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_index), shape))
+
+
+def assert_close(
+    name: str, ans: torch.Tensor, ref: torch.Tensor, *, abs_tol: float, rel_tol: float,
+    cos_tol: float | None = None,
+) -> None:
+    """FlashMLA's comparison: +inf, -inf and NaN sit at exactly the same places; every other
+    element is within ``abs_tol`` or within ``rel_tol * |ref|``; and the cosine difference of the
+    whole tensors (float64) is under ``cos_tol``."""
+    assert ans.shape == ref.shape, f"{name}: shape {tuple(ans.shape)} != {tuple(ref.shape)}"
+    flat_a, flat_r = ans.reshape(-1), ref.reshape(-1)
+    n_bad, worst = 0, (-1.0, 0)
+    sums = torch.zeros(3, dtype=torch.float64, device=ans.device)  # ref^2, ans^2, ans * ref
+    for start in range(0, flat_a.numel(), _COMPARE_CHUNK):
+        a, r = flat_a[start : start + _COMPARE_CHUNK].double(), flat_r[start : start + _COMPARE_CHUNK].double()
+        for what, where in (("+inf", lambda t: t == INF), ("-inf", lambda t: t == -INF), ("NaN", torch.isnan)):
+            in_a, in_r = where(a), where(r)
+            if not torch.equal(in_a, in_r):
+                first = start + int(torch.nonzero(in_a != in_r)[0])
+                pytest.fail(f"{name}: {what} mismatch at {_position(first, ans.shape)}: result "
+                            f"{flat_a[first].item()!r}, reference {flat_r[first].item()!r}")
+        finite = torch.isfinite(r)
+        a, r = torch.where(finite, a, 0.0), torch.where(finite, r, 0.0)
+        err = (a - r).abs()
+        bad = (err >= abs_tol) & (err / (r.abs() + 1e-6) >= rel_tol)
+        n_bad += int(bad.sum())
+        if n_bad:
+            i = int(torch.argmax(torch.where(bad, err, -1.0)))
+            worst = max(worst, (err[i].item(), start + i))
+        sums += torch.stack([(r * r).sum(), (a * a).sum(), (a * r).sum()])
+    if n_bad:
+        at = worst[1]
+        pytest.fail(
+            f"{name}: {n_bad} of {flat_a.numel()} elements outside abs {abs_tol:g} / rel {rel_tol:g}; "
+            f"worst at {_position(at, ans.shape)}: {flat_a[at].item()!r} vs {flat_r[at].item()!r}"
+        )
+    if cos_tol is not None:
+        ref_sq, ans_sq, dot = sums.tolist()
+        cos_diff = 0.0 if ref_sq < 1e-12 else 1.0 - 2.0 * dot / (ref_sq + ans_sq)
+        assert cos_diff < cos_tol, f"{name}: cosine difference {cos_diff:.3g} >= {cos_tol:g}"
+
+
+def assert_attn_close(result: tuple, reference: tuple) -> None:
+    """``result`` = (out, max_logits, lse) of an attention op (out bf16; float32 for a reference
+    under test) against a float32 or float64 ``reference`` triple, with the tolerances of issue
+    "sparse_attn_fwd"."""
+    out, max_logits, lse = result
+    ref_out, ref_max, ref_lse = reference
+    assert out.dtype in (torch.bfloat16, torch.float32)
+    assert max_logits.dtype == lse.dtype == torch.float32
+    assert_close("out", out, ref_out, **OUT_TOL)
+    assert_close("max_logits", max_logits, ref_max, **STAT_TOL)
+    assert_close("lse", lse, ref_lse, **STAT_TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+
+# FlashMLA's test distribution, which its tolerances (used here) are calibrated for: values
+# randn / 10 plus a random offset per tensor, sm_scale 0.5.
+SM_SCALE = 0.5
+
+
+def random_values(shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+    offset = (torch.rand(()).item() - 0.5) / 10
+    return (torch.randn(shape, device=device) / 10 + offset).bfloat16()
+
+
+@dataclass
+class Case:
+    q: torch.Tensor
+    kv: torch.Tensor
+    indices: torch.Tensor
+    sm_scale: float
+    attn_sink: torch.Tensor | None
+    topk_length: torch.Tensor | None
+
+    def args(self) -> tuple:
+        return (self.q, self.kv, self.indices, self.sm_scale, D_V, self.attn_sink, self.topk_length)
+
+
+def bad_ids(n: int, s_kv: int, device: torch.device) -> torch.Tensor:
+    """``n`` invalid ids of every kind: negative, INT_MIN, exactly s_kv, beyond it, INT_MAX."""
+    kinds = torch.tensor([-1, -123456, INT_MIN, s_kv, s_kv + 1, 2147480000, INT_MAX], device=device)
+    return kinds[torch.randint(0, len(kinds), (n,), device=device)].int()
+
+
+def make_indices(
+    s_q: int, s_kv: int, topk: int, device: torch.device, *, nan_rows: int, lengths: bool,
+    invalid: float, unique: bool = False, empty_row: int = 1, zero_length_row: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Index rows [s_q, topk] int32 into ``s_kv`` rows whose last ``nan_rows`` hold NaN, and
+    their ``topk_length`` [s_q] (or None).
+
+    Ids repeat (unless ``unique``); about ``invalid`` of them are invalid ids of every kind; row
+    ``empty_row`` has no valid id at all; the NaN rows are only listed past a row's length (row
+    0 has the full length, row ``zero_length_row`` length 0).
+    """
+    s_real = s_kv - nan_rows
+    if unique:
+        idx = torch.argsort(torch.rand(s_q, s_real, device=device), dim=1)[:, :topk].int()
+    else:
+        idx = torch.randint(0, s_real, (s_q, topk), device=device, dtype=torch.int32)
+    hit = torch.rand(s_q, topk, device=device) < invalid
+    idx[hit] = bad_ids(int(hit.sum()), s_kv, device)
+    idx[empty_row : empty_row + 1] = bad_ids(topk, s_kv, device)
+    if not lengths:
+        return idx, None
+    topk_length = torch.randint(0, topk + 1, (s_q,), device=device, dtype=torch.int32)
+    topk_length[:1] = topk
+    topk_length[zero_length_row : zero_length_row + 1] = 0
+    past = torch.arange(topk, device=device)[None, :] >= topk_length[:, None]
+    idx[past] = torch.randint(s_real, s_kv, (int(past.sum()),), device=device, dtype=torch.int32)
+    return idx, topk_length
+
+
+def make_sink(h_q: int, device: torch.device) -> torch.Tensor:
+    """[h_q] float32 sink with finite entries and, for h_q >= 3, -inf at head 1, +inf at head 2."""
+    attn_sink = torch.randn(h_q, device=device)
+    if h_q >= 3:
+        attn_sink[1], attn_sink[2] = -INF, INF
+    return attn_sink
+
+
+def make_case(
+    s_q: int, s_kv: int, h_q: int, d_qk: int, topk: int, device: torch.device | str, *,
+    sink: bool = True, lengths: bool = True, invalid: float = 0.2, unique: bool = False,
+) -> Case:
+    """Random inputs that exercise the whole contract at once (see ``make_indices``; with
+    ``lengths`` the last 3 kv rows are NaN, listed only past a row's length)."""
+    device = torch.device(device)
+    nan_rows = 3 if lengths else 0
+    q = random_values((s_q, h_q, d_qk), device)
+    kv = random_values((s_kv, 1, d_qk), device)
+    kv[s_kv - nan_rows :] = float("nan")
+    idx, topk_length = make_indices(
+        s_q, s_kv, topk, device, nan_rows=nan_rows, lengths=lengths, invalid=invalid, unique=unique
+    )
+    attn_sink = make_sink(h_q, device) if sink else None
+    return Case(q, kv, idx[:, None, :].contiguous(), SM_SCALE, attn_sink, topk_length)
+
+
+def strided_copy(t: torch.Tensor | None, unit_last: bool = True) -> torch.Tensor | None:
+    """The same values in a non-contiguous view with an odd storage offset: every dim strided by
+    2 (the last by 1 when ``unit_last``), inside a NaN/-1 filled buffer."""
+    if t is None:
+        return None
+    pad = float("nan") if t.is_floating_point() else -1
+    if unit_last:
+        big = torch.full([2 * n for n in t.shape[:-1]] + [t.shape[-1] + 7], pad, dtype=t.dtype, device=t.device)
+        view = big[tuple(slice(None, None, 2) for _ in t.shape[:-1]) + (slice(3, 3 + t.shape[-1]),)]
+    else:
+        big = torch.full([2 * n + 1 for n in t.shape], pad, dtype=t.dtype, device=t.device)
+        view = big[tuple(slice(1, None, 2) for _ in t.shape)]
+    view.copy_(t)
+    return view
+
+
+def strided_case(case: Case) -> Case:
+    return Case(
+        strided_copy(case.q), strided_copy(case.kv), strided_copy(case.indices), case.sm_scale,
+        strided_copy(case.attn_sink, unit_last=False), strided_copy(case.topk_length, unit_last=False),
+    )
+
+
+def dense_reference(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Independent float64 computation: dense scores of every query against every KV row,
+    weighted by how many times the row is validly listed (no gather, no per-entry softmax)."""
+    q, kv, indices = case.q.double(), case.kv[:, 0].double(), case.indices[:, 0].long()
+    s_kv, topk = kv.shape[0], indices.shape[1]
+    valid = (indices >= 0) & (indices < s_kv)
+    if case.topk_length is not None:
+        valid &= torch.arange(topk, device=q.device)[None, :] < case.topk_length[:, None].long()
+    counts = torch.zeros(q.shape[0], s_kv, dtype=torch.float64, device=q.device)
+    counts.scatter_add_(1, torch.where(valid, indices, 0), valid.double())
+    kv = torch.nan_to_num(kv, nan=0.0)  # NaN rows are never listed validly (weight 0)
+    scores = torch.einsum("qhd,kd->qhk", q, kv) * case.sm_scale
+    listed = (counts > 0)[:, None, :]
+    max_logits = scores.masked_fill(~listed, -INF).amax(-1)
+    shift = torch.where(max_logits == -INF, 0.0, max_logits)
+    weights = torch.where(listed, counts[:, None, :] * torch.exp(scores - shift[..., None]), 0.0)
+    total = weights.sum(-1)
+    some = total > 0
+    lse = torch.where(some, torch.log(total) + shift, INF)
+    out = (weights @ kv[:, :D_V]) / torch.where(some, total, 1.0)[..., None]
+    if case.attn_sink is not None:
+        factor = 1.0 / (1.0 + torch.exp(case.attn_sink.double() - lse))
+        out = out * torch.where(some, factor, 0.0)[..., None]
+    return out, max_logits, lse
+
+
+def poisoned_outputs(s_q: int, h_q: int, device: torch.device) -> tuple:
+    """NaN-filled out / max_logits / lse, so an element the kernel does not write fails."""
+    nan = float("nan")
+    return (
+        torch.full((s_q, h_q, D_V), nan, dtype=torch.bfloat16, device=device),
+        torch.full((s_q, h_q), nan, device=device),
+        torch.full((s_q, h_q), nan, device=device),
+    )
+
+
+def run_launcher(case: Case) -> tuple:
+    """The Triton launcher itself on poisoned output buffers (contract: 2-D kv and indices)."""
+    from sparse_prefill.ops.sparse_attn.kernel import sparse_attn_fwd_triton
+
+    s_q, h_q, _ = case.q.shape
+    outputs = poisoned_outputs(s_q, h_q, case.q.device)
+    sparse_attn_fwd_triton(
+        case.q, case.kv[:, 0], case.indices[:, 0], case.sm_scale, D_V, case.attn_sink,
+        case.topk_length, *outputs,
+    )
+    return outputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (CPU)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("topk", [1, 7, 64, 100, 130])
+@pytest.mark.parametrize("d_qk", [512, 576])
+@pytest.mark.parametrize("h_q", [1, 3, 8, 16, 64, 128])
+def test_reference_matches_dense_float64(h_q, d_qk, topk):
+    case = make_case(5, 160, h_q, d_qk, topk, "cpu")
+    assert_attn_close(sparse_attn_fwd_naive(*case.args()), dense_reference(case))
+
+
+def test_reference_without_sink_or_lengths_and_unique_ids():
+    case = make_case(6, 300, 16, 512, 130, "cpu", sink=False, lengths=False, invalid=0.0, unique=True)
+    assert_attn_close(sparse_attn_fwd_naive(*case.args()), dense_reference(case))
+
+
+def test_reference_chunks_rows(monkeypatch):
+    """A chunk of a few rows gives the same answer as one chunk of all rows."""
+    case = make_case(11, 100, 8, 576, 33, "cpu")
+    whole = sparse_attn_fwd_naive(*case.args())
+    monkeypatch.setattr(naive_module, "_CHUNK_ELEMS", 3 * 33 * 576)
+    for a, b in zip(sparse_attn_fwd_naive(*case.args()), whole):
+        assert torch.equal(a, b)
+
+
+def test_public_cpu_paths_are_the_reference():
+    case = make_case(4, 90, 3, 512, 20, "cpu")
+    ref_out, ref_max, ref_lse = sparse_attn_fwd_naive(*case.args())
+    for impl in ("auto", "reference"):
+        out, max_logits, lse = sparse_attn_fwd(*case.args(), impl=impl)
+        assert out.dtype == torch.bfloat16 and out.shape == (4, 3, D_V)
+        assert torch.equal(out, ref_out.bfloat16())
+        assert torch.equal(max_logits, ref_max) and torch.equal(lse, ref_lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel vs reference (CPU: interpreter, small; GPU: the same cases, then real sizes)
+# ---------------------------------------------------------------------------------------------
+
+# (s_q, s_kv, h_q, d_qk, topk): heads below, at and across a head block, topk below, at and
+# across a key block.
+KERNEL_CASES = [
+    (4, 40, 1, 512, 1),
+    (4, 300, 3, 576, 7),
+    (3, 300, 16, 512, 100),
+    (3, 400, 8, 576, 130),
+    (3, 200, 64, 512, 64),
+    (3, 200, 128, 576, 33),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", KERNEL_CASES, ids=lambda s: "sq{}-skv{}-h{}-d{}-topk{}".format(*s))
+def test_kernel_matches_reference(device, shape):
+    case = make_case(*shape, device)
+    assert_attn_close(run_launcher(case), sparse_attn_fwd_naive(*case.args()))
+
+
+@needs_kernel
+def test_kernel_special_rows(device):
+    """Exact facts: rows with nothing valid, sinks of +-inf, a duplicated id."""
+    s_kv, h_q, d_qk = 50, 3, 512
+    q = random_values((5, h_q, d_qk), device)
+    q[4] = q[3]
+    kv = random_values((s_kv, 1, d_qk), device)
+    kv[40:] = float("nan")
+    idx = torch.tensor(
+        [
+            [-1, INT_MIN, INT_MAX, s_kv],  # nothing valid by value
+            [3, 4, 5, 6],  # topk_length 0
+            [7, 8, 41, 42],  # topk_length 2: the NaN rows behind it are ignored
+            [9, 9, 10, -5],  # 9 twice
+            [9, 10, -1, 45],  # 9 once (45 is NaN, past the length)
+        ],
+        dtype=torch.int32, device=device,
+    )[:, None, :]
+    lengths = torch.tensor([4, 0, 2, 4, 3], dtype=torch.int32, device=device)
+    sink = torch.tensor([0.5, -INF, INF], device=device)
+    sm_scale = SM_SCALE
+    out, max_logits, lse = sparse_attn_fwd(q, kv, idx, sm_scale, D_V, sink, lengths, impl="triton")
+    plain, _, plain_lse = sparse_attn_fwd(q, kv, idx, sm_scale, D_V, None, lengths, impl="triton")
+
+    assert torch.all(out[:2] == 0) and torch.all(max_logits[:2] == -INF) and torch.all(lse[:2] == INF)
+    assert torch.all(out[2:, 2] == 0), "sink +inf must zero the output"
+    assert torch.equal(out[:, 1], plain[:, 1]), "sink -inf must leave the output unchanged"
+    assert torch.equal(lse, plain_lse), "the sink must not change lse"
+    assert not torch.isnan(out).any()
+    # Listing row 9 twice doubles its weight: lse grows by exactly the mass of one more copy.
+    s9 = (q[3].float() @ kv[9, 0].float()) * sm_scale
+    s10 = (q[3].float() @ kv[10, 0].float()) * sm_scale
+    expect = torch.logaddexp(torch.logaddexp(s9, s9), s10)
+    assert_close("lse of a duplicated id", lse[3], expect, **STAT_TOL)
+    assert_close("lse of a single id", lse[4], torch.logaddexp(s9, s10), **STAT_TOL)
+    ref = sparse_attn_fwd_naive(q, kv, idx, sm_scale, D_V, sink, lengths)
+    assert_attn_close((out, max_logits, lse), ref)
+
+
+@needs_kernel
+def test_kernel_strided_inputs_and_out_buffer(device):
+    case = make_case(3, 120, 16, 576, 40, device)
+    strided = strided_case(case)
+    assert not any(t.is_contiguous() for t in (strided.q, strided.kv, strided.indices, strided.topk_length))
+    big = torch.full((3, 16, 2 * D_V), float("nan"), dtype=torch.bfloat16, device=device)
+    out = big[:, :, D_V:]
+    result = sparse_attn_fwd(*strided.args(), out=out, impl="triton")
+    assert result[0] is out
+    assert torch.isnan(big[:, :, :D_V]).all(), "wrote outside the out view"
+    assert_attn_close(result, sparse_attn_fwd_naive(*case.args()))
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_kernel)])
+def test_empty_queries(device, impl):
+    case = make_case(0, 10, 4, 512, 8, device)
+    out, max_logits, lse = sparse_attn_fwd(*case.args(), impl=impl)
+    assert out.shape == (0, 4, D_V) and max_logits.shape == lse.shape == (0, 4)
+    given = torch.empty(0, 4, D_V, dtype=torch.bfloat16, device=device)
+    assert sparse_attn_fwd(*case.args(), out=given, impl=impl)[0] is given
+
+
+@needs_kernel
+def test_public_triton_matches_launcher_and_unchecked_lengths(device):
+    """The wrapper passes its inputs through unchanged; with value checks off a length past
+    topk behaves as topk and a negative one as 0 (the definition of the mask)."""
+    case = make_case(4, 64, 8, 512, 9, device, lengths=False)
+    lengths = torch.tensor([9, 100, -3, 0], dtype=torch.int32, device=device)
+    case = replace(case, topk_length=lengths)
+    with value_checks(False):
+        result = sparse_attn_fwd(*case.args(), impl="triton")
+    for a, b in zip(result, run_launcher(case)):
+        assert torch.equal(a, b)
+    assert_attn_close(result, sparse_attn_fwd_naive(*case.args()))
+    in_range = torch.tensor([9, 9, 0, 0], dtype=torch.int32, device=device)
+    for a, b in zip(result, sparse_attn_fwd(*replace(case, topk_length=in_range).args(), impl="triton")):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _bad(**changes):
+    return changes
+
+
+VALIDATION = {
+    "q dtype": (_bad(q=lambda c: c.q.float()), TypeError, "q must have dtype"),
+    "q rank": (_bad(q=lambda c: c.q[0]), ValueError, "q must have shape"),
+    "q heads 0": (_bad(q=lambda c: c.q[:, :0]), ValueError, "q must have 1..128 heads"),
+    "q heads 129": (_bad(q=lambda c: c.q[:, :1].expand(-1, 129, -1)), ValueError, "q must have 1..128 heads"),
+    "q head dim": (_bad(q=lambda c: c.q[..., :256], kv=lambda c: c.kv[..., :256]), ValueError, "head dim"),
+    "q last stride": (_bad(q=lambda c: c.q.transpose(1, 2).contiguous().transpose(1, 2)), ValueError, "q must have unit stride"),
+    "kv dtype": (_bad(kv=lambda c: c.kv.half()), TypeError, "kv must have dtype"),
+    "kv h_kv 2": (_bad(kv=lambda c: c.kv.expand(-1, 2, -1)), ValueError, r"kv must have shape \(\*, 1, 512\)"),
+    "kv 2-D": (_bad(kv=lambda c: c.kv[:, 0]), ValueError, "kv must have shape"),
+    "kv d mismatch": (_bad(kv=lambda c: torch.zeros(8, 1, 576, dtype=torch.bfloat16)), ValueError, "kv must have shape"),
+    "kv empty": (_bad(kv=lambda c: c.kv[:0]), ValueError, "kv must have 1.."),
+    "indices dtype": (_bad(indices=lambda c: c.indices.long()), TypeError, "indices must have dtype"),
+    "indices 2-D": (_bad(indices=lambda c: c.indices[:, 0]), ValueError, "indices must have shape"),
+    "indices rows": (_bad(indices=lambda c: c.indices[:-1]), ValueError, "indices must have shape"),
+    "indices topk 0": (_bad(indices=lambda c: c.indices[..., :0]), ValueError, "at least one entry"),
+    "indices stride": (_bad(indices=lambda c: torch.zeros(4, 1, 16, dtype=torch.int32)[..., ::2]), ValueError, "indices must have unit stride"),
+    "sm_scale str": (_bad(sm_scale=lambda c: "0.1"), TypeError, "sm_scale must be a float"),
+    "sm_scale bool": (_bad(sm_scale=lambda c: True), TypeError, "sm_scale must be a float"),
+    "sm_scale nan": (_bad(sm_scale=lambda c: float("nan")), ValueError, "sm_scale must be finite"),
+    "d_v 256": (_bad(d_v=lambda c: 256), ValueError, "d_v must be 512"),
+    "d_v float": (_bad(d_v=lambda c: 512.0), TypeError, "d_v must be an int"),
+    "sink shape": (_bad(attn_sink=lambda c: torch.zeros(4)), ValueError, "attn_sink must have shape"),
+    "sink dtype": (_bad(attn_sink=lambda c: torch.zeros(3, dtype=torch.bfloat16)), TypeError, "attn_sink must have dtype"),
+    "lengths dtype": (_bad(topk_length=lambda c: c.topk_length.long()), TypeError, "topk_length must have dtype"),
+    "lengths shape": (_bad(topk_length=lambda c: c.topk_length[:-1]), ValueError, "topk_length must have shape"),
+    "lengths > topk": (_bad(topk_length=lambda c: c.topk_length + 20), ValueError, r"topk_length values must be in \[0, 8\]"),
+    "lengths < 0": (_bad(topk_length=lambda c: c.topk_length - 20), ValueError, r"topk_length values must be in \[0, 8\]"),
+    "out dtype": (_bad(out=lambda c: torch.empty(4, 3, D_V)), TypeError, "out must have dtype"),
+    "out shape": (_bad(out=lambda c: torch.empty(4, 3, 576, dtype=torch.bfloat16)), ValueError, "out must have shape"),
+    "out stride": (_bad(out=lambda c: torch.empty(4, D_V, 3, dtype=torch.bfloat16).transpose(1, 2)), ValueError, "out must have unit stride"),
+    "impl": (_bad(impl=lambda c: "cuda"), ValueError, "impl must be one of"),
+}
+
+
+@pytest.mark.parametrize("name", list(VALIDATION))
+def test_validation_errors(name):
+    changes, exc, match = VALIDATION[name]
+    case = make_case(4, 20, 3, 512, 8, "cpu")
+    kwargs = dict(q=case.q, kv=case.kv, indices=case.indices, sm_scale=case.sm_scale, d_v=D_V,
+                  attn_sink=case.attn_sink, topk_length=case.topk_length, out=None, impl="reference")
+    kwargs.update({key: make(case) for key, make in changes.items()})
+    with pytest.raises(exc, match=match):
+        sparse_attn_fwd(**kwargs)
+
+
+def test_value_checks_off_skips_only_value_checks():
+    case = make_case(4, 20, 3, 512, 8, "cpu")
+    too_long = case.topk_length + 20
+    with value_checks(False):
+        sparse_attn_fwd(*case.args()[:-1], too_long)
+        with pytest.raises(TypeError, match="topk_length must have dtype"):
+            sparse_attn_fwd(*case.args()[:-1], too_long.long())
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: every small shape combination, then real sizes, long s_q and int64 offsets
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("topk", [1, 7, 64, 100, 130])
+@pytest.mark.parametrize("d_qk", [512, 576])
+@pytest.mark.parametrize("h_q", [1, 3, 8, 16, 64, 128])
+def test_gpu_all_small_shapes(h_q, d_qk, topk):
+    case = make_case(33, 500, h_q, d_qk, topk, "cuda")
+    assert_attn_close(run_launcher(case), sparse_attn_fwd_naive(*case.args()))
+    strided = strided_case(case)
+    assert_attn_close(sparse_attn_fwd(*strided.args()), sparse_attn_fwd_naive(*case.args()))
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("d_qk", [512, 576])
+@pytest.mark.parametrize("h_q,topk", [(64, 512), (64, 1024), (64, 2048), (128, 512), (128, 1024), (128, 2048)])
+def test_gpu_real_sizes(h_q, topk, d_qk):
+    case = make_case(4096, 65536, h_q, d_qk, topk, "cuda", invalid=0.05)
+    assert_attn_close(run_launcher(case), sparse_attn_fwd_naive(*case.args()))
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("h_q", [1, 3, 8, 16, 32, 48])
+def test_gpu_tensor_parallel_heads(h_q):
+    case = make_case(4096, 32768, h_q, 512, 1024, "cuda", unique=True, lengths=False, invalid=0.0)
+    assert_attn_close(run_launcher(case), sparse_attn_fwd_naive(*case.args()))
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("h_q,d_qk,topk", [(64, 576, 64), (16, 512, 100)])
+def test_gpu_long_sq(h_q, d_qk, topk):
+    """s_q = 70000 > 65535 (grid dims 1/2), and q/out element offsets past 2**31 for h_q 64,
+    d_qk 576 (70000 * 64 * 576 = 2.6e9)."""
+    case = make_case(70000, 4096, h_q, d_qk, topk, "cuda")
+    result = sparse_attn_fwd(*case.args())
+    assert_attn_close(result, sparse_attn_fwd_naive(*case.args()))
+
+
+@pytest.mark.gpu
+@needs_kernel
+def test_gpu_large_index_values():
+    """s_kv = 2**31 - 1 cannot be allocated; a 4.4 GB kv of 4.3M rows puts row offsets of the
+    ids used here past 2**31 elements (int64 addressing), next to invalid ids just past s_kv."""
+    s_kv, d_qk, h_q, topk, s_q = 4_300_000, 512, 64, 256, 64
+    kv = random_values((s_kv, 1, d_qk), "cuda")
+    q = random_values((s_q, h_q, d_qk), "cuda")
+    idx = torch.randint(s_kv - 50_000, s_kv, (s_q, 1, topk), device="cuda", dtype=torch.int32)
+    idx[:, 0, :4] = torch.tensor([s_kv - 1, s_kv, s_kv + 1, INT_MAX], dtype=torch.int32)
+    case = Case(q, kv, idx, SM_SCALE, torch.randn(h_q, device="cuda"), None)
+    assert_attn_close(run_launcher(case), sparse_attn_fwd_naive(*case.args()))

@@ -1,0 +1,329 @@
+"""SparsePrefillChunkCache: brute-force set test against DESIGN.md's table, staleness, validation.
+
+The brute-force test follows every combined index of a query row through its layer's workspace
+plan to the cache token it dequantizes from, and compares that set with the tokens DESIGN.md
+says the query attends to, computed independently here with Python sets and loops.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from sparse_prefill.backend.chunk_cache import SparsePrefillChunkCache, StaleChunkCacheError
+
+W = 128
+RATIOS = (1, 4, 128)
+
+
+class Metadata:
+    """Stands in for an engine's batch-metadata object (the cache's key)."""
+
+
+def random_batch(num_reqs, max_prefix, max_extend, *, extremes=False):
+    prefix = torch.randint(0, max_prefix + 1, (num_reqs,))
+    ext = torch.randint(1, max_extend + 1, (num_reqs,))
+    if extremes:  # the bounds of the issue: no prefix / prefix 5000, extend 1 / 3000
+        prefix[:3] = torch.tensor([5000, 0, 5000])[:num_reqs]
+        ext[:3] = torch.tensor([3000, 1, 1])[:num_reqs]
+    return (prefix + ext).int().tolist(), ext.int().tolist()
+
+
+def unique_tables(seq, ratios):
+    """Token tables with globally distinct ids, so a reached id names exactly one (cache, token)."""
+    num_reqs, longest = len(seq), max(seq)
+    ids = torch.randperm(num_reqs * longest * 2)[: num_reqs * longest * 2].int()
+    swa = ids[: num_reqs * longest].view(num_reqs, longest)
+    comp, used = {}, num_reqs * longest
+    for c in ratios:
+        if c > 1:
+            n = max(longest // c, 1)
+            comp[c] = ids[used : used + num_reqs * n].view(num_reqs, n)
+            used += num_reqs * n
+    return swa, comp
+
+
+def random_picks(seq, ext, topk):
+    """Duplicate-free indexer picks per query, mostly visible entries, some future ones, some -1."""
+    rows = []
+    for s, e in zip(seq, ext):
+        prefix = s - e
+        p = torch.arange(prefix, s)[:, None]
+        span = max(s // 4 + 8, topk)
+        score = torch.rand(e, span)
+        score[torch.arange(span)[None, :] >= (p + 1) // 4 + 4] -= 1.0  # prefer visible entries
+        picks = score.topk(topk, dim=1).indices
+        picks[torch.rand(e, topk) < 0.05] = -1
+        rows.append(picks)
+    return torch.cat(rows).int()
+
+
+def expected_tokens(seq, ext, swa_table, comp_tables, ratio, picks):
+    """DESIGN.md's table, per query row: the set of ("swa" | "c", token id) it attends to."""
+    swa_rows = swa_table.tolist()
+    comp_rows = comp_tables[ratio].tolist() if ratio > 1 else None
+    picks = picks.tolist() if picks is not None else None
+    out, q = [], 0
+    for r, (s, e) in enumerate(zip(seq, ext)):
+        for p in range(s - e, s):
+            want = {("swa", swa_rows[r][x]) for x in range(max(0, p - W + 1), p + 1)}
+            visible = (p + 1) // ratio
+            if ratio == 4:
+                want |= {("c", comp_rows[r][j]) for j in picks[q] if 0 <= j < visible}
+            elif ratio > 1:
+                want |= {("c", comp_rows[r][j]) for j in range(visible)}
+            out.append(want)
+            q += 1
+    return out
+
+
+def reached_tokens(layer):
+    """Follow each combined row through the workspace plan to cache tokens (a list per row)."""
+    plan = layer.plan
+    rows = [("c", t) for t in plan.compressed_token_ids.tolist()]
+    rows += [("swa", t) for t in plan.swa_token_ids.tolist()]
+    out = []
+    for row, length in zip(layer.indices.tolist(), layer.lens.tolist()):
+        valid, rest = row[:length], row[length:]
+        assert rest.count(-1) == len(rest)
+        assert not valid or 0 <= min(valid) and max(valid) < len(rows)
+        out.append([rows[x] for x in valid])
+    return out
+
+
+def check_batch(seq, ext, device, impl, topk=512, c4_layers=2):
+    swa_table, comp_tables = unique_tables(seq, RATIOS)
+    key = Metadata()
+    cache = SparsePrefillChunkCache.build(
+        key=key,
+        seq_lens=torch.tensor(seq, dtype=torch.int32, device=device),
+        extend_lens=torch.tensor(ext, dtype=torch.int32, device=device),
+        swa_token_table=swa_table.to(device),
+        window_size=W,
+        ratios=RATIOS,
+        compressed_token_tables={c: t.to(device) for c, t in comp_tables.items()},
+        c4_topk=topk,
+        impl=impl,
+    )
+    assert cache.num_tokens == sum(ext)
+    for c in RATIOS:
+        plan = cache.plan(c, key)
+        # The workspace is exactly what the requests can see, not R x the longest.
+        n_comp = sum(s // c for s in seq) if c > 1 else 0
+        assert plan.num_compressed_rows == n_comp
+        assert plan.num_rows == n_comp + sum(min(s, e + W - 1) for s, e in zip(seq, ext))
+    for _ in range(c4_layers):  # the second ratio-4 layer reuses the first one's buffers
+        layer_picks = random_picks(seq, ext, topk)
+        for c in RATIOS:
+            picks = layer_picks if c == 4 else None
+            layer = cache.layer(c, key, None if picks is None else picks.to(device))
+            want = expected_tokens(seq, ext, swa_table, comp_tables, c, picks)
+            got = reached_tokens(layer)
+            assert len(got) == len(want)
+            for q, (g, w) in enumerate(zip(got, want)):
+                assert len(g) == len(set(g)), f"ratio {c} row {q}: a token reached twice"
+                assert set(g) == w, f"ratio {c} row {q}"
+    return cache
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_brute_force_reference(seed):
+    torch.manual_seed(seed)
+    num_reqs = int(torch.randint(1, 9, ()))
+    seq, ext = random_batch(num_reqs, 1200, 60)
+    check_batch(seq, ext, "cpu", "reference")
+
+
+def test_brute_force_reference_extremes():
+    """Prefixes 0 and 5000, extends 1 and 3000, 8 requests: the issue's bounds (reference path)."""
+    seq, ext = random_batch(8, 5000, 40, extremes=True)
+    check_batch(seq, ext, "cpu", "reference", c4_layers=1)
+
+
+@pytest.mark.parametrize("num_reqs", [1, 3, 8])
+def test_brute_force_kernels(device, num_reqs):
+    """The same through the Triton kernels (interpreter on CPU: fewer query tokens)."""
+    seq, ext = random_batch(num_reqs, 5000, 6 if device.type == "cpu" else 600)
+    check_batch(seq, ext, device, "triton")
+
+
+@pytest.mark.gpu
+def test_gpu_brute_force_extremes():
+    seq, ext = random_batch(8, 5000, 3000, extremes=True)
+    check_batch(seq, ext, torch.device("cuda"), "triton", topk=1024, c4_layers=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("topk", [512, 1024])
+def test_gpu_large_chunk_kernels_equal_reference(topk):
+    """A 131072-token chunk over 8 requests with long prefixes: kernel cache == reference cache."""
+    dev = torch.device("cuda")
+    ext = [131072 // 8] * 8
+    seq = [e + int(p) for e, p in zip(ext, torch.randint(0, 60000, (8,)))]
+    swa, comp = unique_tables(seq, RATIOS)
+    kwargs = dict(
+        key=1, seq_lens=torch.tensor(seq, dtype=torch.int32, device=dev),
+        extend_lens=torch.tensor(ext, dtype=torch.int32, device=dev), swa_token_table=swa.to(dev),
+        window_size=W, ratios=RATIOS, compressed_token_tables={c: t.to(dev) for c, t in comp.items()},
+        c4_topk=topk,
+    )
+    tri = SparsePrefillChunkCache.build(**kwargs, impl="triton")
+    ref = SparsePrefillChunkCache.build(**kwargs, impl="reference")
+    picks = torch.randint(-1, max(seq) // 4 + 10, (sum(ext), topk), dtype=torch.int32, device=dev)
+    for a, b in zip(tri.swa(1), ref.swa(1)):
+        assert torch.equal(a, b)
+    for c in RATIOS:
+        lt, lr = (cache.layer(c, 1, picks if c == 4 else None) for cache in (tri, ref))
+        for x, y in zip(lt.plan, lr.plan):
+            assert x == y if isinstance(x, int) else torch.equal(x, y)
+        assert torch.equal(lt.indices, lr.indices) and torch.equal(lt.lens, lr.lens)
+
+
+def build_small(impl="reference", key=7, **change):
+    seq = torch.tensor([40, 9, 300], dtype=torch.int32)
+    ext = torch.tensor([5, 9, 3], dtype=torch.int32)
+    swa, comp = unique_tables(seq.tolist(), RATIOS)
+    kwargs = dict(
+        key=key,
+        seq_lens=seq,
+        extend_lens=ext,
+        swa_token_table=swa,
+        window_size=16,
+        ratios=RATIOS,
+        compressed_token_tables=comp,
+        c4_topk=8,
+        impl=impl,
+    )
+    kwargs.update(change)
+    return SparsePrefillChunkCache.build(**kwargs), kwargs
+
+
+def test_kernel_cache_equals_reference_cache(device):
+    ref, kwargs = build_small()
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    moved["compressed_token_tables"] = {c: t.to(device) for c, t in kwargs["compressed_token_tables"].items()}
+    moved["impl"] = "triton"
+    tri = SparsePrefillChunkCache.build(**moved)
+    assert tri.max_workspace_rows == ref.max_workspace_rows and tri.ratios == ref.ratios
+    for a, b in zip(tri.swa(7), ref.swa(7)):
+        assert torch.equal(a.cpu(), b)
+    picks = torch.randint(-1, 80, (ref.num_tokens, 8), dtype=torch.int32)
+    for c in RATIOS:
+        p = picks if c == 4 else None
+        lt = tri.layer(c, 7, None if p is None else p.to(device))
+        lr = ref.layer(c, 7, p)
+        for x, y in zip(lt.plan, lr.plan):
+            assert x == y if isinstance(x, int) else torch.equal(x.cpu(), y)
+        assert torch.equal(lt.indices.cpu(), lr.indices) and torch.equal(lt.lens.cpu(), lr.lens)
+
+
+def test_c4_buffers_are_reused():
+    cache, _ = build_small()
+    a = cache.combine_c4(torch.zeros(cache.num_tokens, 8, dtype=torch.int32), 7)
+    b = cache.combine_c4(torch.full((cache.num_tokens, 8), -1, dtype=torch.int32), 7)
+    assert a[0] is b[0] and a[1] is b[1]
+    # The second layer's picks are all -1: only windows remain.
+    positions = [*range(35, 40), *range(0, 9), *range(297, 300)]  # seq [40, 9, 300], ext [5, 9, 3]
+    assert b[1].tolist() == [min(p + 1, 16) for p in positions]
+
+
+def test_stale_key_invalidate_and_in_place_change():
+    md = Metadata()
+    cache, kwargs = build_small(key=md)
+    assert cache.is_valid_for(md)
+    cache.layer(1, md)
+    with pytest.raises(StaleChunkCacheError, match="key differs"):
+        cache.layer(1, Metadata())
+    assert not cache.is_valid_for(Metadata()) and not cache.is_valid_for(None)
+
+    kwargs["seq_lens"].copy_(kwargs["seq_lens"])  # a CUDA-graph replay's metadata copy
+    assert not cache.is_valid_for(md)
+    with pytest.raises(StaleChunkCacheError, match="modified in place"):
+        cache.plan(4, md)
+
+    cache, kwargs = build_small(key=md)
+    kwargs["compressed_token_tables"][128][0, 0] = 5
+    with pytest.raises(StaleChunkCacheError, match="modified in place"):
+        cache.combine_c4(torch.zeros(cache.num_tokens, 8, dtype=torch.int32), md)
+
+    cache, _ = build_small(key=md)
+    cache.invalidate()
+    for use in (lambda: cache.layer(1, md), lambda: cache.swa(md), lambda: cache.plan(1, md)):
+        with pytest.raises(StaleChunkCacheError, match="invalidated"):
+            use()
+
+
+def test_generation_token_keys_and_dead_metadata():
+    cache, _ = build_small(key=10**12)
+    assert cache.is_valid_for(10**12) and not cache.is_valid_for(10**12 + 1) and not cache.is_valid_for("1")
+    md = Metadata()
+    cache, _ = build_small(key=md)
+    del md
+    gc.collect()
+    assert not cache.is_valid_for(Metadata())  # held weakly: a new object never matches
+
+
+def test_inference_tensors_use_key_and_invalidate():
+    with torch.inference_mode():
+        cache, kwargs = build_small(key="gen-1")
+        kwargs["seq_lens"].add_(0)  # not tracked for inference tensors
+    assert cache.is_valid_for("gen-1") and not cache.is_valid_for("gen-2")
+    cache.invalidate()
+    assert not cache.is_valid_for("gen-1")
+
+
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (dict(key=None), ValueError, "key"),
+        (dict(window_size=0), ValueError, "window_size"),
+        (dict(ratios=()), ValueError, "ratios"),
+        (dict(ratios=(1, 4, 4, 128)), ValueError, "distinct"),
+        (dict(ratios=(1, 4.0, 128)), TypeError, "ratios"),
+        (dict(ratios=(1, 4)), ValueError, "compressed_token_tables must have one table per ratio"),
+        (dict(c4_topk=None), TypeError, "c4_topk"),
+        (dict(c4_topk=0), ValueError, "c4_topk"),
+        (dict(ratios=(1, 128), compressed_token_tables=None), ValueError, "compressed_token_tables"),
+        (dict(extend_lens=torch.tensor([5, 10, 3], dtype=torch.int32)), ValueError, r"extend_lens\[1\]"),
+        (dict(extend_lens=torch.tensor([5, 9], dtype=torch.int32)), ValueError, "extend_lens"),
+        (dict(seq_lens=torch.tensor([40, 9, 300])), TypeError, "seq_lens"),
+        (dict(swa_token_table=torch.zeros(3, 299, dtype=torch.int32)), ValueError, "swa_token_table has 299"),
+        (dict(impl="fast"), ValueError, "impl"),
+    ],
+)
+def test_build_validation(change, exc, match):
+    with pytest.raises(exc, match=match):
+        build_small(**change)
+
+
+def test_build_validation_tables_and_layer_use():
+    with pytest.raises(ValueError, match=r"compressed_token_tables\[4\] has 2 columns"):
+        build_small(compressed_token_tables={4: torch.zeros(3, 2, dtype=torch.int32),
+                                             128: torch.zeros(3, 2, dtype=torch.int32)})
+    with pytest.raises(ValueError, match="c4_topk is for ratio 4"):
+        build_small(ratios=(1, 128), compressed_token_tables={128: torch.zeros(3, 2, dtype=torch.int32)})
+    cache, _ = build_small()
+    with pytest.raises(ValueError, match="need their indexer"):
+        cache.layer(4, 7)
+    with pytest.raises(ValueError, match="only for ratio 4"):
+        cache.layer(128, 7, torch.zeros(cache.num_tokens, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="topk_indices must have shape"):
+        cache.combine_c4(torch.zeros(cache.num_tokens, 9, dtype=torch.int32), 7)
+    with pytest.raises(ValueError, match="ratio must be one of"):
+        cache.plan(2, 7)
+
+
+def test_empty_chunk(device):
+    """Requests without new tokens: zero query rows, nothing gathered."""
+    seq = torch.tensor([5, 0], dtype=torch.int32, device=device)
+    ext = torch.zeros(2, dtype=torch.int32, device=device)
+    table = torch.zeros(2, 5, dtype=torch.int32, device=device)
+    cache = SparsePrefillChunkCache.build(
+        key=1, seq_lens=seq, extend_lens=ext, swa_token_table=table, window_size=W, ratios=(1, 4),
+        compressed_token_tables={4: table}, c4_topk=512, impl="triton",
+    )
+    assert cache.num_tokens == 0 and cache.max_workspace_rows == 1  # request 0's complete entry
+    layer = cache.layer(4, 1, torch.zeros(0, 512, dtype=torch.int32, device=device))
+    assert layer.indices.shape == (0, 640) and layer.lens.shape == (0,)
