@@ -225,19 +225,19 @@ def bench_fp8(report: Report, variants: list[dict], quick: bool, flash_mla) -> N
     report.table("paged_fp8_sparse_attn_fwd, regular path (s_q 4096, V4, page size 64, attn_sink on)", header)
     for h_q, topk, n_comp, regular_us, sparse_anchor_us in FP8_ROWS[:1] if quick else FP8_ROWS:
         q = random_bf16(S_Q, h_q, layout.dim)
-        comp_cache = quantize_k_cache(random_bf16(n_comp // PAGE_SIZE, PAGE_SIZE, 1, layout.dim), layout, impl="reference")
         comp_ids = unique_indices(S_Q, n_comp, topk)
         swa_ids, swa_pages = window_ids(S_Q, PAGE_SIZE)
-        swa_cache = quantize_k_cache(random_bf16(swa_pages, PAGE_SIZE, 1, layout.dim), layout, impl="reference")
+        comp_cache, swa_cache = (quantize_k_cache(random_bf16(n, PAGE_SIZE, 1, layout.dim), layout, impl="reference")
+                                 for n in (n_comp // PAGE_SIZE, swa_pages))
         sink = torch.randn(h_q, device="cuda")
         sm_scale = layout.dim**-0.5
         reference = paged_fp8_sparse_attn_fwd_naive(
             q[:CHECK_ROWS], comp_cache, comp_ids[:CHECK_ROWS], PAGE_SIZE, sm_scale, extra_cache=swa_cache,
             extra_indices=swa_ids[:CHECK_ROWS], extra_page_size=PAGE_SIZE, attn_sink=sink, layout=layout)
         # The same tokens as one bf16 workspace: compressed tokens, then the SWA cache.
-        workspace = torch.cat([
-            dequantize_k_cache_paged(c, torch.arange(c.shape[0] * PAGE_SIZE, device="cuda"), PAGE_SIZE, layout, impl="reference")
-            for c in (comp_cache, swa_cache)])[:, 0]
+        every_token = [torch.arange(c.shape[0] * PAGE_SIZE, device="cuda") for c in (comp_cache, swa_cache)]
+        workspace = torch.cat([dequantize_k_cache_paged(c, ids, PAGE_SIZE, layout, impl="reference")
+                               for c, ids in zip((comp_cache, swa_cache), every_token)])[:, 0]
         ws_idx = torch.cat([comp_ids, swa_ids + n_comp], dim=1)
         flops = 2 * S_Q * (topk + WINDOW) * h_q * 1024
         flash_us = None

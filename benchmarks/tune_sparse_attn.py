@@ -31,15 +31,8 @@ SHAPES = [  # d_qk, h_q, topk, s_kv, FlashMLA us (ANCHORS.md)
 ]
 VARIANTS = [
     dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, NUM_STAGES=2),
-    dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, NUM_STAGES=3),
-    dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, NUM_STAGES=2, WARP_SPEC=1),
-    dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, NUM_STAGES=3),
-    dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, NUM_STAGES=3, WARP_SPEC=1),
     dict(BLOCK_H=16, BLOCK_N=64, num_warps=4, NUM_STAGES=2),
-    dict(BLOCK_H=16, BLOCK_N=64, num_warps=4, NUM_STAGES=3),
-    dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, NUM_STAGES=3),
     dict(BLOCK_H=32, BLOCK_N=64, num_warps=4, NUM_STAGES=2),
-    dict(BLOCK_H=32, BLOCK_N=64, num_warps=4, NUM_STAGES=3),
     dict(BLOCK_H=32, BLOCK_N=32, num_warps=4, NUM_STAGES=3),
 ]
 
@@ -61,9 +54,10 @@ FP8_SHAPES = [  # h_q, topk, compressed tokens, FlashMLA FP8 decode kernel us (A
     (128, 1024, 8192, 2880),
 ]
 FP8_VARIANTS = [
-    dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, NUM_STAGES=2),
     dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, NUM_STAGES=2),
+    dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, NUM_STAGES=1),
     dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, NUM_STAGES=1),
+    dict(BLOCK_H=64, BLOCK_N=16, num_warps=8, NUM_STAGES=2),
 ]
 
 

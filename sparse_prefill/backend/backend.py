@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import check_int, check_tensor, resolve_impl, value_checks_enabled
+from sparse_prefill._utils import IMPLS, check_int, check_tensor, resolve_impl, value_checks_enabled
 from sparse_prefill.backend import routing
 from sparse_prefill.backend.chunk_cache import SparsePrefillChunkCache
 from sparse_prefill.backend.config import ModelConfig
@@ -30,6 +30,74 @@ from sparse_prefill.backend.metadata import BatchMetadata, LayerCaches
 from sparse_prefill.ops.cache import dequantize_k_cache_paged
 from sparse_prefill.ops.fp8_sparse_attn import paged_fp8_sparse_attn_fwd
 from sparse_prefill.ops.sparse_attn import sparse_attn_fwd
+
+
+# Query rows whose ratio-4 picks the regular path maps at once (int64 transients of
+# ~20 bytes per pick: 16384 rows x topk 1024 stay near 350 MB).
+REGULAR_INDEX_ROWS = 16384
+# The regular path keeps a forward's ratio-128 rows for all its layers up to this size; larger
+# ones (very long contexts) are rebuilt per block of REGULAR_INDEX_ROWS rows in each layer.
+REGULAR_SHARED_ROWS_BYTES = 1 << 30
+
+
+def _lookup(table: torch.Tensor, req: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``table[req, cols]`` where ``valid`` (those columns exist), -1 elsewhere; int32."""
+    if table.shape[1] == 0:  # e.g. no request has a complete compressed entry yet
+        return torch.full(valid.shape, -1, dtype=torch.int32, device=table.device)
+    return torch.where(valid, table[req, torch.where(valid, cols, 0)], -1)
+
+
+def window_token_ids(metadata: BatchMetadata, window_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SWA-cache token ids of each query's window, as the regular path's SWA scope.
+
+    Returns ``(ids [num_tokens, W] int32, lens [num_tokens] int32)``: row ``i`` (position ``p``)
+    holds positions ``max(0, p - W + 1) ..`` ascending, mapped through
+    ``metadata.swa_token_table``, ``lens[i] = min(p + 1, W)`` of them, then -1.
+    """
+    md = metadata
+    pos = md.query_pos.long()[:, None]
+    cols = torch.clamp(pos - window_size + 1, min=0) + torch.arange(window_size, device=md.device)
+    lens = torch.clamp(pos[:, 0] + 1, max=window_size).to(torch.int32)
+    return _lookup(md.swa_token_table, md.query_req[:, None], cols, cols <= pos), lens
+
+
+def dense_width(metadata: BatchMetadata, ratio: int) -> int:
+    """Columns of ``dense_token_ids``: the longest request's complete entries (at least 1)."""
+    return max(1, max(s // ratio for s in metadata.seq_lens_host))  # kernels need >= 1 column
+
+
+def dense_token_ids(
+    metadata: BatchMetadata, ratio: int, start: int = 0, stop: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compressed-cache token ids of every complete entry of query rows ``start:stop`` (ratio-128
+    layers).
+
+    Returns ``(ids [rows, dense_width(metadata, ratio)] int32, lens [rows] int32)``: row ``i``
+    (position ``p``) holds entries ``0 .. (p + 1) // ratio - 1`` mapped through
+    ``metadata.compressed_token_tables[ratio]``, ``lens[i]`` of them, then -1.
+    """
+    md = metadata
+    count = (md.query_pos[start:stop].long() + 1) // ratio
+    cols = torch.arange(dense_width(md, ratio), device=md.device)
+    valid = cols < count[:, None]
+    ids = _lookup(md.compressed_token_tables[ratio], md.query_req[start:stop, None], cols, valid)
+    return ids, count.to(torch.int32)
+
+
+def picked_token_ids(
+    metadata: BatchMetadata, topk_indices: torch.Tensor, start: int = 0, stop: int | None = None
+) -> torch.Tensor:
+    """Compressed-cache token ids of the ratio-4 indexer picks of query rows ``start:stop``.
+
+    ``topk_indices`` is the layer's ``[num_tokens, topk]`` int32 request-local entry ids. Returns
+    ``[stop - start, topk]`` int32: a pick ``j`` of a query at position ``p`` maps through
+    ``metadata.compressed_token_tables[4]`` when complete and causal (``0 <= j < (p + 1) // 4``),
+    else -1 (in place: the row is not compacted).
+    """
+    md = metadata
+    picks = topk_indices[start:stop].long()
+    valid = (picks >= 0) & (picks < ((md.query_pos[start:stop].long() + 1) // 4)[:, None])
+    return _lookup(md.compressed_token_tables[4], md.query_req[start:stop, None], picks, valid)
 
 
 class _ForwardState:
@@ -41,8 +109,8 @@ class _ForwardState:
         self.paths: dict[int, str] = {}
         self.chunk_cache: SparsePrefillChunkCache | None = None
         self.workspace: torch.Tensor | None = None
-        # ratio -> (indices, lengths) of the regular path's layer-independent scopes.
-        self.regular_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # ratio -> (ids, lengths) of the regular path's layer-independent rows (1: the window).
+        self.regular_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 class SparsePrefillBackend:
@@ -82,8 +150,8 @@ class SparsePrefillBackend:
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
         self.config = config
         self.path_setting = routing.path_setting(path)
-        if impl not in ("auto", "triton", "reference"):
-            raise ValueError(f"impl must be one of ('auto', 'triton', 'reference'), got {impl!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.impl = impl
         if max_query_rows is not None:
             check_int("max_query_rows", max_query_rows, lo=1)
@@ -176,10 +244,13 @@ class SparsePrefillBackend:
         check_int("layer", layer, lo=0, hi=cfg.num_layers - 1)
         ratio = cfg.compress_ratios[layer]
         device = md.device
-        check_tensor("q", q, dtypes=(torch.bfloat16,), shape=(md.num_tokens, cfg.num_heads, cfg.head_dim), device=device)
+        q_shape = (md.num_tokens, cfg.num_heads, cfg.head_dim)
+        check_tensor("q", q, dtypes=(torch.bfloat16,), shape=q_shape, device=device)
         caches = self._check_caches(caches, ratio, device)
         if ratio == 4:
-            check_tensor("topk_indices", topk_indices, dtypes=(torch.int32,), shape=(md.num_tokens, cfg.topk), device=device)
+            check_tensor(
+                "topk_indices", topk_indices, dtypes=(torch.int32,), shape=(md.num_tokens, cfg.topk), device=device
+            )
         elif topk_indices is not None:
             raise ValueError(f"topk_indices is for ratio-4 layers only; layer {layer} has ratio {ratio}")
         if attn_sink is not None:
@@ -209,13 +280,17 @@ class SparsePrefillBackend:
             if caches.compressed is not None:
                 raise ValueError("caches.compressed must be None for a ratio-1 layer")
         else:
-            check_tensor("caches.compressed", caches.compressed, dtypes=(torch.uint8,), shape=(None, None), device=device)
+            check_tensor(
+                "caches.compressed", caches.compressed, dtypes=(torch.uint8,), shape=(None, None), device=device
+            )
             max_id = None if md.max_compressed_id is None else md.max_compressed_id[ratio]
             scopes.append(("caches.compressed", caches.compressed, self.config.page_size_of(ratio), max_id))
         for name, cache, page_size, max_id in scopes:
             want = self.config.layout.page_bytes(page_size)
             if cache.shape[1] != want:
-                raise ValueError(f"{name} must have {want} bytes per page (V4, page size {page_size}), got {cache.shape[1]}")
+                raise ValueError(
+                    f"{name} must have {want} bytes per page (V4, page size {page_size}), got {cache.shape[1]}"
+                )
             # The metadata measured its largest reachable id once (value checks on): free here.
             if value_checks_enabled() and max_id is not None and max_id >= cache.shape[0] * page_size:
                 raise ValueError(
@@ -224,13 +299,18 @@ class SparsePrefillBackend:
                 )
         return caches
 
-    def _row_blocks(self, n: int) -> list[tuple[int, int]]:
-        step = self.max_query_rows or max(n, 1)
+    def _row_blocks(self, n: int, limit: int | None = None) -> list[tuple[int, int]]:
+        """Row ranges of at most ``max_query_rows`` (and ``limit``) rows covering ``0 .. n - 1``."""
+        step = min(x for x in (self.max_query_rows, limit, max(n, 1)) if x is not None)
         return [(a, min(n, a + step)) for a in range(0, n, step)]
 
     # -- sparse path -------------------------------------------------------------------------
 
-    def _chunk_cache(self, state: _ForwardState) -> SparsePrefillChunkCache:
+    def chunk_cache(self, metadata: BatchMetadata | None = None) -> SparsePrefillChunkCache:
+        """The sparse path's chunk cache of the current forward (built now if not yet).
+
+        Its accessors take ``key=metadata.generation``."""
+        state = self._current(metadata)
         md, cfg = state.metadata, self.config
         if state.chunk_cache is None or not state.chunk_cache.is_valid_for(state.generation):
             state.chunk_cache = SparsePrefillChunkCache.build(
@@ -251,10 +331,10 @@ class SparsePrefillBackend:
 
     def _forward_sparse(self, state, ratio, q, caches, topk_indices, attn_sink, out) -> None:
         cfg = self.config
-        chunk = self._chunk_cache(state)
+        chunk = self.chunk_cache()
         plan, indices, lens = chunk.layer(ratio, state.generation, topk_indices)
         ws = state.workspace
-        if ratio > 1:
+        if plan.num_compressed_rows:
             dequantize_k_cache_paged(
                 caches.compressed, plan.compressed_token_ids, cfg.page_size_of(ratio), cfg.layout,
                 out=ws[plan.compressed_rows], impl=self.impl,
@@ -271,65 +351,39 @@ class SparsePrefillBackend:
 
     # -- regular path ------------------------------------------------------------------------
 
-    def _window_rows(self, state: _ForwardState) -> tuple[torch.Tensor, torch.Tensor]:
-        """SWA-cache ids of each query's window ``[num_tokens, W]`` (ascending from
-        ``max(0, p - W + 1)``, -1 past ``p``) and its length ``min(p + 1, W)``."""
-        if "swa" not in state.regular_rows:
-            md, w = state.metadata, self.config.window_size
-            pos = md.query_pos.long()[:, None]
-            cols = torch.clamp(pos - w + 1, min=0) + torch.arange(w, device=md.device)
-            ids = md.swa_token_table[md.query_req[:, None], torch.minimum(cols, pos)]
-            ids = torch.where(cols <= pos, ids, -1)
-            lens = torch.clamp(pos[:, 0] + 1, max=w).to(torch.int32)
-            state.regular_rows["swa"] = (ids, lens)
-        return state.regular_rows["swa"]
-
-    def _dense_rows(self, state: _ForwardState, ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compressed-cache ids of every complete entry ``j < (p + 1) // ratio`` of each
-        query, ``[num_tokens, max(seq_len // ratio)]`` (-1 past them), and their count."""
-        key = f"c{ratio}"
-        if key not in state.regular_rows:
+    def _shared_rows(self, state: _ForwardState, ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer-independent index rows of the regular path, built once per forward: the window
+        (ratio 1) or every complete entry of a dense ratio."""
+        if ratio not in state.regular_rows:
             md = state.metadata
-            table = md.compressed_token_tables[ratio]
-            width = max(1, max(s // ratio for s in md.seq_lens_host))  # kernels need >= 1 column
-            count = (md.query_pos.long() + 1) // ratio
-            cols = torch.arange(width, device=md.device)
-            valid = cols < count[:, None]
-            ids = table[md.query_req[:, None], torch.where(valid, cols, 0)]
-            state.regular_rows[key] = (torch.where(valid, ids, -1), count.to(torch.int32))
-        return state.regular_rows[key]
-
-    def _picked_rows(self, state: _ForwardState, topk_indices: torch.Tensor) -> torch.Tensor:
-        """Compressed-cache ids of this layer's complete, causal ratio-4 picks, -1 elsewhere."""
-        md = state.metadata
-        picks = topk_indices.long()
-        valid = (picks >= 0) & (picks < ((md.query_pos.long() + 1) // 4)[:, None])
-        ids = md.compressed_token_tables[4][md.query_req[:, None], torch.where(valid, picks, 0)]
-        return torch.where(valid, ids, -1)
+            rows = window_token_ids(md, self.config.window_size) if ratio == 1 else dense_token_ids(md, ratio)
+            state.regular_rows[ratio] = rows
+        return state.regular_rows[ratio]
 
     def _forward_regular(self, state, ratio, q, caches, topk_indices, attn_sink, out) -> None:
         cfg = self.config
-        swa_ids, swa_lens = self._window_rows(state)
-        if ratio == 1:
-            main = (caches.swa, swa_ids, cfg.swa_page_size, swa_lens)
-            extra = None
-        else:
-            if ratio == 4:
-                ids, lens = self._picked_rows(state, topk_indices), None
-            else:
-                ids, lens = self._dense_rows(state, ratio)
-            main = (caches.compressed, ids, cfg.page_size_of(ratio), lens)
-            extra = (caches.swa, swa_ids, cfg.swa_page_size, swa_lens)
-        cache, ids, page_size, lens = main
-        for a, b in self._row_blocks(q.shape[0]):
-            kwargs = {}
-            if extra is not None:
-                e_cache, e_ids, e_page, e_lens = extra
-                kwargs = dict(
-                    extra_cache=e_cache, extra_indices=e_ids[a:b], extra_page_size=e_page, extra_topk_length=e_lens[a:b]
+        swa_ids, swa_lens = self._shared_rows(state, 1)
+        md = state.metadata
+        shared_dense = ratio > 4 and md.num_tokens * dense_width(md, ratio) * 4 <= REGULAR_SHARED_ROWS_BYTES
+        if shared_dense:
+            dense_ids, dense_lens = self._shared_rows(state, ratio)
+        # Ratio 4 (and a large ratio 128) maps per block of rows: that bounds the transients.
+        for a, b in self._row_blocks(q.shape[0], REGULAR_INDEX_ROWS):
+            common = dict(attn_sink=attn_sink, layout=cfg.layout, d_v=cfg.head_dim, out=out[a:b], impl=self.impl)
+            if ratio == 1:
+                paged_fp8_sparse_attn_fwd(
+                    q[a:b], caches.swa, swa_ids[a:b], cfg.swa_page_size, cfg.sm_scale,
+                    topk_length=swa_lens[a:b], **common,
                 )
+                continue
+            if ratio == 4:
+                ids, lens = picked_token_ids(md, topk_indices, a, b), None
+            elif shared_dense:
+                ids, lens = dense_ids[a:b], dense_lens[a:b]
+            else:
+                ids, lens = dense_token_ids(md, ratio, a, b)
             paged_fp8_sparse_attn_fwd(
-                q[a:b], cache, ids[a:b], page_size, cfg.sm_scale,
-                topk_length=None if lens is None else lens[a:b], attn_sink=attn_sink, layout=cfg.layout,
-                d_v=cfg.head_dim, out=out[a:b], impl=self.impl, **kwargs,
+                q[a:b], caches.compressed, ids, cfg.page_size_of(ratio), cfg.sm_scale,
+                extra_cache=caches.swa, extra_indices=swa_ids[a:b], extra_page_size=cfg.swa_page_size,
+                topk_length=lens, extra_topk_length=swa_lens[a:b], **common,
             )

@@ -41,7 +41,9 @@ class ForwardMode(enum.Enum):
 def _host_ints(name: str, v: object) -> tuple[int, ...]:
     if isinstance(v, torch.Tensor):
         if v.dim() != 1 or v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool:
-            raise TypeError(f"{name} must be a 1-D integer tensor or a sequence of ints, got {v.dtype} {tuple(v.shape)}")
+            raise TypeError(
+                f"{name} must be a 1-D integer tensor or a sequence of ints, got {v.dtype} {tuple(v.shape)}"
+            )
         return tuple(int(x) for x in v.tolist())
     if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
         raise TypeError(f"{name} must be a sequence of ints or a 1-D integer tensor, got {type(v).__name__}")
@@ -108,7 +110,9 @@ class BatchMetadata:
         prefix = _host_ints("prefix_lens", prefix_lens)
         extend = _host_ints("extend_lens", extend_lens)
         if len(prefix) != len(extend):
-            raise ValueError(f"prefix_lens and extend_lens must have the same length, got {len(prefix)} and {len(extend)}")
+            raise ValueError(
+                f"prefix_lens and extend_lens must have the same length, got {len(prefix)} and {len(extend)}"
+            )
         num_reqs = len(prefix)
         if num_reqs == 0:
             raise ValueError("prefix_lens must name at least one request, got 0")
@@ -132,7 +136,10 @@ class BatchMetadata:
                 f"swa_token_table must have at least max(seq_lens) = {max(seq)} columns, got {swa_token_table.shape[1]}"
             )
         if not isinstance(compressed_token_tables, Mapping):
-            raise TypeError(f"compressed_token_tables must be a mapping {{ratio: tensor}}, got {type(compressed_token_tables).__name__}")
+            raise TypeError(
+                "compressed_token_tables must be a mapping {ratio: tensor}, "
+                f"got {type(compressed_token_tables).__name__}"
+            )
         if set(compressed_token_tables) != set(config.compressed_ratios):
             raise ValueError(
                 f"compressed_token_tables must have exactly the ratios {config.compressed_ratios}, "
@@ -141,10 +148,14 @@ class BatchMetadata:
         tables = {}
         for ratio in config.compressed_ratios:
             name = f"compressed_token_tables[{ratio}]"
-            t = check_tensor(name, compressed_token_tables[ratio], dtypes=(torch.int32,), shape=(num_reqs, None), device=device)
+            t = check_tensor(
+                name, compressed_token_tables[ratio], dtypes=(torch.int32,), shape=(num_reqs, None), device=device
+            )
             need = max(s // ratio for s in seq)
             if t.shape[1] < need:
-                raise ValueError(f"{name} must have at least max(seq_lens) // {ratio} = {need} columns, got {t.shape[1]}")
+                raise ValueError(
+                    f"{name} must have at least max(seq_lens) // {ratio} = {need} columns, got {t.shape[1]}"
+                )
             tables[ratio] = t
 
         self.prefix_lens_host = prefix
@@ -244,4 +255,6 @@ class BatchMetadata:
         )
 
 
-_DEVICE_FIELDS = ("swa_token_table", "prefix_lens", "extend_lens", "seq_lens", "query_start_loc", "query_req", "query_pos")
+_DEVICE_FIELDS = (
+    "swa_token_table", "prefix_lens", "extend_lens", "seq_lens", "query_start_loc", "query_req", "query_pos",
+)

@@ -11,8 +11,8 @@ estimated time for a layer is lower, per compress ratio (a ratio-1 layer attends
 per query and is cheap next to its dequantize; a ratio-4 layer attends to ``topk + 128``). The
 estimate is a linear cost model, :class:`PathCosts`, whose constants are measured per path:
 
-    regular_us = LAUNCH + flops(regular rows) / REGULAR_TFLOPS
-    sparse_us  = LAUNCH * launches + flops(sparse rows) / SPARSE_TFLOPS
+    regular_us = REGULAR_FIXED + flops(regular rows) / REGULAR_TFLOPS
+    sparse_us  = SPARSE_FIXED + flops(sparse rows) / SPARSE_TFLOPS
                  + workspace_rows * DEQUANT_NS_PER_ROW + combined_entries * COMBINE_NS_PER_ENTRY
 
 with ``flops = 2 * sum over queries of scanned kv * max(h_q, MIN_HEADS) * (d_qk + d_v)``.
@@ -22,10 +22,20 @@ Where the constants come from: ``DEFAULT_COSTS`` holds PLACEHOLDERS derived from
 (h_q 64) / 429 (h_q 128) TFLOP/s and ``flash_mla_sparse_fwd`` on a bf16 workspace at 501 / 535
 TFLOP/s on the same rows (s_q 4096, topk + W = 640 / 1152); dequantize is bandwidth bound
 (584 bytes read + 1024 written per row at ~2.5 TB/s of the measured 3 TB/s copy ceiling);
-combine writes/reads ~6 bytes per entry. With these, sparse wins every extend batch above a
-few hundred tokens (ratio 4) or a couple of thousand (ratio 1), where the fixed launch costs of
-its extra kernels are paid back. ``benchmarks/bench_backend.py`` measures our kernels' figures
-on the GPU and prints the constants to put here; the lead replaces the placeholders with them.
+combine writes/reads ~6 bytes per entry; the fixed per-layer costs are launch latencies (the
+sparse path launches 2-4 kernels where the regular one launches 1 plus index arithmetic). With
+these, one request's chunk goes sparse from about 32-256 new tokens in ratio-4 layers and
+512-2048 in ratio-1/128 layers (prefix 0 or 16384, both V4 head shapes), where the sparse
+kernel's speed-up has paid for its fixed cost and dequantize. ``benchmarks/bench_backend.py``
+measures our kernels on the GPU and prints fitted constants; the lead replaces the
+placeholders with them (and this paragraph's crossovers with the ones they give).
+
+Memory: the sparse path keeps per-forward state that grows with the chunk: the chunk cache's
+combined rows (``num_tokens x ceil((entries + W) / 128) * 128`` int32 per ratio, entries =
+topk for ratio 4, the longest request's complete entries for ratio 128) and the workspace (1 KiB
+per row). Where that would pass ``SPARSE_STATE_BYTES_LIMIT``, auto routes to the regular path,
+whose transients are bounded per block of rows. (At 65536 tokens of 4 requests with 16384-token
+prefixes and topk 1024 it is about 0.5 GiB.)
 
 Override: ``SPARSE_PREFILL_PATH=auto|sparse|regular`` in the environment, or the backend's
 ``path`` argument; an explicit ``sparse``/``regular`` argument wins over the environment, and
@@ -42,6 +52,7 @@ import torch
 
 from sparse_prefill.backend.config import ModelConfig
 from sparse_prefill.backend.metadata import BatchMetadata
+from sparse_prefill.ops.indices import combined_width
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +61,10 @@ PATH_SETTINGS = ("auto", "sparse", "regular")
 SPARSE = "sparse"
 REGULAR = "regular"
 
-# Columns of a combined index row are padded to this (FlashMLA's B_TOPK for h_q 128).
-COMBINED_ALIGN = 128
 # Bytes the dequantize moves per workspace row: one V4 token read (584) + 512 bf16 written.
 DEQUANT_ROW_BYTES = 584 + 1024
+# Auto takes the regular path where the sparse path's per-forward state would pass this.
+SPARSE_STATE_BYTES_LIMIT = 8 << 30
 
 
 @dataclass(frozen=True)
@@ -71,7 +82,8 @@ class PathCosts:
     min_heads: int = 64
     dequant_ns_per_row: float = DEQUANT_ROW_BYTES / 2.5e12 * 1e9  # ~0.64 ns at 2.5 TB/s
     combine_ns_per_entry: float = 6 / 2.5e12 * 1e9
-    launch_us: float = 8.0  # one kernel launch + its tail, small-shape latency
+    regular_fixed_us: float = 15.0  # per layer: a kernel launch + the index arithmetic's launches
+    sparse_fixed_us: float = 30.0  # per layer: dequantize x2, combine, attention launches
 
     def tflops(self, path: str, num_heads: int) -> float:
         lo, hi = (
@@ -109,36 +121,54 @@ def _window_sum(positions: torch.Tensor, window: int) -> int:
     return int(torch.clamp(positions + 1, max=window).sum())
 
 
+def workspace_rows(config: ModelConfig, metadata: BatchMetadata, ratio: int) -> int:
+    """Rows of the sparse path's workspace for a ratio: every request's SWA gather and (ratio
+    > 1) its complete compressed entries."""
+    w = config.window_size
+    rows = sum(min(s, e + w - 1) for s, e in zip(metadata.seq_lens_host, metadata.extend_lens_host))
+    return rows + (sum(s // ratio for s in metadata.seq_lens_host) if ratio > 1 else 0)
+
+
 def layer_work(config: ModelConfig, metadata: BatchMetadata, ratio: int) -> LayerWork:
     """The :class:`LayerWork` of a ratio-``ratio`` layer for ``metadata``'s batch."""
     w, topk = config.window_size, config.topk
-    regular = sparse = rows = 0
+    regular = sparse = 0
     for prefix, seq in zip(metadata.prefix_lens_host, metadata.seq_lens_host):
         pos = torch.arange(prefix, seq, dtype=torch.int64)
         win = _window_sum(pos, w)
-        rows += min(seq, seq - prefix + w - 1)
         if ratio == 1:
             regular += win
             sparse += win
             continue
         visible = (pos + 1) // ratio
-        rows += seq // ratio
         if ratio == 4:
             regular += win + topk * len(pos)
             sparse += win + int(torch.clamp(visible, max=topk).sum())
         else:
             regular += win + int(visible.sum())
             sparse += win + int(visible.sum())
-    width = -(-(topk + w) // COMBINED_ALIGN) * COMBINED_ALIGN
+    width = combined_width(topk, w)
     return LayerWork(
         ratio=ratio,
         num_tokens=metadata.num_tokens,
         num_heads=config.num_heads,
         regular_kv=regular,
         sparse_kv=sparse,
-        workspace_rows=rows,
+        workspace_rows=workspace_rows(config, metadata, ratio),
         combined_entries=metadata.num_tokens * width if ratio == 4 else 0,
     )
+
+
+def sparse_state_bytes(config: ModelConfig, metadata: BatchMetadata) -> int:
+    """Bytes the sparse path holds for a forward: every ratio's combined rows and lengths, plus
+    the largest ratio's workspace (bf16, 1 KiB per row)."""
+    n, w = metadata.num_tokens, config.window_size
+    rows_bytes, ws_rows = 0, 0
+    for ratio in set(config.compress_ratios):
+        entries = {1: 0, 4: config.topk}.get(ratio, max(s // ratio for s in metadata.seq_lens_host))
+        rows_bytes += 4 * n * (combined_width(entries, w) + 1)
+        ws_rows = max(ws_rows, workspace_rows(config, metadata, ratio))
+    return rows_bytes + ws_rows * 2 * config.head_dim
 
 
 def estimate_us(path: str, work: LayerWork, costs: PathCosts = DEFAULT_COSTS) -> float:
@@ -147,10 +177,9 @@ def estimate_us(path: str, work: LayerWork, costs: PathCosts = DEFAULT_COSTS) ->
     kv = work.regular_kv if path == REGULAR else work.sparse_kv
     attn_us = 2 * kv * heads * 1024 / (costs.tflops(path, work.num_heads) * 1e12) * 1e6
     if path == REGULAR:
-        return costs.launch_us + attn_us
-    launches = 2 + (work.ratio > 1) + (work.ratio == 4)  # SWA + compressed dequant, combine, attn
+        return costs.regular_fixed_us + attn_us
     return (
-        costs.launch_us * launches
+        costs.sparse_fixed_us
         + attn_us
         + work.workspace_rows * costs.dequant_ns_per_row * 1e-3
         + work.combined_entries * costs.combine_ns_per_entry * 1e-3
@@ -184,6 +213,8 @@ def choose_path(
         chosen, why = REGULAR, "decode batch"
     elif setting != "auto":
         chosen, why = setting, "forced"
+    elif (state := sparse_state_bytes(config, metadata)) > SPARSE_STATE_BYTES_LIMIT:
+        chosen, why = REGULAR, f"sparse state {state / 2**30:.1f} GiB > {SPARSE_STATE_BYTES_LIMIT / 2**30:.0f} GiB"
     else:
         work = layer_work(config, metadata, ratio)
         est = {p: estimate_us(p, work, costs) for p in (SPARSE, REGULAR)}

@@ -78,7 +78,8 @@ def test_config_validation(change, exc, match):
 # ---------------------------------------------------------------------------------------------
 # BatchMetadata
 
-CFG = ModelConfig(num_heads=2, compress_ratios=(1, 4, 128), topk=8, window_size=4, swa_page_size=2, compressed_page_size=1)
+SMALL = dict(num_heads=2, compress_ratios=(1, 4, 128), topk=8, swa_page_size=2, compressed_page_size=1)
+CFG = ModelConfig(**SMALL, window_size=4)
 PREFIX, EXTEND = [0, 5, 130], [3, 1, 2]
 SEQ = [3, 6, 132]
 
@@ -193,6 +194,6 @@ def test_metadata_copy_refills_in_place():
     assert {name: getattr(md, name).data_ptr() for name in ptrs} == ptrs
     with pytest.raises(TypeError, match="other"):
         md.copy_(None)
-    other_cfg = ModelConfig(num_heads=2, compress_ratios=(1, 4, 128), topk=8, window_size=8, swa_page_size=2, compressed_page_size=1)
+    other_cfg = ModelConfig(**SMALL, window_size=8)
     with pytest.raises(ValueError, match="same config"):
         md.copy_(BatchMetadata(other_cfg, PREFIX, EXTEND, swa, comp))

@@ -70,6 +70,20 @@ def test_auto_rule_picks_by_estimate(caplog):
     assert routing.choose_path("auto", CFG, big, 4, slow) == routing.REGULAR
 
 
+def test_sparse_state_limit(monkeypatch, caplog):
+    cfg = ModelConfig(num_heads=8, compress_ratios=(1, 4, 128), topk=2, window_size=4)
+    md = metadata([0, 130], [3, 2], cfg)
+    # Rows of widths 128 (ratio 1), 128 (ratio 4: 2 + 4), 128 (ratio 128: 1 + 4), each plus a
+    # length, for 5 tokens; the largest workspace is ratio 4's 41 rows of 1 KiB.
+    assert routing.sparse_state_bytes(cfg, md) == 3 * 4 * 5 * 129 + 41 * 1024
+    big = metadata([0, 16384, 0, 16384], [4096] * 4)
+    monkeypatch.setattr(routing, "SPARSE_STATE_BYTES_LIMIT", routing.sparse_state_bytes(CFG, big) - 1)
+    with caplog.at_level(logging.DEBUG, logger="sparse_prefill.backend.routing"):
+        assert routing.choose_path("auto", CFG, big, 4) == routing.REGULAR
+    assert "sparse state" in caplog.text
+    assert routing.choose_path("sparse", CFG, big, 4) == routing.SPARSE  # forced still goes
+
+
 def test_forced_and_decode():
     big = metadata([0, 16384], [4096] * 2)
     assert routing.choose_path("regular", CFG, big, 4) == routing.REGULAR

@@ -15,6 +15,12 @@ from sparse_prefill.ops.cache import (
     quantize_k_cache,
     store_k_cache,
 )
+from sparse_prefill.ops.cache.kernels import (
+    GATHER_DEFAULTS,
+    STORE_DEFAULTS,
+    dequantize_k_cache_paged_triton,
+    store_k_cache_triton,
+)
 from sparse_prefill.ops.cache.naive import (
     dequantize_tokens,
     quantize_tokens,
@@ -25,6 +31,8 @@ from sparse_prefill.ops.cache.naive import (
 
 LAYOUTS = [KVCacheLayout.V4, KVCacheLayout.V32]
 INT32_MIN = -(2**31)
+# fp8 448 times the largest scales is inf by design; the interpreter warns about it.
+ALLOW_INF = pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
 # Per-tile magnitudes: zero tiles, tiny (scale clamped at 2**-13), ordinary, huge.
 MAGNITUDES = torch.tensor([0.0, 1e-30, 1e-12, 1e-3, 1.0, 7.0, 1e3, 1e12, 1e30])
 
@@ -72,7 +80,7 @@ def design_roundtrip(k: torch.Tensor, layout: KVCacheLayout) -> torch.Tensor:
 
 
 def store(cache, k, slots, page_size, layout, impl, device):
-    out = cache.to(device)
+    out = cache.to(device, copy=True)
     store_k_cache(out, k.to(device), slots.to(device), page_size, layout, impl=impl)
     return out.cpu()
 
@@ -115,7 +123,8 @@ def test_fp8_rounding_every_value_and_midpoint(layout, device):
     per_tile = tile - 1
     n_tiles = -(-vals.numel() // per_tile)
     body = torch.cat([vals, torch.zeros(n_tiles * per_tile - vals.numel(), dtype=torch.bfloat16)])
-    tiles = torch.cat([torch.full((n_tiles, 1), 448.0, dtype=torch.bfloat16), body.view(n_tiles, per_tile)], 1)
+    head = torch.full((n_tiles, 1), 448.0, dtype=torch.bfloat16)
+    tiles = torch.cat([head, body.view(n_tiles, per_tile)], 1)
     n = -(-n_tiles // layout.num_tiles)
     nope = torch.cat([tiles, torch.zeros((n * layout.num_tiles - n_tiles, tile), dtype=torch.bfloat16)])
     k = torch.cat([nope.view(n, layout.nope_dim), torch.zeros(n, layout.rope_dim, dtype=torch.bfloat16)], 1)
@@ -130,6 +139,7 @@ def test_fp8_rounding_every_value_and_midpoint(layout, device):
     assert torch.equal(stored, expected)
 
 
+@ALLOW_INF
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_dequantize_every_fp8_byte(layout, device):
     """Cache bytes covering every non-NaN e4m3 byte (0x7F/0xFF are never written) under random
@@ -160,7 +170,9 @@ def test_dequantize_every_fp8_byte(layout, device):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("page_size,id_dtype", [(1, torch.int64), (5, torch.int32), (64, torch.int64), (256, torch.int32)])
+@pytest.mark.parametrize(
+    "page_size,id_dtype", [(1, torch.int64), (5, torch.int32), (64, torch.int64), (256, torch.int32)]
+)
 def test_store_and_gather_match_reference(layout, page_size, id_dtype, device):
     num_pages = max(2, 320 // page_size)
     capacity = num_pages * page_size
@@ -209,7 +221,8 @@ def test_quantize_and_dequantize_whole_cache(layout, page_size, device):
     rope_lo = layout.rope_offset
     tokens = ref[:, : page_size * layout.data_bytes].reshape(num_pages, page_size, layout.data_bytes)
     rope_bytes = tokens[..., rope_lo : rope_lo + 2 * layout.rope_dim]
-    assert torch.equal(rope_bytes.reshape(-1), k[..., layout.nope_dim :].contiguous().view(torch.uint8).reshape(-1))
+    rope_in = k[..., layout.nope_dim :].contiguous().view(torch.uint8)
+    assert torch.equal(rope_bytes.reshape(-1), rope_in.reshape(-1))
     if layout is KVCacheLayout.V4:
         scales = ref[:, page_size * layout.data_bytes : used].reshape(num_pages, page_size, 8)
         assert bool((scales[..., 7] == 0).all())  # the pad byte
@@ -218,9 +231,11 @@ def test_quantize_and_dequantize_whole_cache(layout, page_size, device):
     back_ref = dequantize_k_cache(ref, layout, page_size, impl="reference")
     assert back.shape == (num_pages, page_size, 1, layout.dim)
     assert torch.equal(bits(back), bits(back_ref))
-    assert torch.equal(bits(back_ref.view(-1, layout.dim)), bits(design_roundtrip(k.view(-1, layout.dim), layout)))
+    design = design_roundtrip(k.view(-1, layout.dim), layout)
+    assert torch.equal(bits(back_ref.view(-1, layout.dim)), bits(design))
 
 
+@ALLOW_INF
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_special_tiles(layout, device):
     """Zero and -0 tiles, amax exactly 448 * 2**j and the next bf16 above it, tiny, subnormal,
@@ -277,6 +292,28 @@ def test_special_tiles(layout, device):
             assert fp8_tiles[i, at] == 0xFE and back_tiles[i, at] == k_tiles[i, at], f"case {i}"
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kernels_with_gpu_launch_configs(layout, device):
+    """The GPU's block shapes (few tokens per program, dims in chunks); under the interpreter the
+    public ops run larger blocks."""
+    page_size, num_pages, n = 16, 5, 45
+    cache = valid_cache(num_pages, page_size, layout)
+    k = random_k(n, layout)
+    slots = torch.randperm(num_pages * page_size)[:n]
+    slots[::7] = -1
+    ref = store(cache, k, slots, page_size, layout, "reference", "cpu")
+    for cfg in (STORE_DEFAULTS, {"BLOCK_T": 4, "num_warps": 2}):
+        got = cache.to(device, copy=True)
+        store_k_cache_triton(got, k.to(device), slots.to(device), page_size, layout, **cfg)
+        assert torch.equal(got.cpu(), ref), cfg
+    ids = torch.randint(-2, num_pages * page_size, (n,))
+    rows = gather(ref, ids, page_size, layout, "reference", "cpu")[:, 0]
+    for cfg in (GATHER_DEFAULTS, {"BLOCK_T": 8, "BLOCK_D": 128, "num_warps": 4}):
+        out = torch.full((n, layout.dim), float("nan"), dtype=torch.bfloat16, device=device)
+        dequantize_k_cache_paged_triton(ref.to(device), ids.to(device), page_size, layout, out, **cfg)
+        assert torch.equal(bits(out.cpu()), bits(rows)), cfg
+
+
 # --------------------------------------------------------------------------- gather edge cases
 
 
@@ -286,12 +323,15 @@ def test_gather_empty_single_and_padding(layout, id_dtype, device):
     page_size = 4
     cache = quantize_k_cache(random_k(12, layout).view(3, page_size, 1, -1), layout, impl="reference")
     for impl, dev in (("triton", device), ("reference", "cpu")):
-        empty = dequantize_k_cache_paged(cache.to(dev), torch.empty(0, dtype=id_dtype, device=dev), page_size, layout, impl=impl)
+        no_ids = torch.empty(0, dtype=id_dtype, device=dev)
+        empty = dequantize_k_cache_paged(cache.to(dev), no_ids, page_size, layout, impl=impl)
         assert empty.shape == (0, 1, layout.dim) and empty.dtype == torch.bfloat16
     for ids in ([11], [-1], [INT32_MIN, -2, 0, 5, -1, 11]):
         ids = torch.tensor(ids, dtype=id_dtype)
         out = torch.full((len(ids), 1, layout.dim), float("nan"), dtype=torch.bfloat16, device=device)
-        got = dequantize_k_cache_paged(cache.to(device), ids.to(device), page_size, layout, out, impl="triton")
+        got = dequantize_k_cache_paged(
+            cache.to(device), ids.to(device), page_size, layout, out, impl="triton"
+        )
         assert got is out
         ref = gather(cache, ids, page_size, layout, "reference", "cpu")
         assert torch.equal(bits(got.cpu()), bits(ref))
@@ -361,7 +401,7 @@ def test_bad_inputs_raise_before_writing():
         (TypeError, "out", dict(out=torch.zeros(3, 1, 512))),
         (ValueError, "out", dict(out=torch.zeros(3, 512, dtype=torch.bfloat16))),
         (ValueError, "out", dict(out=torch.zeros(3, 1, 576, dtype=torch.bfloat16))),
-        (ValueError, "unit stride", dict(out=torch.zeros(3, 512, 2, dtype=torch.bfloat16)[..., :1].transpose(1, 2))),
+        (ValueError, "unit stride", dict(out=torch.zeros(3, 512, 2, dtype=torch.bfloat16)[..., :1].mT)),
     ]
     for exc, match, change in bad_gather:
         args = dict(cache=cache, token_ids=ids, page_size=64, layout=L4, out=None, impl="triton") | change
@@ -374,8 +414,9 @@ def test_bad_inputs_raise_before_writing():
         quantize_k_cache(torch.zeros(2, 4, 512, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="page sizes of V4 that fit this cache: \\[64\\]"):
         dequantize_k_cache(cache, L4, 65)
-    assert quantize_k_cache(torch.zeros(0, 4, 1, 576, dtype=torch.bfloat16), L32).shape == (0, L32.page_bytes(4))
-    assert dequantize_k_cache(torch.zeros(0, L32.page_bytes(4), dtype=torch.uint8), L32, 4).shape == (0, 4, 1, 576)
+    no_pages = quantize_k_cache(torch.zeros(0, 4, 1, 576, dtype=torch.bfloat16), L32)
+    assert no_pages.shape == (0, L32.page_bytes(4))
+    assert dequantize_k_cache(no_pages, L32, 4).shape == (0, 4, 1, 576)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -384,7 +425,7 @@ def test_value_checks_off_skips_capacity_check(layout, device):
     caught. Here the cache is the first half of a larger buffer, so the kernel's reads and writes
     past it land in the second half, where the reference on the whole buffer puts them."""
     page_size, half = 8, 3
-    whole = quantize_k_cache(random_k(2 * half * page_size, layout).view(2 * half, page_size, 1, -1), layout, impl="reference")
+    whole = valid_cache(2 * half, page_size, layout)
     beyond = torch.tensor([half * page_size + 5, 2])
     k = random_k(2, layout)
     with pytest.raises(ValueError, match="capacity"):
@@ -407,7 +448,7 @@ def test_gpu_large_random_store_and_gather(layout, page_size):
     num_pages = 4096 * 64 // page_size  # 262144 tokens
     capacity = num_pages * page_size
     n = 200_000
-    cache = random_cache(num_pages, page_size, layout)
+    cache = valid_cache(num_pages, page_size, layout)
     k = random_k(n, layout)
     slots = torch.randperm(capacity)[:n]
     slots[:1000] = -1

@@ -243,12 +243,13 @@ def test_kernel_special_rows(device):
 @needs_kernel
 def test_kernel_strided_inputs_and_out_buffer(device):
     case = make_fp8_case(3, 16, V4, *SCOPES[3], device)
-    strided = Fp8Case(
-        strided_copy(case.q),
-        replace(case.main, indices=strided_copy(case.main.indices), lengths=strided_copy(case.main.lengths, unit_last=False)),
-        replace(case.extra, indices=strided_copy(case.extra.indices), lengths=strided_copy(case.extra.lengths, unit_last=False)),
-        strided_copy(case.attn_sink, unit_last=False), V4,
-    )
+
+    def strided_scope(scope: Scope) -> Scope:
+        lengths = strided_copy(scope.lengths, unit_last=False)
+        return replace(scope, indices=strided_copy(scope.indices), lengths=lengths)
+
+    strided = Fp8Case(strided_copy(case.q), strided_scope(case.main), strided_scope(case.extra),
+                      strided_copy(case.attn_sink, unit_last=False), V4)
     big = torch.full((3, 16, 2 * D_V), float("nan"), dtype=torch.bfloat16, device=device)
     out = big[:, :, D_V:]
     result = paged_fp8_sparse_attn_fwd(*strided.args(), **strided.kwargs(), out=out, impl="triton")
@@ -287,6 +288,7 @@ def test_public_triton_matches_launcher_and_unchecked_lengths(device):
 # ---------------------------------------------------------------------------------------------
 
 _PB = V4.page_bytes(16)
+# name: (arguments replaced: a value, or a function of the valid case), error, message
 VALIDATION = {
     "layout": (dict(layout="v4"), TypeError, "layout must be a KVCacheLayout"),
     "q dtype": (dict(q=lambda c: c.q.float()), TypeError, "q must have dtype"),
@@ -381,3 +383,14 @@ def test_gpu_cache_past_2_pow_31_bytes(layout):
     extra = make_scope(s_q, 16, 8, 32, layout, torch.device("cuda"))
     case = Fp8Case(random_values((s_q, h_q, layout.dim), "cuda"), main, extra, make_sink(h_q, "cuda"), layout)
     assert_attn_close(run_launcher(case), case.reference())
+
+
+@pytest.mark.gpu
+def test_gpu_device_mismatch():
+    case = make_fp8_case(4, 3, V4, (16, 4, 9), (8, 4, 5), "cuda")
+    kwargs = case.kwargs()
+    with pytest.raises(ValueError, match="cache must be on cuda"):
+        paged_fp8_sparse_attn_fwd(case.q, case.main.cache.cpu(), case.main.indices, 16, SM_SCALE, **kwargs)
+    kwargs["extra_indices"] = kwargs["extra_indices"].cpu()
+    with pytest.raises(ValueError, match="extra_indices must be on cuda"):
+        paged_fp8_sparse_attn_fwd(*case.args(), **kwargs)

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 from dataclasses import dataclass, replace
 
 import pytest
@@ -401,42 +400,39 @@ def test_public_triton_matches_launcher_and_unchecked_lengths(device):
 # ---------------------------------------------------------------------------------------------
 
 
-def _bad(**changes):
-    return changes
-
-
+# name: (arguments replaced: a value, or a function of the valid case), error, message
 VALIDATION = {
-    "q dtype": (_bad(q=lambda c: c.q.float()), TypeError, "q must have dtype"),
-    "q rank": (_bad(q=lambda c: c.q[0]), ValueError, "q must have shape"),
-    "q heads 0": (_bad(q=lambda c: c.q[:, :0]), ValueError, "q must have 1..128 heads"),
-    "q heads 129": (_bad(q=lambda c: c.q[:, :1].expand(-1, 129, -1)), ValueError, "q must have 1..128 heads"),
-    "q head dim": (_bad(q=lambda c: c.q[..., :256], kv=lambda c: c.kv[..., :256]), ValueError, "head dim"),
-    "q last stride": (_bad(q=lambda c: c.q.transpose(1, 2).contiguous().transpose(1, 2)), ValueError, "q must have unit stride"),
-    "kv dtype": (_bad(kv=lambda c: c.kv.half()), TypeError, "kv must have dtype"),
-    "kv h_kv 2": (_bad(kv=lambda c: c.kv.expand(-1, 2, -1)), ValueError, r"kv must have shape \(\*, 1, 512\)"),
-    "kv 2-D": (_bad(kv=lambda c: c.kv[:, 0]), ValueError, "kv must have shape"),
-    "kv d mismatch": (_bad(kv=lambda c: torch.zeros(8, 1, 576, dtype=torch.bfloat16)), ValueError, "kv must have shape"),
-    "kv empty": (_bad(kv=lambda c: c.kv[:0]), ValueError, "kv must have 1.."),
-    "indices dtype": (_bad(indices=lambda c: c.indices.long()), TypeError, "indices must have dtype"),
-    "indices 2-D": (_bad(indices=lambda c: c.indices[:, 0]), ValueError, "indices must have shape"),
-    "indices rows": (_bad(indices=lambda c: c.indices[:-1]), ValueError, "indices must have shape"),
-    "indices topk 0": (_bad(indices=lambda c: c.indices[..., :0]), ValueError, "at least one entry"),
-    "indices stride": (_bad(indices=lambda c: torch.zeros(4, 1, 16, dtype=torch.int32)[..., ::2]), ValueError, "indices must have unit stride"),
-    "sm_scale str": (_bad(sm_scale=lambda c: "0.1"), TypeError, "sm_scale must be a float"),
-    "sm_scale bool": (_bad(sm_scale=lambda c: True), TypeError, "sm_scale must be a float"),
-    "sm_scale nan": (_bad(sm_scale=lambda c: float("nan")), ValueError, "sm_scale must be finite"),
-    "d_v 256": (_bad(d_v=lambda c: 256), ValueError, "d_v must be 512"),
-    "d_v float": (_bad(d_v=lambda c: 512.0), TypeError, "d_v must be an int"),
-    "sink shape": (_bad(attn_sink=lambda c: torch.zeros(4)), ValueError, "attn_sink must have shape"),
-    "sink dtype": (_bad(attn_sink=lambda c: torch.zeros(3, dtype=torch.bfloat16)), TypeError, "attn_sink must have dtype"),
-    "lengths dtype": (_bad(topk_length=lambda c: c.topk_length.long()), TypeError, "topk_length must have dtype"),
-    "lengths shape": (_bad(topk_length=lambda c: c.topk_length[:-1]), ValueError, "topk_length must have shape"),
-    "lengths > topk": (_bad(topk_length=lambda c: c.topk_length + 20), ValueError, r"topk_length values must be in \[0, 8\]"),
-    "lengths < 0": (_bad(topk_length=lambda c: c.topk_length - 20), ValueError, r"topk_length values must be in \[0, 8\]"),
-    "out dtype": (_bad(out=lambda c: torch.empty(4, 3, D_V)), TypeError, "out must have dtype"),
-    "out shape": (_bad(out=lambda c: torch.empty(4, 3, 576, dtype=torch.bfloat16)), ValueError, "out must have shape"),
-    "out stride": (_bad(out=lambda c: torch.empty(4, D_V, 3, dtype=torch.bfloat16).transpose(1, 2)), ValueError, "out must have unit stride"),
-    "impl": (_bad(impl=lambda c: "cuda"), ValueError, "impl must be one of"),
+    "q dtype": (dict(q=lambda c: c.q.float()), TypeError, "q must have dtype"),
+    "q rank": (dict(q=lambda c: c.q[0]), ValueError, "q must have shape"),
+    "q heads 0": (dict(q=lambda c: c.q[:, :0]), ValueError, "q must have 1..128 heads"),
+    "q heads 129": (dict(q=lambda c: c.q[:, :1].expand(-1, 129, -1)), ValueError, "q must have 1..128 heads"),
+    "q head dim": (dict(q=lambda c: c.q[..., :256], kv=lambda c: c.kv[..., :256]), ValueError, "head dim"),
+    "q last stride": (dict(q=lambda c: c.q.transpose(1, 2).contiguous().transpose(1, 2)), ValueError, "q must have unit stride"),
+    "kv dtype": (dict(kv=lambda c: c.kv.half()), TypeError, "kv must have dtype"),
+    "kv h_kv 2": (dict(kv=lambda c: c.kv.expand(-1, 2, -1)), ValueError, r"kv must have shape \(\*, 1, 512\)"),
+    "kv 2-D": (dict(kv=lambda c: c.kv[:, 0]), ValueError, "kv must have shape"),
+    "kv d mismatch": (dict(kv=torch.zeros(8, 1, 576, dtype=torch.bfloat16)), ValueError, "kv must have shape"),
+    "kv empty": (dict(kv=lambda c: c.kv[:0]), ValueError, "kv must have 1.."),
+    "indices dtype": (dict(indices=lambda c: c.indices.long()), TypeError, "indices must have dtype"),
+    "indices 2-D": (dict(indices=lambda c: c.indices[:, 0]), ValueError, "indices must have shape"),
+    "indices rows": (dict(indices=lambda c: c.indices[:-1]), ValueError, "indices must have shape"),
+    "indices topk 0": (dict(indices=lambda c: c.indices[..., :0]), ValueError, "at least one entry"),
+    "indices stride": (dict(indices=torch.zeros(4, 1, 16, dtype=torch.int32)[..., ::2]), ValueError, "indices must have unit stride"),
+    "sm_scale str": (dict(sm_scale="0.1"), TypeError, "sm_scale must be a float"),
+    "sm_scale bool": (dict(sm_scale=True), TypeError, "sm_scale must be a float"),
+    "sm_scale nan": (dict(sm_scale=float("nan")), ValueError, "sm_scale must be finite"),
+    "d_v 256": (dict(d_v=256), ValueError, "d_v must be 512"),
+    "d_v float": (dict(d_v=512.0), TypeError, "d_v must be an int"),
+    "sink shape": (dict(attn_sink=torch.zeros(4)), ValueError, "attn_sink must have shape"),
+    "sink dtype": (dict(attn_sink=torch.zeros(3, dtype=torch.bfloat16)), TypeError, "attn_sink must have dtype"),
+    "lengths dtype": (dict(topk_length=lambda c: c.topk_length.long()), TypeError, "topk_length must have dtype"),
+    "lengths shape": (dict(topk_length=lambda c: c.topk_length[:-1]), ValueError, "topk_length must have shape"),
+    "lengths > topk": (dict(topk_length=lambda c: c.topk_length + 20), ValueError, r"topk_length values must be in \[0, 8\]"),
+    "lengths < 0": (dict(topk_length=lambda c: c.topk_length - 20), ValueError, r"topk_length values must be in \[0, 8\]"),
+    "out dtype": (dict(out=torch.empty(4, 3, D_V)), TypeError, "out must have dtype"),
+    "out shape": (dict(out=torch.empty(4, 3, 576, dtype=torch.bfloat16)), ValueError, "out must have shape"),
+    "out stride": (dict(out=torch.empty(4, D_V, 3, dtype=torch.bfloat16).transpose(1, 2)), ValueError, "out must have unit stride"),
+    "impl": (dict(impl="cuda"), ValueError, "impl must be one of"),
 }
 
 
@@ -446,7 +442,7 @@ def test_validation_errors(name):
     case = make_case(4, 20, 3, 512, 8, "cpu")
     kwargs = dict(q=case.q, kv=case.kv, indices=case.indices, sm_scale=case.sm_scale, d_v=D_V,
                   attn_sink=case.attn_sink, topk_length=case.topk_length, out=None, impl="reference")
-    kwargs.update({key: make(case) for key, make in changes.items()})
+    kwargs.update({key: value(case) if callable(value) else value for key, value in changes.items()})
     with pytest.raises(exc, match=match):
         sparse_attn_fwd(**kwargs)
 
@@ -517,3 +513,12 @@ def test_gpu_large_index_values():
     idx[:, 0, :4] = torch.tensor([s_kv - 1, s_kv, s_kv + 1, INT_MAX], dtype=torch.int32)
     case = Case(q, kv, idx, SM_SCALE, torch.randn(h_q, device="cuda"), None)
     assert_attn_close(run_launcher(case), sparse_attn_fwd_naive(*case.args()))
+
+
+@pytest.mark.gpu
+def test_gpu_device_mismatch():
+    case = make_case(4, 20, 3, 512, 8, "cuda")
+    with pytest.raises(ValueError, match="kv must be on cuda"):
+        sparse_attn_fwd(case.q, case.kv.cpu(), case.indices, SM_SCALE)
+    with pytest.raises(ValueError, match="attn_sink must be on cuda"):
+        sparse_attn_fwd(*case.args()[:5], case.attn_sink.cpu(), case.topk_length)

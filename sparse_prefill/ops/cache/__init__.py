@@ -75,7 +75,12 @@ def _check_id_values(name: str, ids: torch.Tensor, capacity: int, *, unique: boo
 
 
 def _store(
-    cache: torch.Tensor, k: torch.Tensor, slot_ids: torch.Tensor, page_size: int, layout: KVCacheLayout, impl: str
+    cache: torch.Tensor,
+    k: torch.Tensor,
+    slot_ids: torch.Tensor,
+    page_size: int,
+    layout: KVCacheLayout,
+    impl: str,
 ) -> None:
     if impl == "reference":
         store_k_cache_ref(cache, k, slot_ids, page_size, layout)

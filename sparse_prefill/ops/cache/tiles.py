@@ -36,7 +36,8 @@ def bf16_to_f32(x):
 @triton.jit
 def f32_to_bf16_exact(x):
     """float32 -> bf16 by dropping the low 16 bits: exact for values representable in bf16 (all
-    that ``load_kv_dims`` returns), where the interpreter's cast mangles bf16 subnormals."""
+    that ``load_kv_dims`` returns from a cache ``store_k_cache`` wrote, whose scales are
+    ``>= 2**-13``), where the interpreter's cast mangles bf16 subnormals."""
     return (x.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
@@ -63,38 +64,46 @@ def token_offsets(token_ids, PAGE_SIZE, PAGE_BYTES, IS_V4: tl.constexpr):
 
 
 @triton.jit
-def load_kv_dims(cache_ptr, data_off, scale_off, dims, mask, IS_V4: tl.constexpr):
-    """[N, D] float32: dims ``dims`` of N tokens, dequantized exactly (``float32(fp8) * 2**k`` for
-    nope dims, the bf16 value for rope dims); 0 where ``mask`` [N] is False.
+def load_kv_dims(cache_ptr, data_off, scale_off, mask, D0: tl.constexpr, D: tl.constexpr,
+                 IS_V4: tl.constexpr):
+    """[N, D] float32: dims ``D0 .. D0+D-1`` of N tokens, dequantized exactly
+    (``float32(fp8) * 2**k`` for nope dims, the bf16 value for rope dims); 0 where ``mask`` [N]
+    is False.
 
-    ``data_off`` / ``scale_off``: [N] int64 from ``token_offsets``. ``dims``: [D] int32, any
-    dims in ``[0, layout.dim)`` (e.g. ``tl.arange(0, 512)`` or ``512 + tl.arange(0, 64)``).
+    ``data_off`` / ``scale_off``: [N] int64 from ``token_offsets``. ``D0`` / ``D``: constexprs,
+    ``D`` a power of two and ``D0`` a multiple of ``min(D, tile)`` (e.g. 0/512 or 512/64).
     """
     if IS_V4:
         NOPE: tl.constexpr = V4_NOPE
         TILE: tl.constexpr = V4_TILE
+        NUM_TILES: tl.constexpr = V4_NOPE // V4_TILE
         ROPE_OFFSET: tl.constexpr = V4_ROPE_OFFSET
     else:
         NOPE: tl.constexpr = V32_NOPE
         TILE: tl.constexpr = V32_TILE
+        NUM_TILES: tl.constexpr = V32_NOPE // V32_TILE
         ROPE_OFFSET: tl.constexpr = V32_ROPE_OFFSET
-    is_nope = dims < NOPE
-    mask_nope = mask[:, None] & is_nope[None, :]
-    mask_rope = mask[:, None] & (dims >= NOPE)[None, :]
-
-    fp8 = tl.load(cache_ptr + data_off[:, None] + dims[None, :], mask=mask_nope, other=0)
-    fp8 = fp8.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    tile = dims // TILE
+    N: tl.constexpr = data_off.shape[0]
+    # One scale per (token, tile), broadcast over the tile's dims: per-dim scale loads would
+    # cost one load instruction per element.
+    NT: tl.constexpr = D // TILE if D >= TILE else 1
+    dims = D0 + tl.arange(0, D)
+    tiles = D0 // TILE + tl.arange(0, NT)
+    mask_scale = mask[:, None] & (tiles < NUM_TILES)[None, :]
     if IS_V4:
         # ue8m0 byte b is the float32 exponent field of 2**(b - 127).
-        ue8m0 = tl.load(cache_ptr + scale_off[:, None] + tile[None, :], mask=mask_nope, other=0)
+        ue8m0 = tl.load(cache_ptr + scale_off[:, None] + tiles[None, :], mask=mask_scale, other=0)
         scale = (ue8m0.to(tl.int32) << 23).to(tl.float32, bitcast=True)
     else:
         # Loaded as int32 bits: with a float `other` ptxas keeps one load per element instead of
         # one per (token, tile).
         scale_ptr = (cache_ptr + scale_off[:, None]).to(tl.pointer_type(tl.int32))
-        scale = tl.load(scale_ptr + tile[None, :], mask=mask_nope, other=0).to(tl.float32, bitcast=True)
+        scale = tl.load(scale_ptr + tiles[None, :], mask=mask_scale, other=0).to(tl.float32, bitcast=True)
+    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (N, NT, D // NT)), (N, D))
 
+    is_nope = dims < NOPE
+    fp8 = tl.load(cache_ptr + data_off[:, None] + dims[None, :], mask=mask[:, None] & is_nope[None, :], other=0)
+    fp8 = fp8.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     rope_ptr = (cache_ptr + data_off[:, None] + ROPE_OFFSET).to(tl.pointer_type(tl.bfloat16))
-    rope = tl.load(rope_ptr + (dims - NOPE)[None, :], mask=mask_rope, other=0.0)
+    rope = tl.load(rope_ptr + (dims - NOPE)[None, :], mask=mask[:, None] & (dims >= NOPE)[None, :], other=0.0)
     return tl.where(is_nope[None, :], fp8 * scale, bf16_to_f32(rope))

@@ -15,7 +15,13 @@ import triton.language as tl
 
 from sparse_prefill._utils import INTERPRET
 from sparse_prefill.layout import KVCacheLayout
-from sparse_prefill.ops.sparse_attn.kernel import LOG2E, attend_scope, pick_config, store_attn_outputs
+from sparse_prefill.ops.sparse_attn.kernel import (
+    LOG2E,
+    attend_scope,
+    load_query_block,
+    pick_config,
+    store_attn_outputs,
+)
 
 
 @triton.jit
@@ -29,21 +35,10 @@ def _paged_fp8_sparse_attn_kernel(
     D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, IS_V4: tl.constexpr,
     HAS_EXTRA: tl.constexpr, HAS_SINK: tl.constexpr, HAS_TOPK_LEN: tl.constexpr,
     HAS_XTOPK_LEN: tl.constexpr, UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr,
-    WARP_SPEC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tok = pid // NUM_HEAD_BLOCKS
-    offs_h = (pid % NUM_HEAD_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask_h = offs_h < h_q
-    offs_d = tl.arange(0, D_MAIN)
+    tok, offs_h, mask_h, q, q_tail = load_query_block(q_ptr, stride_q_s, stride_q_h, h_q, NUM_HEAD_BLOCKS,
+                                                      BLOCK_H, D_MAIN, D_TAIL)
     tok64 = tok.to(tl.int64)
-
-    q_rows = q_ptr + tok64 * stride_q_s + offs_h[:, None].to(tl.int64) * stride_q_h
-    q = tl.load(q_rows + offs_d[None, :], mask=mask_h[:, None], other=0.0)
-    if D_TAIL > 0:
-        q_tail = tl.load(q_rows + (D_MAIN + tl.arange(0, D_TAIL))[None, :], mask=mask_h[:, None], other=0.0)
-    else:
-        q_tail = q
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -55,7 +50,7 @@ def _paged_fp8_sparse_attn_kernel(
     m_i, l_i, acc = attend_scope(q, q_tail, m_i, l_i, acc, qk_scale_log2, cache_ptr,
                                  idx_ptr + tok64 * stride_i_s, n_keys, capacity, 0, page_size,
                                  page_bytes, BLOCK_N, D_MAIN, D_TAIL, True, IS_V4, UPCAST,
-                                 NUM_STAGES, WARP_SPEC)
+                                 NUM_STAGES)
     if HAS_EXTRA:
         n_xkeys = xtopk
         if HAS_XTOPK_LEN:
@@ -63,10 +58,10 @@ def _paged_fp8_sparse_attn_kernel(
         m_i, l_i, acc = attend_scope(q, q_tail, m_i, l_i, acc, qk_scale_log2, xcache_ptr,
                                      xidx_ptr + tok64 * stride_xi_s, n_xkeys, xcapacity, 0,
                                      xpage_size, xpage_bytes, BLOCK_N, D_MAIN, D_TAIL, True, IS_V4,
-                                     UPCAST, NUM_STAGES, WARP_SPEC)
+                                     UPCAST, NUM_STAGES)
 
     store_attn_outputs(out_ptr, max_ptr, lse_ptr, sink_ptr, m_i, l_i, acc, tok, offs_h, mask_h,
-                       stride_o_s, stride_o_h, stride_ml_s, offs_d, HAS_SINK, UPCAST)
+                       stride_o_s, stride_o_h, stride_ml_s, tl.arange(0, D_MAIN), HAS_SINK, UPCAST)
 
 
 def paged_fp8_sparse_attn_triton(
@@ -90,7 +85,7 @@ def paged_fp8_sparse_attn_triton(
 ) -> None:
     """Launch on validated inputs (see ``paged_fp8_sparse_attn_fwd``); d_v is 512."""
     s_q, h_q, d_qk = q.shape
-    cfg = pick_config(h_q, **tuning)
+    cfg = pick_config(h_q, paged_fp8=True, **tuning)
     num_head_blocks = triton.cdiv(h_q, cfg["BLOCK_H"])
     has_extra = extra_indices is not None
     xcache = extra_cache if has_extra else cache
@@ -112,6 +107,5 @@ def paged_fp8_sparse_attn_triton(
         D_MAIN=512, D_TAIL=d_qk - 512, IS_V4=layout is KVCacheLayout.V4,
         HAS_EXTRA=has_extra, HAS_SINK=attn_sink is not None,
         HAS_TOPK_LEN=topk_length is not None, HAS_XTOPK_LEN=extra_topk_length is not None,
-        UPCAST=INTERPRET, NUM_STAGES=cfg["NUM_STAGES"], WARP_SPEC=bool(cfg["WARP_SPEC"]),
-        num_warps=cfg["num_warps"],
+        UPCAST=INTERPRET, NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
     )

@@ -39,7 +39,8 @@ def attend_tile(q, q_tail, k, k_tail, valid, m_i, l_i, acc, qk_scale_log2,
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(mma_operand(to_bf16(p, UPCAST), UPCAST), mma_operand(k, UPCAST))
+    # Accumulate in place: the MMA adds into the rescaled acc.
+    acc = tl.dot(mma_operand(to_bf16(p, UPCAST), UPCAST), mma_operand(k, UPCAST), acc * alpha[:, None])
     return m_new, l_i, acc
 
 
@@ -48,7 +49,7 @@ def attend_scope(q, q_tail, m_i, l_i, acc, qk_scale_log2, kv_ptr, idx_row, n_key
                  stride_kv_s, page_size, page_bytes,
                  BLOCK_N: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
                  FP8_PAGED: tl.constexpr, IS_V4: tl.constexpr, UPCAST: tl.constexpr,
-                 NUM_STAGES: tl.constexpr, WARP_SPEC: tl.constexpr):
+                 NUM_STAGES: tl.constexpr):
     """Fold the first ``n_keys`` entries of one index row into the softmax state.
 
     An entry is a key when ``0 <= id < capacity``. Keys come from a bf16 ``[capacity, d]``
@@ -61,16 +62,16 @@ def attend_scope(q, q_tail, m_i, l_i, acc, qk_scale_log2, kv_ptr, idx_row, n_key
     # Index blocks are loaded one iteration ahead, so the KV gather's addresses are known when
     # the software pipeliner issues it.
     idx_next = tl.load(idx_row + offs_n, mask=offs_n < n_keys, other=-1)
-    for start in tl.range(0, n_keys, BLOCK_N, num_stages=NUM_STAGES, warp_specialize=WARP_SPEC):
+    for start in tl.range(0, n_keys, BLOCK_N, num_stages=NUM_STAGES):
         idx = idx_next.to(tl.int64)
         valid = (start + offs_n < n_keys) & (idx >= 0) & (idx < capacity)
         safe = tl.where(valid, idx, 0)
         if FP8_PAGED:
             data_off, scale_off = token_offsets(safe, page_size, page_bytes, IS_V4)
-            k = load_kv_dims(kv_ptr, data_off, scale_off, offs_d, valid, IS_V4).to(tl.bfloat16)
+            k = load_kv_dims(kv_ptr, data_off, scale_off, valid, 0, D_MAIN, IS_V4).to(tl.bfloat16)
             k_tail = k
             if D_TAIL > 0:
-                k_tail = load_kv_dims(kv_ptr, data_off, scale_off, offs_t, valid, IS_V4).to(tl.bfloat16)
+                k_tail = load_kv_dims(kv_ptr, data_off, scale_off, valid, D_MAIN, D_TAIL, IS_V4).to(tl.bfloat16)
         else:
             kv_rows = kv_ptr + safe[:, None] * stride_kv_s
             k = tl.load(kv_rows + offs_d[None, :], mask=valid[:, None], other=0.0)
@@ -82,6 +83,23 @@ def attend_scope(q, q_tail, m_i, l_i, acc, qk_scale_log2, kv_ptr, idx_row, n_key
         m_i, l_i, acc = attend_tile(q, q_tail, k, k_tail, valid, m_i, l_i, acc, qk_scale_log2,
                                     D_TAIL, UPCAST)
     return m_i, l_i, acc
+
+
+@triton.jit
+def load_query_block(q_ptr, stride_q_s, stride_q_h, h_q, NUM_HEAD_BLOCKS: tl.constexpr,
+                     BLOCK_H: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr):
+    """This program's token and heads, and their query rows: (tok, offs_h, mask_h, q, q_tail)."""
+    pid = tl.program_id(0)
+    # Heads of one token are neighbours in launch order, so their shared KV gathers hit L2.
+    tok = pid // NUM_HEAD_BLOCKS
+    offs_h = (pid % NUM_HEAD_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_h = offs_h < h_q
+    q_rows = q_ptr + tok.to(tl.int64) * stride_q_s + offs_h[:, None].to(tl.int64) * stride_q_h
+    q = tl.load(q_rows + tl.arange(0, D_MAIN)[None, :], mask=mask_h[:, None], other=0.0)
+    q_tail = q
+    if D_TAIL > 0:
+        q_tail = tl.load(q_rows + (D_MAIN + tl.arange(0, D_TAIL))[None, :], mask=mask_h[:, None], other=0.0)
+    return tok, offs_h, mask_h, q, q_tail
 
 
 @triton.jit
@@ -118,21 +136,11 @@ def _sparse_attn_fwd_kernel(
     NUM_HEAD_BLOCKS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
     HAS_SINK: tl.constexpr, HAS_TOPK_LEN: tl.constexpr, UPCAST: tl.constexpr,
-    NUM_STAGES: tl.constexpr, WARP_SPEC: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    # Heads of one token are neighbours in launch order, so their shared KV gathers hit L2.
-    tok = pid // NUM_HEAD_BLOCKS
-    offs_h = (pid % NUM_HEAD_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask_h = offs_h < h_q
-    offs_d = tl.arange(0, D_MAIN)
+    tok, offs_h, mask_h, q, q_tail = load_query_block(q_ptr, stride_q_s, stride_q_h, h_q, NUM_HEAD_BLOCKS,
+                                                      BLOCK_H, D_MAIN, D_TAIL)
     tok64 = tok.to(tl.int64)
-
-    q_rows = q_ptr + tok64 * stride_q_s + offs_h[:, None].to(tl.int64) * stride_q_h
-    q = tl.load(q_rows + offs_d[None, :], mask=mask_h[:, None], other=0.0)
-    q_tail = q
-    if D_TAIL > 0:
-        q_tail = tl.load(q_rows + (D_MAIN + tl.arange(0, D_TAIL))[None, :], mask=mask_h[:, None], other=0.0)
 
     n_keys = topk
     if HAS_TOPK_LEN:
@@ -143,16 +151,18 @@ def _sparse_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_H, D_MAIN], tl.float32)
     m_i, l_i, acc = attend_scope(q, q_tail, m_i, l_i, acc, qk_scale_log2, kv_ptr,
                                  idx_ptr + tok64 * stride_i_s, n_keys, s_kv, stride_kv_s, 0, 0,
-                                 BLOCK_N, D_MAIN, D_TAIL, False, False, UPCAST, NUM_STAGES, WARP_SPEC)
+                                 BLOCK_N, D_MAIN, D_TAIL, False, False, UPCAST, NUM_STAGES)
     store_attn_outputs(out_ptr, max_ptr, lse_ptr, sink_ptr, m_i, l_i, acc, tok, offs_h, mask_h,
-                       stride_o_s, stride_o_h, stride_ml_s, offs_d, HAS_SINK, UPCAST)
+                       stride_o_s, stride_o_h, stride_ml_s, tl.arange(0, D_MAIN), HAS_SINK, UPCAST)
 
 
-def pick_config(h_q: int, **tuning: int) -> dict[str, int]:
-    """Block shape and launch knobs; ``tuning`` overrides (benchmarks compare variants with it)."""
+def pick_config(h_q: int, paged_fp8: bool = False, **tuning: int) -> dict[str, int]:
+    """Block shape and launch knobs, measured on the H100 (benchmarks/NOTES.md); ``tuning``
+    overrides them (benchmarks compare variants with it)."""
     block_h = 64 if h_q > 32 else max(16, triton.next_power_of_2(h_q))
-    cfg = {"BLOCK_H": block_h, "BLOCK_N": 64, "num_warps": 8 if block_h >= 64 else 4, "NUM_STAGES": 2, "WARP_SPEC": 0}
-    if INTERPRET:
+    cfg = {"BLOCK_H": block_h, "BLOCK_N": 64, "num_warps": 8 if block_h >= 64 else 4, "NUM_STAGES": 2}
+    if paged_fp8 or INTERPRET:
+        # The FP8 tile is dequantized in registers: pipelining its loads only adds pressure.
         cfg["NUM_STAGES"] = 1
     unknown = set(tuning) - set(cfg)
     if unknown:
@@ -193,5 +203,5 @@ def sparse_attn_fwd_triton(
         NUM_HEAD_BLOCKS=num_head_blocks, BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"],
         D_MAIN=d_main, D_TAIL=d_qk - d_main,
         HAS_SINK=attn_sink is not None, HAS_TOPK_LEN=topk_length is not None, UPCAST=INTERPRET,
-        NUM_STAGES=cfg["NUM_STAGES"], WARP_SPEC=bool(cfg["WARP_SPEC"]), num_warps=cfg["num_warps"],
+        NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
     )

@@ -1,0 +1,162 @@
+"""Throughput of the FP8 paged KV cache ops on the GPU, next to the device's copy bandwidth.
+
+For 64K..4M tokens, page sizes 64 and 256, V4 layout: ``dequantize_k_cache_paged`` of random
+token ids (the sparse-prefill workspace fill) and ``store_k_cache`` to random unique slots, with
+value checks off (as engines run them in the hot loop). GB/s counts bytes read plus written:
+gather reads 584 cache bytes + a 4-byte id and writes 1024 bytes per token; store reads 1024 +
+4 and writes 584. Copy bandwidth: a 1 GiB device-to-device ``copy_`` (read + write bytes).
+Times are the median of ``triton.testing.do_bench``. Prints a markdown table; ``--out DIR``
+also writes DIR/cache.md and DIR/cache.json. ``--sweep`` also times launch variants of both
+kernels (each checked bit for bit against the default first).
+
+    PYTHONPATH=. python benchmarks/bench_cache.py [--out DIR] [--sweep] [--tokens 65536,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import triton
+import triton.testing
+
+from sparse_prefill._utils import value_checks
+from sparse_prefill.layout import KVCacheLayout
+from sparse_prefill.ops.cache import dequantize_k_cache_paged, store_k_cache
+from sparse_prefill.ops.cache.kernels import (
+    GATHER_DEFAULTS,
+    STORE_DEFAULTS,
+    dequantize_k_cache_paged_triton,
+    store_k_cache_triton,
+)
+
+LAYOUT = KVCacheLayout.V4
+PAGE_SIZES = (64, 256)
+TOKENS = (1 << 16, 1 << 18, 1 << 20, 1 << 22)
+MIN_CAPACITY = 1 << 20  # cache tokens at least: 612 MB of V4 cache, far beyond L2
+GATHER_VARIANTS = [
+    {"BLOCK_T": 16, "BLOCK_D": 64, "num_warps": 4},
+    {"BLOCK_T": 64, "BLOCK_D": 64, "num_warps": 8},
+    {"BLOCK_T": 16, "BLOCK_D": 128, "num_warps": 4},
+    {"BLOCK_T": 8, "BLOCK_D": 512, "num_warps": 4},
+    {"BLOCK_T": 16, "BLOCK_D": 512, "num_warps": 8},
+]
+STORE_VARIANTS = [
+    {"BLOCK_T": 8, "num_warps": 4},
+    {"BLOCK_T": 8, "num_warps": 2},
+    {"BLOCK_T": 32, "num_warps": 8},
+]
+ID_BYTES = 4  # int32 ids
+
+
+def bench_us(fn) -> float:
+    return triton.testing.do_bench(fn, return_mode="median") * 1e3
+
+
+def copy_gbs(device: torch.device) -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    us = bench_us(lambda: dst.copy_(src))
+    return 2 * src.numel() / us / 1e3
+
+
+def gather_case(tokens: int, page_size: int, device: torch.device, sweep: bool) -> list[dict]:
+    num_pages = triton.cdiv(max(tokens, MIN_CAPACITY), page_size)
+    # Timing does not depend on the values: random bytes stand in for a filled cache. Bytes in
+    # [0x20, 0x7F) make no NaN and no subnormal (scales >= 2**-95), so variants compare bit for bit.
+    shape = (num_pages, LAYOUT.page_bytes(page_size))
+    cache = torch.randint(0x20, 0x7F, shape, dtype=torch.uint8, device=device)
+    ids = torch.randint(0, num_pages * page_size, (tokens,), dtype=torch.int32, device=device)
+    out = torch.empty(tokens, 1, LAYOUT.dim, dtype=torch.bfloat16, device=device)
+    nbytes = tokens * (LAYOUT.bytes_per_token + ID_BYTES + 2 * LAYOUT.dim)
+    rows = [dict(op="gather", config="default (public op)", us=bench_us(
+        lambda: dequantize_k_cache_paged(cache, ids, page_size, LAYOUT, out)))]
+    if sweep:
+        expected = out[:, 0].view(torch.int16).clone()
+        flat = out[:, 0]
+        for cfg in [GATHER_DEFAULTS] + GATHER_VARIANTS:
+            flat.fill_(0)
+            dequantize_k_cache_paged_triton(cache, ids, page_size, LAYOUT, flat, **cfg)
+            if not torch.equal(flat.view(torch.int16), expected):
+                raise RuntimeError(f"gather variant {cfg} differs from the default")
+            rows.append(dict(op="gather", config=str(cfg), us=bench_us(
+                lambda cfg=cfg: dequantize_k_cache_paged_triton(cache, ids, page_size, LAYOUT, flat, **cfg))))
+    return [dict(r, page_size=page_size, tokens=tokens, bytes=nbytes) for r in rows]
+
+
+def store_case(tokens: int, page_size: int, device: torch.device, sweep: bool) -> list[dict]:
+    num_pages = triton.cdiv(max(tokens, MIN_CAPACITY), page_size)
+    cache = torch.zeros(num_pages, LAYOUT.page_bytes(page_size), dtype=torch.uint8, device=device)
+    slots = torch.randperm(num_pages * page_size, device=device)[:tokens].int()
+    k = torch.randn(tokens, LAYOUT.dim, dtype=torch.bfloat16, device=device)
+    nbytes = tokens * (2 * LAYOUT.dim + ID_BYTES + LAYOUT.bytes_per_token)
+    rows = [dict(op="store", config="default (public op)", us=bench_us(
+        lambda: store_k_cache(cache, k, slots, page_size, LAYOUT)))]
+    if sweep:
+        expected = cache.clone()
+        for cfg in [STORE_DEFAULTS] + STORE_VARIANTS:
+            cache.zero_()
+            store_k_cache_triton(cache, k, slots, page_size, LAYOUT, **cfg)
+            if not torch.equal(cache, expected):
+                raise RuntimeError(f"store variant {cfg} differs from the default")
+            rows.append(dict(op="store", config=str(cfg), us=bench_us(
+                lambda cfg=cfg: store_k_cache_triton(cache, k, slots, page_size, LAYOUT, **cfg))))
+    return [dict(r, page_size=page_size, tokens=tokens, bytes=nbytes) for r in rows]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", help="directory for cache.md and cache.json")
+    parser.add_argument("--sweep", action="store_true", help="also time launch variants of both kernels")
+    parser.add_argument(
+        "--tokens", default=",".join(str(t) for t in TOKENS), help="comma-separated token counts"
+    )
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_cache.py needs a CUDA GPU (none found)", file=sys.stderr)
+        return 2
+
+    device = torch.device("cuda")
+    copy = copy_gbs(device)
+    rows = []
+    with value_checks(False):
+        for page_size in PAGE_SIZES:
+            for tokens in (int(t) for t in args.tokens.split(",")):
+                rows += gather_case(tokens, page_size, device, args.sweep)
+                rows += store_case(tokens, page_size, device, args.sweep)
+                torch.cuda.empty_cache()
+    for r in rows:
+        r["us"] = round(r["us"], 1)
+        r["gbs"] = round(r["bytes"] / r["us"] / 1e3, 1)
+        r["pct_of_copy"] = round(100 * r["gbs"] / copy, 1)
+
+    columns = ("op", "page size", "tokens", "config", "time (us)", "GB/s", "% of copy")
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for r in rows:
+        cells = (r["op"], r["page_size"], r["tokens"], r["config"], r["us"], r["gbs"], r["pct_of_copy"])
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    device_name = torch.cuda.get_device_name()
+    title = (
+        f"FP8 paged KV cache ops ({LAYOUT.name}), {device_name}, torch {torch.__version__}, "
+        f"Triton {triton.__version__}; device copy bandwidth {copy:.0f} GB/s (read + write); "
+        "median of do_bench, value checks off."
+    )
+    text = title + "\n\n" + "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "cache.md"), "w") as f:
+            f.write(text)
+        with open(os.path.join(args.out, "cache.json"), "w") as f:
+            json.dump(dict(device=device_name, torch=torch.__version__, triton=triton.__version__,
+                           layout=LAYOUT.name, copy_gbs=round(copy, 1), rows=rows), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

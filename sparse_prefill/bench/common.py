@@ -1,0 +1,176 @@
+"""What the benchmarks share: their result type, timing, a progress bar, markdown tables, output
+files and a description of the machine."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TextIO
+
+import torch
+import triton
+
+
+@dataclass
+class BenchResult:
+    """One benchmark's outcome.
+
+    name:     the benchmark (``sparse_prefill.bench.BENCHMARKS``).
+    title:    one line saying what was measured.
+    markdown: the tables (``###`` headings at most), ready to print.
+    rows:     one dict per measured row (JSON-able).
+    extra:    anything else worth keeping (JSON-able), written next to ``rows``.
+    """
+
+    name: str
+    title: str
+    markdown: str
+    rows: list[dict]
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return dict(title=self.title, rows=self.rows, **self.extra)
+
+
+def median_us(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
+    """Median microseconds of ``fn``: ``triton.testing.do_bench`` (``warmup`` / ``rep`` in ms)
+    on CUDA; elsewhere (smoke runs of the scripts) one warm-up call and two timed ones."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e3
+    fn()
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times)
+
+
+def import_flash_mla():
+    """The ``flash_mla`` module when it imports (FlashMLA's columns are optional), else None."""
+    try:
+        import flash_mla
+    except ImportError:
+        return None
+    return flash_mla
+
+
+def machine() -> dict:
+    """Device, library versions and date, for the head of every results file."""
+    flash_mla = import_flash_mla()
+    return dict(
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        torch=torch.__version__,
+        triton=triton.__version__,
+        flash_mla=getattr(flash_mla, "__version__", "imported") if flash_mla else None,
+        date=datetime.date.today().isoformat(),
+    )
+
+
+def describe_machine(info: dict) -> str:
+    flash = f"flash_mla {info['flash_mla']}" if info["flash_mla"] else "flash_mla not importable"
+    return f"{info['device']}, torch {info['torch']}, Triton {info['triton']}, {flash}, {info['date']}"
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    """Lines of a markdown table (cells formatted with ``str``)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(str(c) for c in cells) + " |" for cells in rows]
+    return lines
+
+
+def write_outputs(out_dir: str, stem: str, markdown: str, data: object) -> list[str]:
+    """Write ``out_dir/stem.md`` and ``out_dir/stem.json`` (creating the folder); return the paths.
+
+    JSON keys that are not strings (e.g. compress ratios) become strings; values JSON cannot
+    hold are written with ``str``."""
+    os.makedirs(out_dir, exist_ok=True)
+    md_path, json_path = (os.path.join(out_dir, f"{stem}.{ext}") for ext in ("md", "json"))
+    with open(md_path, "w") as f:
+        f.write(markdown.rstrip("\n") + "\n")
+    with open(json_path, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+        f.write("\n")
+    return [md_path, json_path]
+
+
+def require_cuda(what: str) -> str | None:
+    """None when a CUDA device is present, else the message to print before exiting 2."""
+    if torch.cuda.is_available():
+        return None
+    return f"{what} needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured"
+
+
+class Progress:
+    """A one-line text progress bar on ``stream`` (stderr by default): redrawn in place on a
+    terminal, one line per update otherwise (logs stay readable). ``enabled=False`` is silent.
+
+    Use ``section(name, total)`` then ``step(label)`` before each of the ``total`` items, or
+    ``update(fraction, label)`` directly; ``clear()`` before printing anything else.
+    """
+
+    WIDTH = 24
+
+    def __init__(self, stream: TextIO | None = None, *, enabled: bool = True) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and self.stream.isatty()
+        self.name, self.total, self.done = "", 0, 0
+        self._shown = False
+
+    def section(self, name: str, total: int) -> None:
+        self.name, self.total, self.done = name, max(total, 1), 0
+
+    def step(self, label: str) -> None:
+        """Item ``done + 1`` of the section starts."""
+        self.done += 1
+        self.update((self.done - 1) / self.total, f"{self.done}/{self.total} {label}")
+
+    def update(self, fraction: float, label: str) -> None:
+        if not self.enabled:
+            return
+        filled = round(self.WIDTH * min(max(fraction, 0.0), 1.0))
+        line = f"{self.name} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {label}"
+        if self.tty:
+            width = os.get_terminal_size(self.stream.fileno()).columns - 1
+            self.stream.write("\r\033[K" + line[:width])
+            self._shown = True
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self._shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self._shown = False
+
+
+SILENT = Progress(enabled=False)
+
+
+def document(title: str, info: dict, sections: Sequence[tuple[str, str]], preamble: str = "") -> str:
+    """A markdown document: ``# title``, the machine, ``preamble``, then ``## heading`` + body
+    per section."""
+    parts = [f"# {title}", describe_machine(info)] + ([preamble] if preamble else [])
+    parts += [f"## {heading}\n\n{body.strip()}" for heading, body in sections]
+    return "\n\n".join(parts) + "\n"
+
+
+def print_and_write(result: BenchResult, out_dir: str | None) -> int:
+    """What a benchmark module's own ``main`` ends with: print its document, and with
+    ``out_dir`` write ``<name>.md`` / ``<name>.json`` there. Returns exit code 0."""
+    info = machine()
+    text = document(result.title, info, [("Results", result.markdown)])
+    print(text)
+    if out_dir:
+        write_outputs(out_dir, result.name, text, dict(info, **result.to_json()))
+    return 0

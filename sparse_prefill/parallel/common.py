@@ -1,0 +1,162 @@
+"""What context and head parallelism share: the process group, forced-path local backends,
+cross-rank checks and the one collective pattern they use (per-rank shards broadcast in turn).
+
+Only ``broadcast`` and ``all_reduce`` are used: NCCL supports them on CUDA, gloo on CPU and CUDA
+(gloo has no CUDA ``all_gather``), so the same code runs under ``torchrun`` with NCCL and in the
+gloo tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sparse_prefill._utils import check_tensor, value_checks_enabled
+from sparse_prefill.backend import BatchMetadata, ModelConfig, SparsePrefillBackend
+
+# Fingerprints are compared through an all_reduce(MAX) of (fp, -fp): keep -fp representable.
+_FP_MASK = (1 << 62) - 1
+
+
+@dataclass
+class CommStats:
+    """Bytes moved by a parallel layer's collectives since construction (or ``reset``).
+
+    Each field is the payload of the gathers of that kind: every rank's shard counted once, i.e.
+    the size of what every rank holds afterwards; a rank receives that minus its own shard.
+
+    kv_bytes:    new cache entries shared by context parallelism (bf16 K rows, 1024 B each).
+    out_bytes:   attention outputs gathered (bf16, ``h * 512 * 2`` B per row).
+    check_bytes: cross-rank metadata checks (16 B per check; only with value checks on).
+    """
+
+    kv_bytes: int = 0
+    out_bytes: int = 0
+    check_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.kv_bytes + self.out_bytes + self.check_bytes
+
+    def reset(self) -> None:
+        self.kv_bytes = self.out_bytes = self.check_bytes = 0
+
+
+def group_rank_world(group: object) -> tuple[dist.ProcessGroup, int, int]:
+    """``(group, rank in it, its size)``; ``None`` means the default (WORLD) group.
+
+    Raises ValueError naming ``group`` when torch.distributed is not initialized or this
+    process is not a member of ``group``; TypeError when it is not a ProcessGroup.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("group: torch.distributed is not initialized (call init_process_group first)")
+    if group is None:
+        group = dist.group.WORLD
+    # new_group() hands processes outside the group a sentinel instead of a group.
+    member = group is not dist.GroupMember.NON_GROUP_MEMBER
+    if member and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+    rank = dist.get_rank(group) if member else -1
+    if rank < 0:
+        raise ValueError(f"group: this process (global rank {dist.get_rank()}) is not a member of the group")
+    return group, rank, dist.get_world_size(group)
+
+
+def check_backend(backend: object) -> SparsePrefillBackend:
+    if not isinstance(backend, SparsePrefillBackend):
+        raise TypeError(f"backend must be a SparsePrefillBackend, got {type(backend).__name__}")
+    return backend
+
+
+def check_metadata(metadata: object, config: ModelConfig) -> BatchMetadata:
+    if not isinstance(metadata, BatchMetadata):
+        raise TypeError(f"metadata must be a BatchMetadata, got {type(metadata).__name__}")
+    if metadata.config != config:
+        raise ValueError("metadata was built for a different ModelConfig than the backend's")
+    return metadata
+
+
+class LocalBackends:
+    """One single-GPU backend per path, each forced to it, all like ``backend`` otherwise.
+
+    A rank attends a part of the batch (some rows, or some heads); left to route on its part,
+    it could pick another path than one GPU does on the whole batch and give other bits. So
+    every layer takes ``backend.path_for(ratio, metadata)`` of the whole batch.
+    """
+
+    def __init__(self, backend: SparsePrefillBackend, config: ModelConfig) -> None:
+        self.backend = backend
+        self.config = config
+        self._by_path: dict[str, SparsePrefillBackend] = {}
+
+    def for_layer(self, layer: int, metadata: BatchMetadata) -> SparsePrefillBackend:
+        path = self.backend.path_for(self.config.ratio_of(layer), metadata)
+        if path not in self._by_path:
+            b = self.backend
+            self._by_path[path] = SparsePrefillBackend(
+                self.config, path, impl=b.impl, max_query_rows=b.max_query_rows, costs=b.costs
+            )
+        return self._by_path[path]
+
+
+def _fingerprint(config: ModelConfig, metadata: BatchMetadata) -> int:
+    # Numbers only: hash() of ints, floats and tuples of them is the same in every process.
+    cfg = (
+        config.num_heads, config.compress_ratios, config.topk, config.window_size, config.swa_page_size,
+        tuple(sorted(config.compressed_page_size.items())), config.sm_scale,
+    )
+    batch = (metadata.prefix_lens_host, metadata.extend_lens_host, metadata.is_decode)
+    return hash((cfg, batch)) & _FP_MASK
+
+
+def check_same_batch(
+    config: ModelConfig, metadata: BatchMetadata, group: dist.ProcessGroup, stats: CommStats
+) -> None:
+    """With value checks on: ValueError unless every rank of ``group`` has the same config and
+    batch lengths (one 16-byte all_reduce, which syncs the device)."""
+    if not value_checks_enabled():
+        return
+    fp = _fingerprint(config, metadata)
+    t = torch.tensor([fp, -fp], dtype=torch.int64, device=metadata.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    stats.check_bytes += t.numel() * t.element_size()
+    hi, neg_lo = t.tolist()
+    if hi != fp or -neg_lo != fp:
+        raise ValueError(
+            "metadata: the ranks of group hold different batches or configs (prefix/extend lengths, "
+            "forward mode or model config differ); every rank must pass the same batch"
+        )
+
+
+def output_buffer(out: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``out`` checked as a contiguous bfloat16 ``shape`` tensor on ``device`` (collectives write
+    whole row ranges of it), or a new one."""
+    if out is None:
+        return torch.empty(shape, dtype=torch.bfloat16, device=device)
+    check_tensor("out", out, dtypes=(torch.bfloat16,), shape=shape, device=device)
+    if not out.is_contiguous():
+        raise ValueError(f"out must be contiguous, got strides {tuple(out.stride())}")
+    return out
+
+
+def broadcast_shards(
+    buf: torch.Tensor, ranges: Sequence[tuple[int, int]], group: dist.ProcessGroup
+) -> int:
+    """Rank ``r`` of ``group`` holds rows ``ranges[r]`` of ``buf`` (contiguous); afterwards every
+    rank holds every range. Returns the payload in bytes (each range once).
+
+    One broadcast per non-empty range rather than an all_gather: ranges may differ in size (no
+    padding, no extra copy, rows land in place), and gloo has no CUDA all_gather.
+    """
+    row_bytes = buf[0].numel() * buf.element_size() if buf.shape[0] else 0
+    works = []
+    for r, (a, b) in enumerate(ranges):
+        if b > a:
+            src = dist.get_global_rank(group, r)
+            works.append(dist.broadcast(buf[a:b], src=src, group=group, async_op=True))
+    for w in works:
+        w.wait()
+    return sum(b - a for a, b in ranges) * row_bytes
