@@ -310,7 +310,8 @@ def report(args, results: list[dict]) -> tuple[str, dict]:
         for r in res["rows"]:
             w = r["world"]
             speed = base["total_s"] / r["total_s"]
-            row = {**r, "speedup": speed, "efficiency": speed / w, "attn_efficiency": base["attn_s"] / (w * r["attn_s"])}
+            attn_eff = base["attn_s"] / (w * r["attn_s"])
+            row = {**r, "speedup": speed, "efficiency": speed / w, "attn_efficiency": attn_eff}
             table.append(row)
             lines.append(
                 f"| {r['mode']} | {w} | {min(r['rows_per_rank'])}-{max(r['rows_per_rank'])} | "

@@ -99,6 +99,15 @@ def check_int(name: str, value: object, *, lo: int | None = None, hi: int | None
     return value
 
 
+def check_unit_stride(name: str, t: torch.Tensor) -> None:
+    """Kernels address the last dim with stride 1 (other dims take any stride)."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must have unit stride in its last dim, got strides {tuple(t.stride())}; "
+            f"pass {name}.contiguous()"
+        )
+
+
 @triton.jit
 def mma_operand(x, UPCAST: tl.constexpr):
     """Operand for ``tl.dot``: Triton's interpreter multiplies the raw bits of bf16 operands,

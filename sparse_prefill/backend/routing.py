@@ -17,18 +17,15 @@ estimate is a linear cost model, :class:`PathCosts`, whose constants are measure
 
 with ``flops = 2 * sum over queries of scanned kv * max(h_q, MIN_HEADS) * (d_qk + d_v)``.
 
-Where the constants come from: ``DEFAULT_COSTS`` holds PLACEHOLDERS derived from
-``ANCHORS.md`` (H100 80GB HBM3, FlashMLA 9241ae3, 2026-11-23): the FP8 decode kernel ran at 346
-(h_q 64) / 429 (h_q 128) TFLOP/s and ``flash_mla_sparse_fwd`` on a bf16 workspace at 501 / 535
-TFLOP/s on the same rows (s_q 4096, topk + W = 640 / 1152); dequantize is bandwidth bound
-(584 bytes read + 1024 written per row at ~2.5 TB/s of the measured 3 TB/s copy ceiling);
-combine writes/reads ~6 bytes per entry; the fixed per-layer costs are launch latencies (the
-sparse path launches 2-4 kernels where the regular one launches 1 plus index arithmetic). With
-these, one request's chunk goes sparse from about 32-256 new tokens in ratio-4 layers and
-512-2048 in ratio-1/128 layers (prefix 0 or 16384, both V4 head shapes), where the sparse
-kernel's speed-up has paid for its fixed cost and dequantize. ``benchmarks/bench_backend.py``
-measures our kernels on the GPU and prints fitted constants; the lead replaces the
-placeholders with them (and this paragraph's crossovers with the ones they give).
+Where the constants come from: ``DEFAULT_COSTS`` holds the figures ``sparse_prefill.bench.backend``
+fitted to our own kernels on one H100 80GB HBM3 (torch 2.11, Triton 3.6, 2026-11-25; table in
+``benchmarks/RESULTS.md``): the regular (fused FP8) kernel runs at 112 / 123 TFLOP/s (h_q 64 /
+128), ``sparse_attn_fwd`` on the workspace at 235 / 259; dequantize costs 4.1 ns per workspace
+row per layer, combine 0.004 ns per index entry; the fixed per-layer costs are 52 us (regular)
+and 206 us (sparse: dequantize x2, combine, attention, per-forward chunk cache share). With them
+one request's chunk goes sparse from 128-512 new tokens in ratio-4 layers, 1024-2048 in
+ratio-128 layers and 2048-4096 in ratio-1 layers (prefix 0 or 16384, both V4 head shapes).
+Re-measure with ``python -m sparse_prefill.bench.backend`` when a kernel changes.
 
 Memory: the sparse path keeps per-forward state that grows with the chunk: the chunk cache's
 combined rows (``num_tokens x ceil((entries + W) / 128) * 128`` int32 per ratio, entries =
@@ -61,29 +58,27 @@ PATH_SETTINGS = ("auto", "sparse", "regular")
 SPARSE = "sparse"
 REGULAR = "regular"
 
-# Bytes the dequantize moves per workspace row: one V4 token read (584) + 512 bf16 written.
-DEQUANT_ROW_BYTES = 584 + 1024
 # Auto takes the regular path where the sparse path's per-forward state would pass this.
 SPARSE_STATE_BYTES_LIMIT = 8 << 30
 
 
 @dataclass(frozen=True)
 class PathCosts:
-    """Measured constants of the cost model above (placeholders until the lead's H100 figures).
+    """Measured constants of the cost model above (H100 figures, see the module docstring).
 
     Throughputs are given at h_q 64 and 128 and interpolated linearly in between; fewer heads
     than ``min_heads`` cost as much as ``min_heads`` (a head block is computed whole).
     """
 
-    regular_tflops_h64: float = 346.0  # ANCHORS: FlashMLA FP8 decode, topk 512 + 128
-    regular_tflops_h128: float = 429.0  # ANCHORS: FlashMLA FP8 decode, topk 1024 + 128
-    sparse_tflops_h64: float = 501.0  # ANCHORS: flash_mla_sparse_fwd on the same rows
-    sparse_tflops_h128: float = 535.0
+    regular_tflops_h64: float = 111.9
+    regular_tflops_h128: float = 123.1
+    sparse_tflops_h64: float = 235.2
+    sparse_tflops_h128: float = 258.9
     min_heads: int = 64
-    dequant_ns_per_row: float = DEQUANT_ROW_BYTES / 2.5e12 * 1e9  # ~0.64 ns at 2.5 TB/s
-    combine_ns_per_entry: float = 6 / 2.5e12 * 1e9
-    regular_fixed_us: float = 15.0  # per layer: a kernel launch + the index arithmetic's launches
-    sparse_fixed_us: float = 30.0  # per layer: dequantize x2, combine, attention launches
+    dequant_ns_per_row: float = 4.059
+    combine_ns_per_entry: float = 0.004147
+    regular_fixed_us: float = 52.1  # per layer: the kernel + the index arithmetic's launches
+    sparse_fixed_us: float = 205.9  # per layer: dequantize x2, combine, attention launches
 
     def tflops(self, path: str, num_heads: int) -> float:
         lo, hi = (

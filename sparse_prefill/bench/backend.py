@@ -474,9 +474,7 @@ def run(
             progress.step(f"ANCHORS regular-path row h_q {a[0]} topk {a[1]} tokens {a[2]}")
             anchor.append(anchor_rows(*a, device))
     result = dict(
-        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
-        torch=torch.__version__, flash_mla=flash_mla is not None, stack=STACK,
-        cases=cases, latency=latency, anchors=anchor, fitted_costs=fit_costs(cases, latency),
+        stack=STACK, cases=cases, latency=latency, anchors=anchor, fitted_costs=fit_costs(cases, latency),
         current_costs=dataclasses.asdict(routing.DEFAULT_COSTS),
     )
     fitted = dataclasses.replace(routing.DEFAULT_COSTS, **result["fitted_costs"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import statistics
 import sys
@@ -111,20 +112,24 @@ def require_cuda(what: str) -> str | None:
 
 class Progress:
     """A one-line text progress bar on ``stream`` (stderr by default): redrawn in place on a
-    terminal, one line per update otherwise (logs stay readable). ``enabled=False`` is silent.
+    terminal; elsewhere (a log) one line per step, and at most one per ``LOG_EVERY_S`` seconds
+    for other updates. ``enabled=False`` is silent.
 
     Use ``section(name, total)`` then ``step(label)`` before each of the ``total`` items, or
-    ``update(fraction, label)`` directly; ``clear()`` before printing anything else.
+    ``update(fraction, label)`` directly; ``clear()`` before printing anything else. ``prefix``
+    goes before the section's name (e.g. which of several sections this is).
     """
 
     WIDTH = 24
+    LOG_EVERY_S = 10.0
 
     def __init__(self, stream: TextIO | None = None, *, enabled: bool = True) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.tty = enabled and self.stream.isatty()
-        self.name, self.total, self.done = "", 0, 0
+        self.name, self.total, self.done, self.prefix = "", 0, 0, ""
         self._shown = False
+        self._logged = -math.inf
 
     def section(self, name: str, total: int) -> None:
         self.name, self.total, self.done = name, max(total, 1), 0
@@ -132,19 +137,23 @@ class Progress:
     def step(self, label: str) -> None:
         """Item ``done + 1`` of the section starts."""
         self.done += 1
-        self.update((self.done - 1) / self.total, f"{self.done}/{self.total} {label}")
+        self.update((self.done - 1) / self.total, f"{self.done}/{self.total} {label}", force=True)
 
-    def update(self, fraction: float, label: str) -> None:
+    def update(self, fraction: float, label: str, *, force: bool = False) -> None:
         if not self.enabled:
             return
         filled = round(self.WIDTH * min(max(fraction, 0.0), 1.0))
-        line = f"{self.name} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {label}"
+        line = f"{self.prefix}{self.name} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {label}"
         if self.tty:
-            width = os.get_terminal_size(self.stream.fileno()).columns - 1
-            self.stream.write("\r\033[K" + line[:width])
+            try:
+                columns = os.get_terminal_size(self.stream.fileno()).columns
+            except OSError:
+                columns = 0
+            self.stream.write("\r\033[K" + line[: (columns or 80) - 1])  # one line, or it scrolls
             self._shown = True
-        else:
+        elif force or time.monotonic() - self._logged >= self.LOG_EVERY_S:
             self.stream.write(line + "\n")
+            self._logged = time.monotonic()
         self.stream.flush()
 
     def clear(self) -> None:

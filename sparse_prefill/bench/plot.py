@@ -84,15 +84,21 @@ def plot_results(json_path: str | os.PathLike, png_path: str | os.PathLike) -> s
     Raises ValueError when the file has no plottable row, ImportError without matplotlib
     (``pip install 'sparse_prefill[bench]'``).
     """
+    rows, device = load_rows(json_path)
+    return plot_rows(rows, device, png_path, source=str(json_path))
+
+
+def plot_rows(rows: Sequence[dict], device: str, png_path: str | os.PathLike, *, source: str = "the rows") -> str:
+    """:func:`plot_results` on the sparse_attn benchmark's ``rows`` measured on ``device``."""
     from matplotlib.figure import Figure
 
-    rows, device = load_rows(json_path)
     panels = _panels(rows)
     if not panels:
-        raise ValueError(f"{json_path} has no default-launch rows of {SPARSE_OP} or {FP8_OP} to plot")
+        raise ValueError(f"{source} has no default-launch rows of {SPARSE_OP} or {FP8_OP} to plot")
     ncols = max(len(p) for p in panels.values())
     fig = Figure(figsize=(5.2 * ncols, 4.6 * len(panels)), layout="constrained")
     axes = fig.subplots(len(panels), ncols, squeeze=False)
+    top = 0.0
     for axes_row, (op, op_panels) in zip(axes, panels.items()):
         for ax in axes_row[len(op_panels):]:
             ax.set_visible(False)
@@ -105,12 +111,14 @@ def plot_results(json_path: str | os.PathLike, png_path: str | os.PathLike) -> s
                 heights = [v for v in values if v is not None]
                 bars = ax.bar(xs, heights, width, label=label, color=colour)
                 ax.bar_label(bars, fmt="%.0f", fontsize=7)
+                top = max([top, *heights])
             ax.set_xticks(range(len(group)), [f"{r['s_kv'] // 1024}K" for r in group])
             ax.set_xlabel(xlabel)
             ax.set_ylabel("TFLOP/s")
             ax.set_title(title, fontsize=10)
-            ax.margins(y=0.15)
-        axes_row[0].legend(fontsize=7, loc="lower left")
+        axes_row[0].legend(fontsize=7, loc="upper left")
+    for ax in axes.flat:
+        ax.set_ylim(0, 1.6 * top)  # one scale for every panel, headroom for the legend
     where = f" ({device})" if device else ""
     fig.suptitle(f"Attention TFLOP/s, s_q 4096, FLOPs counted as FlashMLA does; ours{where} vs FlashMLA")
     fig.savefig(png_path, dpi=100)

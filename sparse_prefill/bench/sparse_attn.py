@@ -27,7 +27,8 @@ float32 reference on its first 64 query rows (max abs error of out and lse is pr
 ``--config`` passes keyword overrides (e.g. ``BLOCK_N=32,num_warps=4``) to the Triton launchers,
 which take them as ``**tuning``; each ``--config`` is one variant, timed after the default one,
 so variants compare within one device call. ``--out DIR`` writes DIR/sparse_attn.md and
-DIR/sparse_attn.json (one object per row and variant). Exits 2 without CUDA.
+DIR/sparse_attn.json (the machine, then ``rows``: one object per row and variant). Exits 2
+without CUDA.
 """
 
 from __future__ import annotations

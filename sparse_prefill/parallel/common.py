@@ -65,18 +65,42 @@ def group_rank_world(group: object) -> tuple[dist.ProcessGroup, int, int]:
     return group, rank, dist.get_world_size(group)
 
 
-def check_backend(backend: object) -> SparsePrefillBackend:
-    if not isinstance(backend, SparsePrefillBackend):
-        raise TypeError(f"backend must be a SparsePrefillBackend, got {type(backend).__name__}")
-    return backend
+class ParallelLayer:
+    """What both parallel layers hold: the single-GPU ``backend``, its ``config``, the
+    ``group`` with this process's ``rank`` and its ``world_size``, ``stats``, and per-forward
+    state (``self._state``, with ``metadata`` and ``generation``) that a new metadata object, or
+    one refilled by ``copy_``, rebuilds through ``begin_forward``."""
 
+    def __init__(self, backend: SparsePrefillBackend, group) -> None:
+        if not isinstance(backend, SparsePrefillBackend):
+            raise TypeError(f"backend must be a SparsePrefillBackend, got {type(backend).__name__}")
+        self.backend = backend
+        self.config = backend.config
+        self.group, self.rank, self.world_size = group_rank_world(group)
+        self.stats = CommStats()
+        self._state = None
 
-def check_metadata(metadata: object, config: ModelConfig) -> BatchMetadata:
-    if not isinstance(metadata, BatchMetadata):
-        raise TypeError(f"metadata must be a BatchMetadata, got {type(metadata).__name__}")
-    if metadata.config != config:
-        raise ValueError("metadata was built for a different ModelConfig than the backend's")
-    return metadata
+    def begin_forward(self, metadata: BatchMetadata) -> None:
+        raise NotImplementedError
+
+    def _check_batch(self, metadata: object) -> BatchMetadata:
+        """``metadata`` of the backend's config, the same on every rank (see check_same_batch)."""
+        if not isinstance(metadata, BatchMetadata):
+            raise TypeError(f"metadata must be a BatchMetadata, got {type(metadata).__name__}")
+        if metadata.config != self.config:
+            raise ValueError("metadata was built for a different ModelConfig than the backend's")
+        check_same_batch(self.config, metadata, self.group, self.stats)
+        return metadata
+
+    def _current(self, metadata: BatchMetadata | None):
+        st = self._state
+        if metadata is None:
+            if st is None:
+                raise ValueError("no batch metadata: call begin_forward(metadata) or pass metadata=")
+            metadata = st.metadata
+        if st is None or st.metadata is not metadata or st.generation != metadata.generation:
+            self.begin_forward(metadata)
+        return self._state
 
 
 class LocalBackends:

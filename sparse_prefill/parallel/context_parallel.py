@@ -37,13 +37,9 @@ from sparse_prefill._utils import check_int, check_tensor, resolve_impl
 from sparse_prefill.backend import BatchMetadata, LayerCaches, ModelConfig, SparsePrefillBackend
 from sparse_prefill.ops.cache import store_k_cache
 from sparse_prefill.parallel.common import (
-    CommStats,
     LocalBackends,
+    ParallelLayer,
     broadcast_shards,
-    check_backend,
-    check_metadata,
-    check_same_batch,
-    group_rank_world,
     output_buffer,
 )
 
@@ -217,7 +213,7 @@ class _State:
         return self._scopes[ratio]
 
 
-class ContextParallelPrefill:
+class ContextParallelPrefill(ParallelLayer):
     """Prefill of one chunk with its query rows split across the ranks of ``group``.
 
     Args:
@@ -241,10 +237,7 @@ class ContextParallelPrefill:
     """
 
     def __init__(self, backend: SparsePrefillBackend, group=None) -> None:
-        self.backend = check_backend(backend)
-        self.config = backend.config
-        self.group, self.rank, self.world_size = group_rank_world(group)
-        self.stats = CommStats()
+        super().__init__(backend, group)
         self._local = LocalBackends(backend, self.config)
         self._state: _State | None = None
 
@@ -254,19 +247,8 @@ class ContextParallelPrefill:
         """Start a forward over ``metadata`` (the whole batch): partition its rows and build this
         rank's sub-batch. Collective when value checks are on (checks every rank has the same
         batch: ValueError naming ``metadata`` otherwise)."""
-        check_metadata(metadata, self.config)
-        check_same_batch(self.config, metadata, self.group, self.stats)
+        self._check_batch(metadata)
         self._state = _State(self, metadata)
-
-    def _current(self, metadata: BatchMetadata | None) -> _State:
-        st = self._state
-        if metadata is None:
-            if st is None:
-                raise ValueError("no batch metadata: call begin_forward(metadata) or pass metadata=")
-            metadata = st.metadata
-        if st is None or st.metadata is not metadata or st.generation != metadata.generation:
-            self.begin_forward(metadata)
-        return self._state
 
     @property
     def row_ranges(self) -> tuple[RowRange, ...]:

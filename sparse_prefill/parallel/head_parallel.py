@@ -14,24 +14,27 @@ it for the CPU reference at 4 and 8 heads per rank).
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 
 from sparse_prefill._utils import check_tensor
-from sparse_prefill.backend import BatchMetadata, LayerCaches, ModelConfig, SparsePrefillBackend
+from sparse_prefill.backend import BatchMetadata, LayerCaches, SparsePrefillBackend
 from sparse_prefill.parallel.common import (
-    CommStats,
     LocalBackends,
+    ParallelLayer,
     broadcast_shards,
-    check_backend,
-    check_metadata,
-    check_same_batch,
-    group_rank_world,
     output_buffer,
 )
 
 
-class HeadParallelPrefill:
+class _State(NamedTuple):
+    metadata: BatchMetadata  # the whole model's
+    generation: int
+    local: BatchMetadata  # the same batch for the rank's config of h_q / world_size heads
+
+
+class HeadParallelPrefill(ParallelLayer):
     """One layer's attention with ``h_q / world_size`` heads per rank of ``group``.
 
     Args:
@@ -51,9 +54,7 @@ class HeadParallelPrefill:
     """
 
     def __init__(self, backend: SparsePrefillBackend, group=None) -> None:
-        self.backend = check_backend(backend)
-        self.config = backend.config
-        self.group, self.rank, self.world_size = group_rank_world(group)
+        super().__init__(backend, group)
         h_q = self.config.num_heads
         if h_q % self.world_size:
             raise ValueError(
@@ -62,32 +63,19 @@ class HeadParallelPrefill:
         h_loc = h_q // self.world_size
         self.heads = slice(self.rank * h_loc, (self.rank + 1) * h_loc)
         self.local_config = dataclasses.replace(self.config, num_heads=h_loc)
-        self.stats = CommStats()
         self._local = LocalBackends(backend, self.local_config)
-        self._metadata: BatchMetadata | None = None
-        self._generation: int | None = None
-        self._local_metadata: BatchMetadata | None = None
+        self._state: _State | None = None
 
     def begin_forward(self, metadata: BatchMetadata) -> None:
         """Start a forward over ``metadata`` (built with the whole model's config). Collective
         when value checks are on (ValueError naming ``metadata`` unless all ranks agree)."""
-        check_metadata(metadata, self.config)
-        check_same_batch(self.config, metadata, self.group, self.stats)
+        self._check_batch(metadata)
         md = metadata
-        self._local_metadata = BatchMetadata(
+        local = BatchMetadata(
             self.local_config, md.prefix_lens_host, md.extend_lens_host, md.swa_token_table,
             md.compressed_token_tables, md.forward_mode,
         )
-        self._metadata, self._generation = metadata, metadata.generation
-
-    def _current(self, metadata: BatchMetadata | None) -> BatchMetadata:
-        if metadata is None:
-            if self._metadata is None:
-                raise ValueError("no batch metadata: call begin_forward(metadata) or pass metadata=")
-            metadata = self._metadata
-        if metadata is not self._metadata or metadata.generation != self._generation:
-            self.begin_forward(metadata)
-        return metadata
+        self._state = _State(metadata, metadata.generation, local)
 
     def _local_heads(self, name: str, t: torch.Tensor, dim: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
         """``t`` with this rank's heads (dim ``dim`` of size h_loc), or its slice of all h_q."""
@@ -132,7 +120,7 @@ class HeadParallelPrefill:
             ``backend.forward`` output), or ``[num_tokens, h_q, 512]`` when gathering, which
             adds ``num_tokens * h_q * 1024`` bytes to ``stats.out_bytes``.
         """
-        md = self._current(metadata)
+        md, _, local_md = self._current(metadata)
         cfg, h_q, h_loc = self.config, self.config.num_heads, self.local_config.num_heads
         n, d = md.num_tokens, cfg.head_dim
         q = self._local_heads("q", q, 1, torch.bfloat16, (n, h_q, d))
@@ -140,11 +128,11 @@ class HeadParallelPrefill:
             attn_sink = self._local_heads("attn_sink", attn_sink, 0, torch.float32, (h_q,))
         backend = self._local.for_layer(layer, md)
         if not gather:
-            return backend.forward(layer, q, caches, topk_indices, attn_sink, metadata=self._local_metadata, out=out)
+            return backend.forward(layer, q, caches, topk_indices, attn_sink, metadata=local_md, out=out)
         out = output_buffer(out, (n, h_q, d), md.device)
         # Heads of one rank are not contiguous in [n, h_q, d]: gather [world, n, h_loc, d], then place.
         shards = torch.empty(self.world_size, n, h_loc, d, dtype=torch.bfloat16, device=md.device)
-        backend.forward(layer, q, caches, topk_indices, attn_sink, metadata=self._local_metadata, out=shards[self.rank])
+        backend.forward(layer, q, caches, topk_indices, attn_sink, metadata=local_md, out=shards[self.rank])
         ranges = [(r, r + 1) for r in range(self.world_size)]
         self.stats.out_bytes += broadcast_shards(shards, ranges, self.group)
         out.view(n, self.world_size, h_loc, d).copy_(shards.transpose(0, 1))

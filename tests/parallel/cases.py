@@ -8,6 +8,7 @@ generators); ``single_process`` runs the single-GPU backend over the whole batch
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -107,9 +108,11 @@ def store_single(batch, layer: int, new_k) -> LayerCaches:
     return LayerCaches(swa, comp)
 
 
+@functools.lru_cache(maxsize=16)
 def single_process(case: Case, store: bool = True) -> dict:
     """The truth for ``case``: per layer, the caches after storing the chunk (when ``store``)
-    and the backend's output over the whole batch."""
+    and the backend's output over the whole batch. Cached: tests of several world sizes share
+    it (callers must not modify it)."""
     with one_thread():
         batch, new_k = build(case)
         backend = case.backend()
@@ -124,7 +127,7 @@ def single_process(case: Case, store: bool = True) -> dict:
 
 def assert_bitwise(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
     """Same shape, dtype and bytes (bf16 compared as int16: -0.0 vs 0.0 or NaN payloads count)."""
-    assert (got.shape, got.dtype) == (want.shape, want.dtype), f"{name}: {got.shape} {got.dtype} vs {want.shape} {want.dtype}"
+    assert (got.shape, got.dtype) == (want.shape, want.dtype), f"{name}: {got.shape} {got.dtype} vs {want.shape}"
     bits = torch.int16 if got.dtype == torch.bfloat16 else got.dtype
     same = got.contiguous().view(bits) == want.to(got.device).contiguous().view(bits)
     assert bool(same.all()), f"{name}: {int((~same).sum())} of {same.numel()} elements differ"

@@ -42,6 +42,8 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=_TIMEOUT)
     try:
         fn(rank, world, *args)
+        # Rank 0 hosts the rendezvous store: no rank leaves while another may still need it.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -28,7 +28,10 @@ TINY = Case(prefix=(300, 2), extend=(2, 1), seed=4)
 
 
 def _metadata(case: Case):
-    return make_synthetic_batch(case.config, case.prefix, case.extend, seed=case.seed, forward_mode=case.mode, layers=()).metadata
+    batch = make_synthetic_batch(
+        case.config, case.prefix, case.extend, seed=case.seed, forward_mode=case.mode, layers=()
+    )
+    return batch.metadata
 
 
 def routing_split_case(world: int) -> Case:
@@ -48,8 +51,8 @@ def routing_split_case(world: int) -> Case:
     shards = [shard_metadata(md, a, b) for a, b in partition_rows(cfg, md, world)]
     fixed = (gap(md) + min(gap(m) for m in shards)) / 2
     case = dataclasses.replace(base, costs=dataclasses.replace(costs, sparse_fixed_us=fixed))
-    choose = lambda m: routing.choose_path("auto", cfg, m, 1, case.costs)  # noqa: E731
-    assert choose(md) == routing.SPARSE and routing.REGULAR in [choose(m) for m in shards]
+    chosen = [routing.choose_path("auto", cfg, m, 1, case.costs) for m in (md, *shards)]
+    assert chosen[0] == routing.SPARSE and routing.REGULAR in chosen[1:], chosen
     return case
 
 

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import check_int, check_tensor, resolve_impl, value_checks_enabled
+from sparse_prefill._utils import check_int, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
 from sparse_prefill.layout import KVCacheLayout
 from sparse_prefill.ops.cache.naive import dequantize_k_cache_paged_ref, store_k_cache_ref
-from sparse_prefill.ops.sparse_attn import check_unit_stride
 
 __all__ = ["dequantize_k_cache", "dequantize_k_cache_paged", "quantize_k_cache", "store_k_cache"]
 

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from sparse_prefill._utils import check_int, check_tensor, resolve_impl, value_checks_enabled
+from sparse_prefill._utils import check_int, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
 from sparse_prefill.ops.sparse_attn.naive import sparse_attn_fwd_naive
 
 __all__ = ["sparse_attn_fwd"]
@@ -20,15 +20,6 @@ D_V = 512
 INT32_MAX = 2**31 - 1
 
 AttnOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def check_unit_stride(name: str, t: torch.Tensor) -> None:
-    """Kernels address the last dim with stride 1 (other dims take any stride)."""
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(
-            f"{name} must have unit stride in its last dim, got strides {tuple(t.stride())}; "
-            f"pass {name}.contiguous()"
-        )
 
 
 def check_query(q: object, head_dims: tuple[int, ...]) -> tuple[int, int, int]:
