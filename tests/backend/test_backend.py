@@ -24,7 +24,7 @@ from sparse_prefill.backend import (
     make_synthetic_batch,
     naive_layer_forward,
 )
-from tests.ops.test_sparse_attn import OUT_TOL, assert_close
+from tests.tolerance import OUT_TOL, assert_close
 
 STACK = (1, 4, 128, 4, 1)
 

@@ -18,14 +18,13 @@ from sparse_prefill.ops.cache.naive import token_byte_offsets
 from sparse_prefill.ops.fp8_sparse_attn import paged_fp8_sparse_attn_fwd
 from sparse_prefill.ops.fp8_sparse_attn.naive import paged_fp8_sparse_attn_fwd_naive
 from sparse_prefill.ops.sparse_attn.naive import sparse_attn_fwd_naive
+from tests.tolerance import INF, assert_attn_close
 from tests.ops.test_sparse_attn import (
     D_V,
-    INF,
     INT_MAX,
     INT_MIN,
     SM_SCALE,
     Case,
-    assert_attn_close,
     dense_reference,
     make_indices,
     make_sink,

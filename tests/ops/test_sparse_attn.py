@@ -1,13 +1,12 @@
 """sparse_attn_fwd: reference vs an independent dense float64 computation, kernel vs reference
 (CPU: Triton interpreter on small shapes; GPU: real sizes), argument validation.
 
-``assert_close`` / ``assert_attn_close`` are THE tolerance check of every attention test
-(FlashMLA's criteria, issue "sparse_attn_fwd"); other attention tests import them from here.
+Every attention test checks results with ``tests/tolerance.py`` (FlashMLA's criteria, issue
+"sparse_attn_fwd"); the FP8 op's tests also reuse this file's input builders.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, replace
 
 import pytest
@@ -17,83 +16,10 @@ from sparse_prefill import value_checks
 from sparse_prefill.ops.sparse_attn import sparse_attn_fwd
 from sparse_prefill.ops.sparse_attn import naive as naive_module
 from sparse_prefill.ops.sparse_attn.naive import sparse_attn_fwd_naive
+from tests.tolerance import INF, OUT_TOL, STAT_TOL, assert_attn_close, assert_close
 
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
-INF = float("inf")
 D_V = 512
-
-needs_kernel = pytest.mark.skipif(
-    importlib.util.find_spec("sparse_prefill.ops.sparse_attn.kernel") is None,
-    reason="sparse_attn kernel not written yet",
-)
-
-# ---------------------------------------------------------------------------------------------
-# The tolerance check shared by every attention test.
-# ---------------------------------------------------------------------------------------------
-
-OUT_TOL = dict(abs_tol=8e-4, rel_tol=3 / 128, cos_tol=7e-6)
-STAT_TOL = dict(abs_tol=1e-6, rel_tol=2 / 65536)
-
-
-# Elements compared at a time, so real-size GPU outputs (70000 x 64 x 512) fit in memory.
-_COMPARE_CHUNK = 1 << 24
-
-
-def _position(flat_index: int, shape: torch.Size) -> tuple[int, ...]:
-    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_index), shape))
-
-
-def assert_close(
-    name: str, ans: torch.Tensor, ref: torch.Tensor, *, abs_tol: float, rel_tol: float,
-    cos_tol: float | None = None,
-) -> None:
-    """FlashMLA's comparison: +inf, -inf and NaN sit at exactly the same places; every other
-    element is within ``abs_tol`` or within ``rel_tol * |ref|``; and the cosine difference of the
-    whole tensors (float64) is under ``cos_tol``."""
-    assert ans.shape == ref.shape, f"{name}: shape {tuple(ans.shape)} != {tuple(ref.shape)}"
-    flat_a, flat_r = ans.reshape(-1), ref.reshape(-1)
-    n_bad, worst = 0, (-1.0, 0)
-    sums = torch.zeros(3, dtype=torch.float64, device=ans.device)  # ref^2, ans^2, ans * ref
-    for start in range(0, flat_a.numel(), _COMPARE_CHUNK):
-        a, r = flat_a[start : start + _COMPARE_CHUNK].double(), flat_r[start : start + _COMPARE_CHUNK].double()
-        for what, where in (("+inf", lambda t: t == INF), ("-inf", lambda t: t == -INF), ("NaN", torch.isnan)):
-            in_a, in_r = where(a), where(r)
-            if not torch.equal(in_a, in_r):
-                first = start + int(torch.nonzero(in_a != in_r)[0])
-                pytest.fail(f"{name}: {what} mismatch at {_position(first, ans.shape)}: result "
-                            f"{flat_a[first].item()!r}, reference {flat_r[first].item()!r}")
-        finite = torch.isfinite(r)
-        a, r = torch.where(finite, a, 0.0), torch.where(finite, r, 0.0)
-        err = (a - r).abs()
-        bad = (err >= abs_tol) & (err / (r.abs() + 1e-6) >= rel_tol)
-        n_bad += int(bad.sum())
-        if n_bad:
-            i = int(torch.argmax(torch.where(bad, err, -1.0)))
-            worst = max(worst, (err[i].item(), start + i))
-        sums += torch.stack([(r * r).sum(), (a * a).sum(), (a * r).sum()])
-    if n_bad:
-        at = worst[1]
-        pytest.fail(
-            f"{name}: {n_bad} of {flat_a.numel()} elements outside abs {abs_tol:g} / rel {rel_tol:g}; "
-            f"worst at {_position(at, ans.shape)}: {flat_a[at].item()!r} vs {flat_r[at].item()!r}"
-        )
-    if cos_tol is not None:
-        ref_sq, ans_sq, dot = sums.tolist()
-        cos_diff = 0.0 if ref_sq < 1e-12 else 1.0 - 2.0 * dot / (ref_sq + ans_sq)
-        assert cos_diff < cos_tol, f"{name}: cosine difference {cos_diff:.3g} >= {cos_tol:g}"
-
-
-def assert_attn_close(result: tuple, reference: tuple) -> None:
-    """``result`` = (out, max_logits, lse) of an attention op (out bf16; float32 for a reference
-    under test) against a float32 or float64 ``reference`` triple, with the tolerances of issue
-    "sparse_attn_fwd"."""
-    out, max_logits, lse = result
-    ref_out, ref_max, ref_lse = reference
-    assert out.dtype in (torch.bfloat16, torch.float32)
-    assert max_logits.dtype == lse.dtype == torch.float32
-    assert_close("out", out, ref_out, **OUT_TOL)
-    assert_close("max_logits", max_logits, ref_max, **STAT_TOL)
-    assert_close("lse", lse, ref_lse, **STAT_TOL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,14 +236,12 @@ KERNEL_CASES = [
 ]
 
 
-@needs_kernel
 @pytest.mark.parametrize("shape", KERNEL_CASES, ids=lambda s: "sq{}-skv{}-h{}-d{}-topk{}".format(*s))
 def test_kernel_matches_reference(device, shape):
     case = make_case(*shape, device)
     assert_attn_close(run_launcher(case), sparse_attn_fwd_naive(*case.args()))
 
 
-@needs_kernel
 def test_kernel_special_rows(device):
     """Exact facts: rows with nothing valid, sinks of +-inf, a duplicated id."""
     s_kv, h_q, d_qk = 50, 3, 512
@@ -356,7 +280,6 @@ def test_kernel_special_rows(device):
     assert_attn_close((out, max_logits, lse), ref)
 
 
-@needs_kernel
 def test_kernel_strided_inputs_and_out_buffer(device):
     case = make_case(3, 120, 16, 576, 40, device)
     strided = strided_case(case)
@@ -369,7 +292,7 @@ def test_kernel_strided_inputs_and_out_buffer(device):
     assert_attn_close(result, sparse_attn_fwd_naive(*case.args()))
 
 
-@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_kernel)])
+@pytest.mark.parametrize("impl", ["reference", "triton"])
 def test_empty_queries(device, impl):
     case = make_case(0, 10, 4, 512, 8, device)
     out, max_logits, lse = sparse_attn_fwd(*case.args(), impl=impl)
@@ -378,7 +301,6 @@ def test_empty_queries(device, impl):
     assert sparse_attn_fwd(*case.args(), out=given, impl=impl)[0] is given
 
 
-@needs_kernel
 def test_public_triton_matches_launcher_and_unchecked_lengths(device):
     """The wrapper passes its inputs through unchanged; with value checks off a length past
     topk behaves as topk and a negative one as 0 (the definition of the mask)."""
@@ -462,7 +384,6 @@ def test_value_checks_off_skips_only_value_checks():
 
 
 @pytest.mark.gpu
-@needs_kernel
 @pytest.mark.parametrize("topk", [1, 7, 64, 100, 130])
 @pytest.mark.parametrize("d_qk", [512, 576])
 @pytest.mark.parametrize("h_q", [1, 3, 8, 16, 64, 128])
@@ -474,7 +395,6 @@ def test_gpu_all_small_shapes(h_q, d_qk, topk):
 
 
 @pytest.mark.gpu
-@needs_kernel
 @pytest.mark.parametrize("d_qk", [512, 576])
 @pytest.mark.parametrize("h_q,topk", [(64, 512), (64, 1024), (64, 2048), (128, 512), (128, 1024), (128, 2048)])
 def test_gpu_real_sizes(h_q, topk, d_qk):
@@ -483,7 +403,6 @@ def test_gpu_real_sizes(h_q, topk, d_qk):
 
 
 @pytest.mark.gpu
-@needs_kernel
 @pytest.mark.parametrize("h_q", [1, 3, 8, 16, 32, 48])
 def test_gpu_tensor_parallel_heads(h_q):
     case = make_case(4096, 32768, h_q, 512, 1024, "cuda", unique=True, lengths=False, invalid=0.0)
@@ -491,7 +410,6 @@ def test_gpu_tensor_parallel_heads(h_q):
 
 
 @pytest.mark.gpu
-@needs_kernel
 @pytest.mark.parametrize("h_q,d_qk,topk", [(64, 576, 64), (16, 512, 100)])
 def test_gpu_long_sq(h_q, d_qk, topk):
     """s_q = 70000 > 65535 (grid dims 1/2), and q/out element offsets past 2**31 for h_q 64,
@@ -502,7 +420,6 @@ def test_gpu_long_sq(h_q, d_qk, topk):
 
 
 @pytest.mark.gpu
-@needs_kernel
 def test_gpu_large_index_values():
     """s_kv = 2**31 - 1 cannot be allocated; a 4.4 GB kv of 4.3M rows puts row offsets of the
     ids used here past 2**31 elements (int64 addressing), next to invalid ids just past s_kv."""
