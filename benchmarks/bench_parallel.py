@@ -36,12 +36,8 @@ from __future__ import annotations
 
 import os
 
-for _name, _value in {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}.items():
-    os.environ[_name] = _value
+NVLS_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+os.environ.update(NVLS_ENV)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -56,11 +52,11 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from sparse_prefill import value_checks  # noqa: E402
 from sparse_prefill.backend import ModelConfig, SparsePrefillBackend, make_synthetic_batch  # noqa: E402
+from sparse_prefill.bench.common import write_outputs  # noqa: E402
 from sparse_prefill.ops.cache import store_k_cache  # noqa: E402
-from sparse_prefill.parallel import ContextParallelPrefill, HeadParallelPrefill, new_entries  # noqa: E402
+from sparse_prefill.parallel import ContextParallelPrefill, HeadParallelPrefill, new_slots  # noqa: E402
 
 STACK = (1, 4, 128, 4, 4, 128, 4, 1, 4, 128)
-NVLS_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
 D = 512
 
 
@@ -146,16 +142,6 @@ def _new_k(cfg, rows: tuple[int, int], entry_rows, device):
     return out
 
 
-def _new_slots(md, cfg):
-    """Slots of the chunk's new tokens and, per ratio, of the entries it completes (baseline)."""
-    swa = md.swa_token_table[md.query_req, md.query_pos.long()]
-    comp = {}
-    for ratio in cfg.compressed_ratios:
-        _, reqs, entries = new_entries(md, ratio)
-        comp[ratio] = md.compressed_token_tables[ratio][reqs.to(md.device), entries.to(md.device)]
-    return swa, comp
-
-
 def run_rank(rank: int, world: int, args, tmp: str) -> None:
     if args.smoke:
         device, backend_name = torch.device("cpu"), "gloo"
@@ -180,7 +166,8 @@ def _measure(rank: int, world: int, args, device: torch.device) -> dict:
     md, q = batch.metadata, batch.q[0]
     backend = SparsePrefillBackend(cfg, args.path)
     layers = range(cfg.num_layers)
-    swa_slots, comp_slots = _new_slots(md, cfg)
+    # Slots of the chunk's new tokens and, per ratio, of the entries it completes (baseline).
+    swa_slots, comp_slots = new_slots(md, 1), {r: new_slots(md, r) for r in cfg.compressed_ratios}
     all_k = _new_k(cfg, (0, md.num_tokens), lambda r: (0, comp_slots[r].shape[0]), device)
 
     def store_all(layer):
@@ -350,11 +337,7 @@ def main(argv=None) -> int:
     md, payload = report(args, results)
     print(md)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "parallel.md"), "w") as f:
-            f.write(md)
-        with open(os.path.join(args.out, "parallel.json"), "w") as f:
-            json.dump(payload, f, indent=2)
+        write_outputs(args.out, "parallel", md, payload)
     return 0
 
 

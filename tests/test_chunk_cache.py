@@ -128,6 +128,19 @@ def check_batch(seq, ext, device, impl, topk=512, c4_layers=2):
     return cache
 
 
+def assert_caches_equal(a, b, key, picks_a, picks_b):
+    """Two caches of one chunk (e.g. kernels and reference) give equal SWA gathers, plans and
+    combined rows for every ratio; ``picks_*``: the ratio-4 layer's top-k on each cache's device."""
+    assert a.max_workspace_rows == b.max_workspace_rows and a.ratios == b.ratios
+    for x, y in zip(a.swa(key), b.swa(key)):
+        assert torch.equal(x.cpu(), y.cpu())
+    for c in RATIOS:
+        la, lb = a.layer(c, key, picks_a if c == 4 else None), b.layer(c, key, picks_b if c == 4 else None)
+        for x, y in zip(la.plan, lb.plan):
+            assert x == y if isinstance(x, int) else torch.equal(x.cpu(), y.cpu())
+        assert torch.equal(la.indices.cpu(), lb.indices.cpu()) and torch.equal(la.lens.cpu(), lb.lens.cpu())
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_brute_force_reference(seed):
     torch.manual_seed(seed)
@@ -172,13 +185,7 @@ def test_gpu_large_chunk_kernels_equal_reference(topk):
     tri = SparsePrefillChunkCache.build(**kwargs, impl="triton")
     ref = SparsePrefillChunkCache.build(**kwargs, impl="reference")
     picks = torch.randint(-1, max(seq) // 4 + 10, (sum(ext), topk), dtype=torch.int32, device=dev)
-    for a, b in zip(tri.swa(1), ref.swa(1)):
-        assert torch.equal(a, b)
-    for c in RATIOS:
-        lt, lr = (cache.layer(c, 1, picks if c == 4 else None) for cache in (tri, ref))
-        for x, y in zip(lt.plan, lr.plan):
-            assert x == y if isinstance(x, int) else torch.equal(x, y)
-        assert torch.equal(lt.indices, lr.indices) and torch.equal(lt.lens, lr.lens)
+    assert_caches_equal(tri, ref, 1, picks, picks)
 
 
 def build_small(impl="reference", key=7, **change):
@@ -206,17 +213,8 @@ def test_kernel_cache_equals_reference_cache(device):
     moved["compressed_token_tables"] = {c: t.to(device) for c, t in kwargs["compressed_token_tables"].items()}
     moved["impl"] = "triton"
     tri = SparsePrefillChunkCache.build(**moved)
-    assert tri.max_workspace_rows == ref.max_workspace_rows and tri.ratios == ref.ratios
-    for a, b in zip(tri.swa(7), ref.swa(7)):
-        assert torch.equal(a.cpu(), b)
     picks = torch.randint(-1, 80, (ref.num_tokens, 8), dtype=torch.int32)
-    for c in RATIOS:
-        p = picks if c == 4 else None
-        lt = tri.layer(c, 7, None if p is None else p.to(device))
-        lr = ref.layer(c, 7, p)
-        for x, y in zip(lt.plan, lr.plan):
-            assert x == y if isinstance(x, int) else torch.equal(x.cpu(), y)
-        assert torch.equal(lt.indices.cpu(), lr.indices) and torch.equal(lt.lens.cpu(), lr.lens)
+    assert_caches_equal(tri, ref, 7, picks.to(device), picks)
 
 
 def test_c4_buffers_are_reused():

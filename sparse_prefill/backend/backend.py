@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import IMPLS, check_int, check_tensor, resolve_impl, value_checks_enabled
+from sparse_prefill._utils import IMPLS, check_int, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
 from sparse_prefill.backend import routing
 from sparse_prefill.backend.chunk_cache import SparsePrefillChunkCache
 from sparse_prefill.backend.config import ModelConfig
@@ -228,7 +228,8 @@ class SparsePrefillBackend:
             attn_sink: ``[h_q]`` float32 per-head sink, or None.
             metadata: the batch; defaults to the one given to ``begin_forward``. Passing a
                 different object (or one refilled by ``copy_``) starts a new forward.
-            out: optional ``[num_tokens, h_q, 512]`` bfloat16 output buffer.
+            out: optional ``[num_tokens, h_q, 512]`` bfloat16 output buffer, unit stride in the
+                last dim; written and returned.
 
         Returns:
             ``[num_tokens, h_q, 512]`` bfloat16: per query at position ``p``, softmax attention
@@ -246,6 +247,7 @@ class SparsePrefillBackend:
         device = md.device
         q_shape = (md.num_tokens, cfg.num_heads, cfg.head_dim)
         check_tensor("q", q, dtypes=(torch.bfloat16,), shape=q_shape, device=device)
+        check_unit_stride("q", q)  # the ops check it too, but after the sparse path's dequantize
         caches = self._check_caches(caches, ratio, device)
         if ratio == 4:
             check_tensor(
@@ -259,6 +261,7 @@ class SparsePrefillBackend:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
         else:
             check_tensor("out", out, dtypes=(torch.bfloat16,), shape=tuple(q.shape), device=device)
+            check_unit_stride("out", out)
         resolve_impl(self.impl, device)
 
         if self.path_for(ratio) == routing.SPARSE:

@@ -29,19 +29,14 @@ from typing import NamedTuple
 import torch
 
 from sparse_prefill._utils import check_int, check_tensor, resolve_impl
-from sparse_prefill.ops.indices import (
-    check_request_lengths,
-    combine,
-    swa_gather_len,
-    swa_token_ids,
-    workspace_plan,
-)
+from sparse_prefill.ops.indices import check_request_lengths, combine, swa_token_ids, workspace_plan
 from sparse_prefill.ops.indices.plan import (
     INT32_MAX,
     SwaTokenIds,
     WorkspacePlan,
     check_workspace_rows,
     combined_width,
+    swa_gather_len,
 )
 
 # The compress ratio whose layers pick compressed entries with an indexer (DeepSeek-V4's c4).
@@ -181,18 +176,18 @@ class SparsePrefillChunkCache:
         impl = resolve_impl(impl, device)
 
         # The one host sync: every size below is computed from these lists.
-        seq, ext = torch.stack([seq_lens, extend_lens]).tolist() if num_reqs else ([], [])
+        seq, ext = torch.stack([seq_lens, extend_lens]).tolist()
         check_request_lengths(seq, ext, swa_token_table.shape[1], "swa_token_table")
         num_tokens = sum(ext)
         if num_tokens > INT32_MAX:
             raise ValueError(f"sum(extend_lens) = {num_tokens} query tokens exceed int32 ({INT32_MAX})")
         num_swa = sum(swa_gather_len(s, e, window_size) for s, e in zip(seq, ext))
-        num_compressed = {1: 0}
-        for c, t in tables.items():
-            check_request_lengths(seq, None, t.shape[1], f"compressed_token_tables[{c}]", c)
-            num_compressed[c] = sum(s // c for s in seq)
+        num_compressed = {}
+        for c in ratio_list:
+            if c > 1:
+                check_request_lengths(seq, None, tables[c].shape[1], f"compressed_token_tables[{c}]", c)
+            num_compressed[c] = sum(s // c for s in seq) if c > 1 else 0
             check_workspace_rows(num_compressed[c], num_swa)
-        check_workspace_rows(0, num_swa)
 
         query_start_loc = torch.nn.functional.pad(extend_lens.cumsum(0), (1, 0)).to(torch.int32)
         first_query = seq_lens - extend_lens - query_start_loc[:-1]
@@ -300,6 +295,10 @@ class SparsePrefillChunkCache:
         self.check(key)
         if INDEXER_RATIO not in self._rows:
             raise ValueError(f"combine_c4 needs ratio {INDEXER_RATIO}; the cache has ratios {self.ratios}")
+        return self._combine_c4(topk_indices)
+
+    def _combine_c4(self, topk_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``combine_c4`` after the key and ratio checks."""
         check_tensor(
             "topk_indices", topk_indices, dtypes=_I32, shape=(self.num_tokens, self.c4_topk),
             device=self._query_pos.device,
@@ -322,7 +321,7 @@ class SparsePrefillChunkCache:
         if ratio == INDEXER_RATIO:
             if topk_indices is None:
                 raise ValueError(f"ratio {INDEXER_RATIO} layers need their indexer's topk_indices")
-            indices, lens = self.combine_c4(topk_indices, key)
+            indices, lens = self._combine_c4(topk_indices)  # plan() checked the key and ratio
         else:
             if topk_indices is not None:
                 raise ValueError(

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 from sparse_prefill._utils import check_int
 from sparse_prefill.layout import KVCacheLayout
+from sparse_prefill.ops.sparse_attn import MAX_HEADS  # both paths' attention ops take 1..128 heads
 
 COMPRESS_RATIOS = (1, 4, 128)
 HEAD_DIM = KVCacheLayout.V4.dim  # 512: 448 fp8 nope + 64 bf16 rope, K and V share it
-MAX_HEADS = 128
 
 
 @dataclass(frozen=True)

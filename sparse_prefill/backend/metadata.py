@@ -215,10 +215,12 @@ class BatchMetadata:
 
     @property
     def num_requests(self) -> int:
+        """``R``, the requests of the batch."""
         return len(self.seq_lens_host)
 
     @property
     def is_decode(self) -> bool:
+        """Whether the batch is in DECODE mode (one new token per request)."""
         return self.forward_mode is ForwardMode.DECODE
 
     def copy_(self, other: BatchMetadata) -> None:
@@ -237,15 +239,9 @@ class BatchMetadata:
         self.forward_mode = other.forward_mode
         self._set(other.prefix_lens_host, other.extend_lens_host, other.swa_token_table, other.compressed_token_tables)
         for name, t in old.items():
-            new = getattr(self, name)
-            if t.shape == new.shape and t.data_ptr() != new.data_ptr():
-                t.copy_(new)
-                setattr(self, name, t)
+            setattr(self, name, _refill(t, getattr(self, name)))
         for ratio, t in old_tables.items():
-            new = self.compressed_token_tables[ratio]
-            if t.shape == new.shape and t.data_ptr() != new.data_ptr():
-                t.copy_(new)
-                self.compressed_token_tables[ratio] = t
+            self.compressed_token_tables[ratio] = _refill(t, self.compressed_token_tables[ratio])
         self.generation = next(_generation)
 
     def __repr__(self) -> str:
@@ -258,3 +254,12 @@ class BatchMetadata:
 _DEVICE_FIELDS = (
     "swa_token_table", "prefix_lens", "extend_lens", "seq_lens", "query_start_loc", "query_req", "query_pos",
 )
+
+
+def _refill(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``new``'s values in ``old``'s storage when the shapes match (a captured graph reads that
+    storage), else ``new`` itself."""
+    if old.shape == new.shape and old.data_ptr() != new.data_ptr():
+        old.copy_(new)
+        return old
+    return new

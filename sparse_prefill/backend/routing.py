@@ -49,7 +49,7 @@ import torch
 
 from sparse_prefill.backend.config import ModelConfig
 from sparse_prefill.backend.metadata import BatchMetadata
-from sparse_prefill.ops.indices import combined_width
+from sparse_prefill.ops.indices.plan import combined_width, swa_gather_lens
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +119,8 @@ def _window_sum(positions: torch.Tensor, window: int) -> int:
 def workspace_rows(config: ModelConfig, metadata: BatchMetadata, ratio: int) -> int:
     """Rows of the sparse path's workspace for a ratio: every request's SWA gather and (ratio
     > 1) its complete compressed entries."""
-    w = config.window_size
-    rows = sum(min(s, e + w - 1) for s, e in zip(metadata.seq_lens_host, metadata.extend_lens_host))
+    seq, ext = torch.tensor(metadata.seq_lens_host), torch.tensor(metadata.extend_lens_host)  # host copies
+    rows = int(swa_gather_lens(seq, ext, config.window_size).sum())
     return rows + (sum(s // ratio for s in metadata.seq_lens_host) if ratio > 1 else 0)
 
 

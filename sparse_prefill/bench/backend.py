@@ -48,9 +48,10 @@ from sparse_prefill.bench.common import (
     SILENT,
     BenchResult,
     Progress,
+    bench_main,
+    fmt,
     import_flash_mla,
     median_us,
-    print_and_write,
     require_cuda,
 )
 from sparse_prefill.ops.cache import dequantize_k_cache_paged, quantize_k_cache
@@ -394,10 +395,6 @@ def _mb(nbytes):
     return None if nbytes is None else round(nbytes / 2**20, 1)
 
 
-def _f(x, digits=0):
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
 def markdown(result: dict) -> str:
     cases = result["cases"]
     names = list(dict.fromkeys(n for c in cases for n in (*c["stack_us"], *c["errors"])))
@@ -409,17 +406,17 @@ def markdown(result: dict) -> str:
     for c in cases:
         for ratio, t in sorted(c["layers"].items()):
             p = c["parts"][ratio]
-            parts = f"{_f(p['dequantize'])} / {_f(p.get('combine'))} / {_f(p['attention'])}"
+            parts = f"{fmt(p['dequantize'])} / {fmt(p.get('combine'))} / {fmt(p['attention'])}"
             lines.append(f"| {c['h_q']}/{c['topk']} | {c['chunk']} | {c['prefix']} | {ratio} | "
-                         + " | ".join(_f(t.get(n)) for n in names) + f" | {parts} | {c['route'][ratio]} |")
+                         + " | ".join(fmt(t.get(n)) for n in names) + f" | {parts} | {c['route'][ratio]} |")
     lines += ["", "### 10-layer stack (us, per-forward work included) and peak memory above inputs (MiB)", "",
               "| h_q/topk | chunk | prefix | chunk cache | " + " | ".join(names) + " | "
               + " | ".join(f"peak {n}" for n in names) + " |",
               "|" + " --- |" * (2 * len(names) + 4)]
     for c in cases:
-        lines.append(f"| {c['h_q']}/{c['topk']} | {c['chunk']} | {c['prefix']} | {_f(c['chunk_cache_us'])} | "
-                     + " | ".join(_f(c["stack_us"].get(n)) for n in names) + " | "
-                     + " | ".join(_f(c["peak_mb"].get(n), 1) for n in names) + " |")
+        lines.append(f"| {c['h_q']}/{c['topk']} | {c['chunk']} | {c['prefix']} | {fmt(c['chunk_cache_us'])} | "
+                     + " | ".join(fmt(c["stack_us"].get(n)) for n in names) + " | "
+                     + " | ".join(fmt(c["peak_mb"].get(n), ".1f") for n in names) + " |")
     errors = [(c, n, e) for c in cases for n, e in c["errors"].items()]
     if errors:
         lines += ["", "Failed variants:", ""]
@@ -428,7 +425,7 @@ def markdown(result: dict) -> str:
               "| h_q | topk + W | compressed tokens | regular (ours) | sparse_attn_fwd (ours) | flash_mla_sparse_fwd |",
               "| --- | --- | --- | --- | --- | --- |"]
     for r in result["anchors"]:
-        cells = [f"{_f(r[k + '_us'])} us ({_f(r[k + '_tflops'])} TF/s)" if k + "_us" in r else "-"
+        cells = [f"{fmt(r[k + '_us'])} us ({fmt(r[k + '_tflops'])} TF/s)" if k + "_us" in r else "-"
                  for k in ("regular", "sparse", "flashmla_sparse")]
         lines.append(f"| {r['h_q']} | {r['topk']} + {WINDOW} | {r['tokens']} | " + " | ".join(cells) + " |")
     fit = result["fitted_costs"]
@@ -493,19 +490,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--shapes", default=",".join(f"{h}:{k}" for h, k in SHAPES), help="h_q:topk,...")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device (checks the script)")
     args = ap.parse_args(argv)
-    if not args.smoke and (message := require_cuda("the backend benchmark")):
-        print(message, file=sys.stderr)
-        return 2
-    progress = Progress()
-    result = run(
-        smoke=args.smoke,
-        shapes=[tuple(map(int, s.split(":"))) for s in args.shapes.split(",")],
-        chunks=[int(x) for x in args.chunks.split(",")],
-        prefixes=[int(x) for x in args.prefixes.split(",")],
-        progress=progress,
+    shapes = [tuple(map(int, s.split(":"))) for s in args.shapes.split(",")]
+    chunks, prefixes = ([int(x) for x in text.split(",")] for text in (args.chunks, args.prefixes))
+    return bench_main(
+        args.out,
+        lambda progress: run(smoke=args.smoke, shapes=shapes, chunks=chunks, prefixes=prefixes, progress=progress),
+        None if args.smoke else require_cuda("the backend benchmark"),
     )
-    progress.clear()
-    return print_and_write(result, args.out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -27,9 +27,9 @@ from sparse_prefill.bench.common import (
     SILENT,
     BenchResult,
     Progress,
+    bench_main,
     markdown_table,
     median_us,
-    print_and_write,
     require_cuda,
 )
 from sparse_prefill.layout import KVCacheLayout
@@ -68,6 +68,24 @@ def copy_gbs(device: torch.device) -> float:
     return 2 * src.numel() / us / 1e3
 
 
+def timed_variants(
+    op: str, public: Callable[[], object], launch: Callable[..., object], result: torch.Tensor,
+    variants: Sequence[dict],
+) -> list[dict]:
+    """Rows ``{op, config, us}``: the public op (default launch), then each of ``variants`` through
+    ``launch(**variant)``. Each variant first runs on a zeroed ``result`` (what the op writes)
+    and must reproduce the public op's bytes (RuntimeError otherwise)."""
+    rows = [dict(op=op, config="default (public op)", us=median_us(public))]
+    expected = result.clone() if variants else None
+    for cfg in variants:
+        result.zero_()
+        launch(**cfg)
+        if not torch.equal(result, expected):
+            raise RuntimeError(f"{op} variant {cfg} differs from the default")
+        rows.append(dict(op=op, config=str(cfg), us=median_us(lambda cfg=cfg: launch(**cfg))))
+    return rows
+
+
 def gather_case(tokens: int, page_size: int, device: torch.device, sweep: bool) -> list[dict]:
     num_pages = triton.cdiv(max(tokens, MIN_CAPACITY), page_size)
     # Timing does not depend on the values: random bytes stand in for a filled cache. Bytes in
@@ -77,18 +95,12 @@ def gather_case(tokens: int, page_size: int, device: torch.device, sweep: bool) 
     ids = torch.randint(0, num_pages * page_size, (tokens,), dtype=torch.int32, device=device)
     out = torch.empty(tokens, 1, LAYOUT.dim, dtype=torch.bfloat16, device=device)
     nbytes = tokens * (LAYOUT.bytes_per_token + ID_BYTES + 2 * LAYOUT.dim)
-    rows = [dict(op="gather", config="default (public op)", us=median_us(
-        lambda: dequantize_k_cache_paged(cache, ids, page_size, LAYOUT, out)))]
-    if sweep:
-        expected = out[:, 0].view(torch.int16).clone()
-        flat = out[:, 0]
-        for cfg in [GATHER_DEFAULTS] + GATHER_VARIANTS:
-            flat.fill_(0)
-            dequantize_k_cache_paged_triton(cache, ids, page_size, LAYOUT, flat, **cfg)
-            if not torch.equal(flat.view(torch.int16), expected):
-                raise RuntimeError(f"gather variant {cfg} differs from the default")
-            rows.append(dict(op="gather", config=str(cfg), us=median_us(
-                lambda cfg=cfg: dequantize_k_cache_paged_triton(cache, ids, page_size, LAYOUT, flat, **cfg))))
+    flat = out[:, 0]
+    rows = timed_variants(
+        "gather", lambda: dequantize_k_cache_paged(cache, ids, page_size, LAYOUT, out),
+        lambda **cfg: dequantize_k_cache_paged_triton(cache, ids, page_size, LAYOUT, flat, **cfg),
+        flat.view(torch.int16), [GATHER_DEFAULTS] + GATHER_VARIANTS if sweep else [],
+    )
     return [dict(r, page_size=page_size, tokens=tokens, bytes=nbytes) for r in rows]
 
 
@@ -98,17 +110,11 @@ def store_case(tokens: int, page_size: int, device: torch.device, sweep: bool) -
     slots = torch.randperm(num_pages * page_size, device=device)[:tokens].int()
     k = torch.randn(tokens, LAYOUT.dim, dtype=torch.bfloat16, device=device)
     nbytes = tokens * (2 * LAYOUT.dim + ID_BYTES + LAYOUT.bytes_per_token)
-    rows = [dict(op="store", config="default (public op)", us=median_us(
-        lambda: store_k_cache(cache, k, slots, page_size, LAYOUT)))]
-    if sweep:
-        expected = cache.clone()
-        for cfg in [STORE_DEFAULTS] + STORE_VARIANTS:
-            cache.zero_()
-            store_k_cache_triton(cache, k, slots, page_size, LAYOUT, **cfg)
-            if not torch.equal(cache, expected):
-                raise RuntimeError(f"store variant {cfg} differs from the default")
-            rows.append(dict(op="store", config=str(cfg), us=median_us(
-                lambda cfg=cfg: store_k_cache_triton(cache, k, slots, page_size, LAYOUT, **cfg))))
+    rows = timed_variants(
+        "store", lambda: store_k_cache(cache, k, slots, page_size, LAYOUT),
+        lambda **cfg: store_k_cache_triton(cache, k, slots, page_size, LAYOUT, **cfg),
+        cache, [STORE_DEFAULTS] + STORE_VARIANTS if sweep else [],
+    )
     return [dict(r, page_size=page_size, tokens=tokens, bytes=nbytes) for r in rows]
 
 
@@ -157,13 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--tokens", default=",".join(str(t) for t in TOKENS), help="comma-separated token counts"
     )
     args = parser.parse_args(argv)
-    if message := require_cuda("the cache benchmark"):
-        print(message, file=sys.stderr)
-        return 2
-    progress = Progress()
-    result = run(tokens=[int(t) for t in args.tokens.split(",")], sweep=args.sweep, progress=progress)
-    progress.clear()
-    return print_and_write(result, args.out)
+    tokens = [int(t) for t in args.tokens.split(",")]
+    return bench_main(
+        args.out, lambda progress: run(tokens=tokens, sweep=args.sweep, progress=progress),
+        require_cuda("the cache benchmark"),
+    )
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ class BenchResult:
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
+        """``title``, ``rows`` and the ``extra`` keys, as one JSON-able dict."""
         return dict(title=self.title, rows=self.rows, **self.extra)
 
 
@@ -77,6 +78,7 @@ def machine() -> dict:
 
 
 def describe_machine(info: dict) -> str:
+    """One line naming the device, versions and date of a :func:`machine` dict."""
     flash = f"flash_mla {info['flash_mla']}" if info["flash_mla"] else "flash_mla not importable"
     return f"{info['device']}, torch {info['torch']}, Triton {info['triton']}, {flash}, {info['date']}"
 
@@ -174,9 +176,22 @@ def document(title: str, info: dict, sections: Sequence[tuple[str, str]], preamb
     return "\n\n".join(parts) + "\n"
 
 
-def print_and_write(result: BenchResult, out_dir: str | None) -> int:
-    """What a benchmark module's own ``main`` ends with: print its document, and with
-    ``out_dir`` write ``<name>.md`` / ``<name>.json`` there. Returns exit code 0."""
+def fmt(value: float | None, spec: str = ".0f") -> str:
+    """A table cell: ``value`` formatted with ``spec``, or "-" for None (not measured)."""
+    return "-" if value is None else format(value, spec)
+
+
+def bench_main(out_dir: str | None, measure: Callable[[Progress], BenchResult], refusal: str | None = None) -> int:
+    """What a benchmark module's own ``main`` does after parsing its arguments; returns the exit
+    code. With a ``refusal`` (e.g. :func:`require_cuda`'s): print it on stderr, measure nothing,
+    return 2. Otherwise ``measure(progress)`` with a progress bar on stderr, print the result's
+    document, and with ``out_dir`` write ``<name>.md`` / ``<name>.json`` there; return 0."""
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
+    progress = Progress()
+    result = measure(progress)
+    progress.clear()
     info = machine()
     text = document(result.title, info, [("Results", result.markdown)])
     print(text)

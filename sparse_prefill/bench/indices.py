@@ -25,9 +25,9 @@ from sparse_prefill.bench.common import (
     SILENT,
     BenchResult,
     Progress,
+    bench_main,
     markdown_table,
     median_us,
-    print_and_write,
     require_cuda,
 )
 from sparse_prefill.ops.indices import combined_width
@@ -132,13 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prefixes", default=",".join(map(str, PREFIXES)), help="cached prefix per request")
     parser.add_argument("--out", metavar="DIR", help="directory for indices.md and indices.json")
     args = parser.parse_args(argv)
-    if message := require_cuda("the indices benchmark"):
-        print(message, file=sys.stderr)
-        return 2
-    progress = Progress()
-    result = run(tokens=args.tokens, prefixes=[int(x) for x in args.prefixes.split(",")], progress=progress)
-    progress.clear()
-    return print_and_write(result, args.out)
+    prefixes = [int(x) for x in args.prefixes.split(",")]
+    return bench_main(
+        args.out, lambda progress: run(tokens=args.tokens, prefixes=prefixes, progress=progress),
+        require_cuda("the indices benchmark"),
+    )
 
 
 if __name__ == "__main__":

@@ -45,9 +45,11 @@ from sparse_prefill.bench.common import (
     SILENT,
     BenchResult,
     Progress,
+    bench_main,
+    fmt,
     import_flash_mla,
+    markdown_table,
     median_us,
-    print_and_write,
     require_cuda,
 )
 from sparse_prefill.layout import KVCacheLayout
@@ -109,6 +111,22 @@ def accepts_tuning(launcher: Callable) -> bool:
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(launcher).parameters.values())
 
 
+def tuning_refusal() -> str | None:
+    """Why ``--config`` cannot apply (a launcher without ``**tuning``), or None."""
+    from sparse_prefill.ops.fp8_sparse_attn.kernel import paged_fp8_sparse_attn_triton
+    from sparse_prefill.ops.sparse_attn.kernel import sparse_attn_fwd_triton
+
+    for launcher in (sparse_attn_fwd_triton, paged_fp8_sparse_attn_triton):
+        if not accepts_tuning(launcher):
+            return f"{launcher.__name__} takes no **tuning, so --config cannot be applied"
+    return None
+
+
+def variant_name(variant: dict) -> str:
+    """A variant's table cell: ``KEY=VAL,...``, or "default" for the default launch."""
+    return ",".join(f"{k}={v}" for k, v in variant.items()) or "default"
+
+
 def bench_us(fn: Callable[[], object]) -> float:
     return median_us(fn, warmup=50, rep=300)
 
@@ -138,10 +156,6 @@ def max_errors(outputs: tuple, reference: tuple) -> tuple[float, float]:
             (lse[:CHECK_ROWS] - ref_lse).abs().max().item())
 
 
-def fmt(value: float | None, spec: str = ".0f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 class Report:
     """Markdown lines and JSON rows, collected as the rows are measured."""
 
@@ -154,8 +168,7 @@ class Report:
 
     def table(self, title: str, header: list[str]) -> None:
         self.say(f"\n### {title}\n")
-        self.say("| " + " | ".join(header) + " |")
-        self.say("|" + " --- |" * len(header))
+        self.lines += markdown_table(header, [])
 
 
 def sparse_cases(quick: bool) -> list[tuple]:
@@ -196,8 +209,7 @@ def bench_sparse(report: Report, variants: list[dict], quick: bool, flash_mla, p
             err_out, err_lse = max_errors(outputs, reference)
             us = bench_us(run)
             tflops = flops / us / 1e6
-            name = ",".join(f"{k}={v}" for k, v in variant.items()) or "default"
-            report.say(f"| {name} | {d_qk} | {h_q} | {topk} | {s_kv} | {us:.0f} | {tflops:.0f} | "
+            report.say(f"| {variant_name(variant)} | {d_qk} | {h_q} | {topk} | {s_kv} | {us:.0f} | {tflops:.0f} | "
                        f"{mark}{anchor_us} | {anchor_us / us:.2f} | {fmt(flash_us)} | {err_out:.1e} | {err_lse:.1e} |")
             report.rows.append(dict(op="sparse_attn_fwd", variant=variant, d_qk=d_qk, h_q=h_q, topk=topk,
                                     s_kv=s_kv, s_q=S_Q, us=us, tflops=tflops, anchor_us=anchor_us,
@@ -259,9 +271,8 @@ def bench_fp8(report: Report, variants: list[dict], quick: bool, flash_mla, prog
             ws_us = bench_us(lambda: sparse_attn_fwd_triton(
                 q, workspace, ws_idx, sm_scale, D_V, sink, None, *ws_outputs, **variant))
             tflops = flops / us / 1e6
-            name = ",".join(f"{k}={v}" for k, v in variant.items()) or "default"
-            report.say(f"| {name} | {h_q} | {topk} + {WINDOW} | {n_comp} | {us:.0f} | {tflops:.0f} | {regular_us} | "
-                       f"{regular_us / us:.2f} | {ws_us:.0f} | {sparse_anchor_us} | {fmt(flash_us)} | "
+            report.say(f"| {variant_name(variant)} | {h_q} | {topk} + {WINDOW} | {n_comp} | {us:.0f} | {tflops:.0f} | "
+                       f"{regular_us} | {regular_us / us:.2f} | {ws_us:.0f} | {sparse_anchor_us} | {fmt(flash_us)} | "
                        f"{err_out:.1e} | {err_lse:.1e} |")
             report.rows.append(dict(op="paged_fp8_sparse_attn_fwd", variant=variant, d_qk=layout.dim, h_q=h_q,
                                     topk=topk, extra_topk=WINDOW, s_kv=n_comp, s_q=S_Q, us=us, tflops=tflops,
@@ -306,21 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--config", action="append", type=parse_config, default=[], metavar="KEY=VAL[,KEY=VAL...]",
                     help="launcher overrides (**tuning); each --config is one variant, timed after the default")
     args = ap.parse_args(argv)
-    if message := require_cuda("the sparse attention benchmark"):
-        print(message, file=sys.stderr)
-        return 2
-    if args.config:
-        from sparse_prefill.ops.fp8_sparse_attn.kernel import paged_fp8_sparse_attn_triton
-        from sparse_prefill.ops.sparse_attn.kernel import sparse_attn_fwd_triton
-
-        for launcher in (sparse_attn_fwd_triton, paged_fp8_sparse_attn_triton):
-            if not accepts_tuning(launcher):
-                print(f"{launcher.__name__} takes no **tuning, so --config cannot be applied", file=sys.stderr)
-                return 2
-    progress = Progress()
-    result = run(quick=args.quick, op=args.op, variants=args.config, progress=progress)
-    progress.clear()
-    return print_and_write(result, args.out)
+    return bench_main(
+        args.out, lambda progress: run(quick=args.quick, op=args.op, variants=args.config, progress=progress),
+        require_cuda("the sparse attention benchmark") or (tuning_refusal() if args.config else None),
+    )
 
 
 if __name__ == "__main__":

@@ -131,7 +131,13 @@ def shard_metadata(metadata: BatchMetadata, start: int, stop: int, *, anchor: bo
     """
     check_int("start", start, lo=0, hi=metadata.num_tokens - 1)
     check_int("stop", stop, lo=start + 1, hi=metadata.num_tokens)
-    reqs, prefix, extend = _sub_requests(metadata, start, stop)
+    return _sub_batch(metadata, *_sub_requests(metadata, start, stop), anchor)
+
+
+def _sub_batch(
+    metadata: BatchMetadata, reqs: list[int], prefix: list[int], extend: list[int], anchor: bool
+) -> BatchMetadata:
+    """:func:`shard_metadata` of the parts ``_sub_requests`` found (the lists are extended)."""
     if anchor:
         longest = max(range(metadata.num_requests), key=metadata.seq_lens_host.__getitem__)
         reqs.append(longest)
@@ -167,6 +173,32 @@ def new_entries(metadata: BatchMetadata, ratio: int) -> tuple[torch.Tensor, torc
     return torch.cat(rows), torch.cat(reqs), torch.cat(entries)
 
 
+def new_slots(metadata: BatchMetadata, ratio: int) -> torch.Tensor:
+    """Cache slots of what the chunk adds to the caches of compress ratio ``ratio``.
+
+    Returns:
+        ratio 1: ``[num_tokens]`` int32 on the metadata's device, the SWA-cache slot
+        ``swa_token_table[request, position]`` of each query row's token (engine order).
+        ratio > 1: ``[E]`` int32 on that device, the compressed-cache slot
+        ``compressed_token_tables[ratio][request, entry]`` of each entry of
+        :func:`new_entries` (same order).
+
+    Raises ValueError naming the ratio unless it is 1 or a ratio of ``metadata.config``.
+    """
+    if ratio == 1:
+        return metadata.swa_token_table[metadata.query_req, metadata.query_pos.long()]
+    metadata.config.page_size_of(ratio)  # ValueError unless some layer uses ratio
+    return _entry_slots(metadata, ratio, *new_entries(metadata, ratio))
+
+
+def _entry_slots(
+    metadata: BatchMetadata, ratio: int, rows: torch.Tensor, reqs: torch.Tensor, entries: torch.Tensor
+) -> torch.Tensor:
+    """The compressed-cache slots of what :func:`new_entries` returned."""
+    dev = metadata.device
+    return metadata.compressed_token_tables[ratio][reqs.to(dev), entries.to(dev)]
+
+
 class ShardedOutput(NamedTuple):
     """This rank's outputs, not gathered: ``out`` is rows ``start .. stop - 1`` of the chunk."""
 
@@ -187,12 +219,13 @@ class _State:
         self.anchor = False
         self.local = None
         if stop > start:
-            _, prefix, extend = _sub_requests(metadata, start, stop)
+            parts = _sub_requests(metadata, start, stop)
+            _, prefix, extend = parts
             self.anchor = (
                 resolve_impl(cp.backend.impl, metadata.device) == "reference"
                 and max(p + e for p, e in zip(prefix, extend)) < metadata.max_seq_len
             )
-            self.local = shard_metadata(metadata, start, stop, anchor=self.anchor)
+            self.local = _sub_batch(metadata, *parts, self.anchor)
         # ratio -> (per-rank ranges into the new entries of that cache, their slot ids on device)
         self._scopes: dict[int, tuple[tuple[RowRange, ...], torch.Tensor]] = {}
 
@@ -202,13 +235,12 @@ class _State:
         if ratio not in self._scopes:
             md = self.metadata
             if ratio == 1:
-                ranges = self.ranges
-                slots = md.swa_token_table[md.query_req, md.query_pos.long()]
+                ranges, slots = self.ranges, new_slots(md, 1)
             else:
-                rows, reqs, entries = new_entries(md, ratio)
-                bounds = torch.searchsorted(rows, torch.tensor([a for a, _ in self.ranges] + [md.num_tokens]))
+                found = new_entries(md, ratio)  # (row, request, entry)
+                bounds = torch.searchsorted(found[0], torch.tensor([a for a, _ in self.ranges] + [md.num_tokens]))
                 ranges = tuple(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
-                slots = md.compressed_token_tables[ratio][reqs.to(md.device), entries.to(md.device)]
+                slots = _entry_slots(md, ratio, *found)
             self._scopes[ratio] = (ranges, slots)
         return self._scopes[ratio]
 
@@ -236,10 +268,11 @@ class ContextParallelPrefill(ParallelLayer):
     ``stats`` counts the bytes each kind of collective moved (:class:`CommStats`).
     """
 
+    _state: _State | None  # set by ParallelLayer.__init__ and begin_forward
+
     def __init__(self, backend: SparsePrefillBackend, group=None) -> None:
         super().__init__(backend, group)
         self._local = LocalBackends(backend, self.config)
-        self._state: _State | None = None
 
     # -- per-forward state -------------------------------------------------------------------
 

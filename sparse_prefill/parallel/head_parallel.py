@@ -53,6 +53,8 @@ class HeadParallelPrefill(ParallelLayer):
     parallelism does: the latent KV is not split by head).
     """
 
+    _state: _State | None  # set by ParallelLayer.__init__ and begin_forward
+
     def __init__(self, backend: SparsePrefillBackend, group=None) -> None:
         super().__init__(backend, group)
         h_q = self.config.num_heads
@@ -64,7 +66,6 @@ class HeadParallelPrefill(ParallelLayer):
         self.heads = slice(self.rank * h_loc, (self.rank + 1) * h_loc)
         self.local_config = dataclasses.replace(self.config, num_heads=h_loc)
         self._local = LocalBackends(backend, self.local_config)
-        self._state: _State | None = None
 
     def begin_forward(self, metadata: BatchMetadata) -> None:
         """Start a forward over ``metadata`` (built with the whole model's config). Collective

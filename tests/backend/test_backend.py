@@ -271,6 +271,20 @@ def test_forward_validation(tiny, case):
         backend.forward(**_args(tiny, layer, change))
 
 
+@pytest.mark.parametrize("name", ["q", "out"])
+def test_strides_checked_before_any_launch(tiny, name):
+    """A last dim with non-unit stride fails in forward itself, not in an op after the sparse
+    path has built its chunk cache and dequantized."""
+    backend = SparsePrefillBackend(CFG, "sparse", impl="reference")
+    backend.begin_forward(tiny.metadata)
+    args = _args(tiny, 1, {})
+    strided = args["q"].transpose(1, 2).contiguous().transpose(1, 2)
+    kw = dict(q=strided) if name == "q" else dict(out=torch.empty_like(strided))
+    with pytest.raises(ValueError, match=f"{name} must have unit stride"):
+        backend.forward(**{**args, **kw})
+    assert backend._state.chunk_cache is None
+
+
 def test_backend_validation(tiny):
     with pytest.raises(TypeError, match="config"):
         SparsePrefillBackend(None)

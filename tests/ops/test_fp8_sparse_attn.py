@@ -1,11 +1,10 @@
 """paged_fp8_sparse_attn_fwd: reference vs an independent dense float64 computation over the
 dequantized caches (and vs sparse_attn_fwd's reference on the equivalent bf16 workspace), kernel
 vs reference (CPU: Triton interpreter on small shapes; GPU: real sizes), argument validation.
-Tolerances: the shared check of tests/ops/test_sparse_attn.py."""
+Tolerances: the shared check of tests/tolerance.py (FlashMLA's criteria)."""
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, replace
 
 import pytest
@@ -35,12 +34,6 @@ from tests.ops.test_sparse_attn import (
 
 V4, V32 = KVCacheLayout.V4, KVCacheLayout.V32
 NAN_TOKENS = 2  # the last tokens of each cache dequantize to NaN; listed only past a length
-
-needs_kernel = pytest.mark.skipif(
-    importlib.util.find_spec("sparse_prefill.ops.fp8_sparse_attn.kernel") is None,
-    reason="fp8 sparse attention kernel not written yet",
-)
-
 
 @dataclass
 class Scope:
@@ -212,7 +205,6 @@ KERNEL_CASES = [
 ]
 
 
-@needs_kernel
 @pytest.mark.parametrize(
     "s_q,h_q,layout,scopes", KERNEL_CASES,
     ids=[f"h{c[1]}-{c[2].name}-{_scope_id(c[3])}" for c in KERNEL_CASES],
@@ -222,7 +214,6 @@ def test_kernel_matches_reference(device, s_q, h_q, layout, scopes):
     assert_attn_close(run_launcher(case), case.reference())
 
 
-@needs_kernel
 def test_kernel_special_rows(device):
     """Exact facts: a row with nothing valid in either scope is (0, -inf, +inf); a row whose
     main scope is empty equals attending to its extra scope alone; sinks of +-inf."""
@@ -239,7 +230,6 @@ def test_kernel_special_rows(device):
     assert_attn_close((out, max_logits, lse), case.reference())
 
 
-@needs_kernel
 def test_kernel_strided_inputs_and_out_buffer(device):
     case = make_fp8_case(3, 16, V4, *SCOPES[3], device)
 
@@ -257,14 +247,13 @@ def test_kernel_strided_inputs_and_out_buffer(device):
     assert_attn_close(result, case.reference())
 
 
-@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_kernel)])
+@pytest.mark.parametrize("impl", ["reference", "triton"])
 def test_empty_queries(device, impl):
     case = make_fp8_case(0, 4, V4, *SCOPES[1], device)
     out, max_logits, lse = paged_fp8_sparse_attn_fwd(*case.args(), **case.kwargs(), impl=impl)
     assert out.shape == (0, 4, D_V) and max_logits.shape == lse.shape == (0, 4)
 
 
-@needs_kernel
 def test_public_triton_matches_launcher_and_unchecked_lengths(device):
     """The wrapper passes its inputs through unchanged; with value checks off a length past the
     width behaves as the width and a negative one as 0."""
@@ -335,7 +324,6 @@ def test_validation_errors(name):
 
 
 @pytest.mark.gpu
-@needs_kernel
 @pytest.mark.parametrize("scopes", SCOPES, ids=_scope_id)
 @pytest.mark.parametrize("h_q", [1, 3, 8, 16, 64, 128])
 @pytest.mark.parametrize("layout", [V4, V32], ids=lambda x: x.name)
@@ -345,7 +333,6 @@ def test_gpu_all_small_shapes(layout, h_q, scopes):
 
 
 @pytest.mark.gpu
-@needs_kernel
 @pytest.mark.parametrize("h_q,topk", [(64, 512), (128, 1024), (16, 512), (32, 1024)])
 @pytest.mark.parametrize("compressed_tokens", [8192, 16384])
 def test_gpu_real_sizes(h_q, topk, compressed_tokens):
@@ -356,7 +343,6 @@ def test_gpu_real_sizes(h_q, topk, compressed_tokens):
 
 
 @pytest.mark.gpu
-@needs_kernel
 def test_gpu_long_sq():
     """s_q = 70000 > 65535 (grid dims 1/2); q/out element offsets past 2**31 (70000 * 64 * 512)."""
     case = make_fp8_case(70000, 64, V4, (64, 64, 64), (64, 4, 16), "cuda")
@@ -364,7 +350,6 @@ def test_gpu_long_sq():
 
 
 @pytest.mark.gpu
-@needs_kernel
 @pytest.mark.parametrize("layout", [V4, V32], ids=lambda x: x.name)
 def test_gpu_cache_past_2_pow_31_bytes(layout):
     """A 2.2 GB main cache with the tokens used in its last pages: byte offsets past 2**31

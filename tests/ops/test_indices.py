@@ -375,9 +375,9 @@ def _combine_args():
         (dict(compressed_base=torch.tensor([0], dtype=torch.int32)), ValueError, "compressed_base"),
         (dict(topk_indices=None, topk=1), ValueError, "topk_indices=None takes entries"),
         (dict(out_indices=torch.zeros(5, 127, dtype=torch.int32)), ValueError, "out_indices"),
-        (dict(out_indices=torch.zeros(128, 5, dtype=torch.int32).t()), ValueError, "unit-stride last dim"),
+        (dict(out_indices=torch.zeros(128, 5, dtype=torch.int32).t()), ValueError, "out_indices must have unit stride in its last dim"),
         (dict(out_lens=torch.zeros(5, dtype=torch.int64)), TypeError, "out_lens"),
-        (dict(out_lens=torch.zeros(10, dtype=torch.int32)[::2]), ValueError, "out_lens must be contiguous"),
+        (dict(out_lens=torch.zeros(10, dtype=torch.int32)[::2]), ValueError, "out_lens must have unit stride"),
     ],
 )
 def test_combine_validation(change, exc, match):

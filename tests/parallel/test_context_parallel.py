@@ -15,6 +15,7 @@ from sparse_prefill.parallel import (
     ContextParallelPrefill,
     HeadParallelPrefill,
     new_entries,
+    new_slots,
     partition_rows,
     row_costs,
     shard_metadata,
@@ -265,7 +266,7 @@ def test_shard_metadata_keeps_absolute_positions(anchor):
         shard_metadata(md, -1, 3)
 
 
-def test_new_entries_are_those_the_chunk_completes():
+def test_new_entries_and_slots_are_those_the_chunk_completes():
     case = Case(prefix=(0, 130, 5, 300, 127, 3), extend=(37, 20, 141, 9, 1, 1))
     md = _metadata(case)
     for ratio in (4, 128):
@@ -274,3 +275,9 @@ def test_new_entries_are_those_the_chunk_completes():
         table = md.compressed_token_tables[ratio]
         got = [(r, int(table[q, j])) for r, q, j in zip(rows.tolist(), reqs.tolist(), entries.tolist())]
         assert got == new_entry_slots(md, ratio) and len(got) > 0
+        slots = new_slots(md, ratio)
+        assert slots.dtype == torch.int32 and slots.tolist() == [s for _, s in got]
+    rows = zip(md.query_req.tolist(), md.query_pos.tolist())
+    assert new_slots(md, 1).tolist() == [int(md.swa_token_table[q, p]) for q, p in rows]
+    with pytest.raises(ValueError, match="no layer uses compress ratio 64"):
+        new_slots(md, 64)

@@ -17,6 +17,7 @@ import torch
 
 from sparse_prefill._utils import check_int, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
 from sparse_prefill.layout import KVCacheLayout
+from sparse_prefill.ops.cache.kernels import dequantize_k_cache_paged_triton, store_k_cache_triton
 from sparse_prefill.ops.cache.naive import dequantize_k_cache_paged_ref, store_k_cache_ref
 
 __all__ = ["dequantize_k_cache", "dequantize_k_cache_paged", "quantize_k_cache", "store_k_cache"]
@@ -83,10 +84,8 @@ def _store(
 ) -> None:
     if impl == "reference":
         store_k_cache_ref(cache, k, slot_ids, page_size, layout)
-        return
-    from sparse_prefill.ops.cache.kernels import store_k_cache_triton
-
-    store_k_cache_triton(cache, k, slot_ids, page_size, layout)
+    else:
+        store_k_cache_triton(cache, k, slot_ids, page_size, layout)
 
 
 def _gather(
@@ -100,10 +99,8 @@ def _gather(
     """Write the dequantized tokens into ``out`` [n, 1, d] and return it."""
     if impl == "reference":
         out[:, 0].copy_(dequantize_k_cache_paged_ref(cache, token_ids, page_size, layout))
-        return out
-    from sparse_prefill.ops.cache.kernels import dequantize_k_cache_paged_triton
-
-    dequantize_k_cache_paged_triton(cache, token_ids, page_size, layout, out[:, 0])
+    else:
+        dequantize_k_cache_paged_triton(cache, token_ids, page_size, layout, out[:, 0])
     return out
 
 
@@ -171,6 +168,8 @@ def quantize_k_cache(
         [num_pages, layout.page_bytes(page_size)], uint8, on ``k``'s device: token ``t`` of page
         ``p`` quantized as ``store_k_cache`` does at slot ``p * page_size + t``; page padding
         bytes (and V4's pad byte per token) are zero.
+
+    Bad arguments raise TypeError/ValueError naming the argument, before any launch.
     """
     layout = _check_layout(layout)
     check_tensor("k", k, dtypes=(torch.bfloat16,), shape=(None, None, 1, layout.dim))
@@ -212,8 +211,10 @@ def dequantize_k_cache_paged(
     Returns:
         [n, 1, layout.dim], bfloat16 (``out`` when given): row ``i`` is token ``token_ids[i]``,
         each nope dim ``bf16(float32(fp8) * scale)`` (exact), rope dims as stored; zeros for a
-        negative id. Other checks raise TypeError/ValueError naming the argument, before any
-        launch.
+        negative id.
+
+    All checks other than the value check run always, before any launch, and raise
+    TypeError/ValueError naming the argument.
     """
     layout = _check_layout(layout)
     capacity = _check_cache(cache, page_size, layout)
@@ -244,6 +245,8 @@ def dequantize_k_cache(
     Returns:
         [num_pages, page_size, 1, layout.dim], bfloat16: token ``t`` of page ``p`` dequantized as
         ``dequantize_k_cache_paged`` does for id ``p * page_size + t``.
+
+    Bad arguments raise TypeError/ValueError naming the argument, before any launch.
     """
     layout = _check_layout(layout)
     capacity = _check_cache(cache, page_size, layout)

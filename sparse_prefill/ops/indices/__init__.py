@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import check_int, check_tensor, resolve_impl, value_checks_enabled
+from sparse_prefill._utils import check_int, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
 from sparse_prefill.ops.indices.kernels import (
     build_swa_token_ids_triton,
     build_workspace_plan_triton,
     combine_topk_swa_indices_triton,
-    swa_gather_lens,
 )
 from sparse_prefill.ops.indices.naive import (
     build_swa_token_ids_ref,
@@ -29,6 +28,8 @@ from sparse_prefill.ops.indices.plan import (
     WorkspacePlan,
     check_workspace_rows,
     combined_width,
+    swa_gather_len,
+    swa_gather_lens,
 )
 
 __all__ = [
@@ -43,13 +44,15 @@ __all__ = [
 _I32 = (torch.int32,)
 
 
-def _vector(name: str, t: object, length: int | None, device: torch.device | None, dtypes=_I32):
+def _vector(
+    name: str,
+    t: object,
+    length: int | None,
+    device: torch.device | None,
+    dtypes: tuple[torch.dtype, ...] = _I32,
+) -> torch.Tensor:
+    """``t`` must be a ``[length]`` tensor of ``dtypes`` on ``device`` (None: any)."""
     return check_tensor(name, t, dtypes=dtypes, shape=(length,), device=device)
-
-
-def swa_gather_len(seq_len: int, extend_len: int, window: int) -> int:
-    """Positions of a request's SWA gather: the union of its queries' windows."""
-    return min(seq_len, extend_len + window - 1) if extend_len > 0 else 0
 
 
 def check_request_lengths(
@@ -75,9 +78,7 @@ def swa_token_ids(seq_lens, extend_lens, req_token_table, swa_window, total, imp
     """Dispatch without validation (``impl`` resolved, ``total`` exact)."""
     if impl == "reference":
         return build_swa_token_ids_ref(seq_lens, extend_lens, req_token_table, swa_window)
-    return build_swa_token_ids_triton(
-        seq_lens.contiguous(), extend_lens.contiguous(), req_token_table, swa_window, total
-    )
+    return build_swa_token_ids_triton(seq_lens, extend_lens, req_token_table, swa_window, total)
 
 
 def build_swa_token_ids(
@@ -146,7 +147,6 @@ def workspace_plan(seq_lens, swa, compress_ratio, table, num_compressed, impl) -
     """Dispatch without validation (``impl`` resolved, ``num_compressed`` exact)."""
     if impl == "reference":
         return build_workspace_plan_ref(seq_lens, swa, compress_ratio, table)
-    seq_lens = seq_lens.contiguous()
     return build_workspace_plan_triton(seq_lens, swa, compress_ratio, table, num_compressed)
 
 
@@ -227,9 +227,8 @@ def build_workspace_plan(
     else:
         exact = num_compressed
     if num_compressed is not None and num_compressed != exact:
-        raise ValueError(
-            f"num_compressed must be sum(seq_lens // {compress_ratio}) = {exact}, got {num_compressed}"
-        )
+        want = f"sum(seq_lens // {compress_ratio})" if compress_ratio > 1 else "0 for compress_ratio 1"
+        raise ValueError(f"num_compressed must be {want} = {exact}, got {num_compressed}")
     check_workspace_rows(exact, swa.token_ids.shape[0])
     return workspace_plan(seq_lens, swa, compress_ratio, compressed_token_table, exact, impl)
 
@@ -383,14 +382,11 @@ def combine_topk_swa_indices(
     width = combined_width(topk, window_size)
     if out_indices is not None:
         check_tensor("out_indices", out_indices, dtypes=_I32, shape=(n, width), device=device)
-        if n > 0 and out_indices.stride(1) != 1:
-            raise ValueError(
-                f"out_indices must have a unit-stride last dim, got strides {out_indices.stride()}"
-            )
+        if n > 0:  # an empty buffer is never addressed
+            check_unit_stride("out_indices", out_indices)
     if out_lens is not None:
         check_tensor("out_lens", out_lens, dtypes=_I32, shape=(n,), device=device)
-        if n > 1 and out_lens.stride(0) != 1:
-            raise ValueError(f"out_lens must be contiguous, got stride {out_lens.stride()}")
+        check_unit_stride("out_lens", out_lens)
     impl = resolve_impl(impl, device)
     args = (
         topk_indices, query_start_loc, query_pos, seq_lens, gather_lens, compressed_base, swa_base,

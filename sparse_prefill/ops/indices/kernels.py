@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparse_prefill.ops.indices.plan import SwaTokenIds, WorkspacePlan, combined_width
+from sparse_prefill.ops.indices.plan import SwaTokenIds, WorkspacePlan, combined_width, swa_gather_lens
 
 _GATHER_BLOCK = 1024
 
@@ -75,12 +75,6 @@ def _gather_segments(
 def _exclusive_cumsum(lens: torch.Tensor) -> torch.Tensor:
     """``[R + 1]`` int64 offsets of ``[R]`` lengths."""
     return torch.nn.functional.pad(lens.cumsum(0), (1, 0))
-
-
-def swa_gather_lens(seq_lens: torch.Tensor, extend_lens: torch.Tensor, window: int) -> torch.Tensor:
-    """``[R]`` int64 ``min(seq_len, extend_len + W - 1)``, 0 without queries (int64: no wrap)."""
-    ext = extend_lens.long()
-    return torch.where(ext > 0, torch.minimum(seq_lens.long(), ext + (window - 1)), 0)
 
 
 def build_swa_token_ids_triton(

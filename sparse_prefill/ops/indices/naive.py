@@ -16,6 +16,7 @@ def _gather_rows(table: torch.Tensor, starts: list[int], ends: list[int]) -> tor
 def build_swa_token_ids_ref(
     seq_lens: torch.Tensor, extend_lens: torch.Tensor, req_token_table: torch.Tensor, swa_window: int
 ) -> SwaTokenIds:
+    """``build_swa_token_ids`` on validated inputs (same arguments and result)."""
     seq, ext = seq_lens.tolist(), extend_lens.tolist()
     # The union of the windows of queries prefix .. seq-1; nothing when a request has no query.
     first = [max(0, s - e - swa_window + 1) if e > 0 else s for s, e in zip(seq, ext)]
@@ -38,6 +39,7 @@ def build_workspace_plan_ref(
     compress_ratio: int,
     compressed_token_table: torch.Tensor | None,
 ) -> WorkspacePlan:
+    """``build_workspace_plan`` on validated inputs (same arguments and result)."""
     seq = seq_lens.tolist()
     entries = [s // compress_ratio for s in seq] if compress_ratio > 1 else [0] * len(seq)
     compressed_base = []
@@ -72,6 +74,7 @@ def combine_topk_swa_indices_ref(
     compress_ratio: int,
     topk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``combine_topk_swa_indices`` on validated inputs: ``(indices, lens)``, newly allocated."""
     n, dev = query_pos.shape[0], query_pos.device
     width = combined_width(topk, window_size)
     req = torch.repeat_interleave(

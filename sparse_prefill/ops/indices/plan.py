@@ -31,6 +31,19 @@ def combined_width(topk: int, window_size: int) -> int:
     return -(-(topk + window_size) // COMBINED_ALIGN) * COMBINED_ALIGN
 
 
+def swa_gather_len(seq_len: int, extend_len: int, window: int) -> int:
+    """Positions of one request's SWA gather, the union of its queries' windows:
+    ``min(seq_len, extend_len + window - 1)``, 0 without queries (``extend_len == 0``)."""
+    return min(seq_len, extend_len + window - 1) if extend_len > 0 else 0
+
+
+def swa_gather_lens(seq_lens: torch.Tensor, extend_lens: torch.Tensor, window: int) -> torch.Tensor:
+    """``swa_gather_len`` of ``[R]`` integer length tensors, on their device: ``[R]`` int64
+    (computed in int64, so nothing wraps)."""
+    ext = extend_lens.long()
+    return torch.where(ext > 0, torch.minimum(seq_lens.long(), ext + (window - 1)), 0)
+
+
 class SwaTokenIds(NamedTuple):
     """SWA gather of a chunk (``build_swa_token_ids``); ``R`` requests.
 

@@ -25,9 +25,10 @@ def attend_tile(q, q_tail, k, k_tail, valid, m_i, l_i, acc, qk_scale_log2,
                 D_TAIL: tl.constexpr, UPCAST: tl.constexpr):
     """One online-softmax step over a tile of ``BLOCK_N`` keys.
 
-    q [BH, D_MAIN] / q_tail [BH, D_TAIL], k [BN, D_MAIN] / k_tail [BN, D_TAIL] (bf16; the first
-    ``D_V`` dims of ``k`` are the values), valid [BN]. m_i (running max, log2 units) and l_i
-    (running sum) are [BH] float32, acc [BH, D_V] float32. Returns the updated (m_i, l_i, acc).
+    q [BH, D_MAIN] / q_tail [BH, D_TAIL], k [BN, D_MAIN] / k_tail [BN, D_TAIL] bf16 (``k`` is
+    also the value tile: d_v = D_MAIN = 512), valid [BN]. m_i (running max, log2 units) and l_i
+    (running sum) are [BH] float32, acc [BH, D_MAIN] float32. Returns the updated
+    (m_i, l_i, acc). Probabilities are rounded to bf16 for ``P @ V``, as FlashMLA does.
     """
     s = tl.dot(mma_operand(q, UPCAST), mma_operand(tl.trans(k), UPCAST))
     if D_TAIL > 0:
