@@ -1,9 +1,12 @@
 """Compare launch variants of the sparse attention kernel on one GPU in one call.
 
-    PYTHONPATH=. python benchmarks/tune_sparse_attn.py [--quick]
+    PYTHONPATH=. python benchmarks/tune_sparse_attn.py [--quick] [--out DIR]
 
 For each variant and shape: check against a float32 torch reference on a few rows, then time
-with triton.testing.do_bench (median) and print TFLOP/s, registers and spills.
+with triton.testing.do_bench (median) and print TFLOP/s, registers and spills; the fused FP8
+kernel likewise on ANCHORS.md's regular-path rows. ``--out``: the JSON of every row and each
+variant's TTGIR (which warp layout the compiler gave each dot). Each study's variants and
+results are in benchmarks/NOTES.md; edit ``VARIANTS`` for the next one.
 FLOPs as FlashMLA counts them: 2 * s_q * topk * h_q * (d_qk + d_v).
 """
 
@@ -24,17 +27,13 @@ from sparse_prefill.ops.sparse_attn import kernel as K
 SHAPES = [  # d_qk, h_q, topk, s_kv, FlashMLA us (ANCHORS.md)
     (512, 64, 512, 8192, 536),
     (512, 64, 512, 65536, 711),
+    (512, 128, 1024, 8192, 2102),
     (512, 128, 1024, 32768, 2118),
-    (576, 128, 2048, 32768, 4196),
-    (512, 16, 512, 32768, None),
-    (512, 32, 1024, 32768, None),
+    (512, 128, 1024, 65536, 2232),
+    (576, 128, 2048, 131072, 4617),
 ]
-VARIANTS = [
-    dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, NUM_STAGES=2),
-    dict(BLOCK_H=16, BLOCK_N=64, num_warps=4, NUM_STAGES=2),
-    dict(BLOCK_H=32, BLOCK_N=64, num_warps=4, NUM_STAGES=2),
-    dict(BLOCK_H=32, BLOCK_N=32, num_warps=4, NUM_STAGES=3),
-]
+BASE = dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, NUM_STAGES=2)
+VARIANTS = [dict(BASE, SPLIT_QK=0), dict(BASE, SPLIT_QK=1)]  # the v7 study (NOTES.md)
 
 
 def reference_rows(q, kv, idx, sm_scale, sink, rows):
@@ -53,12 +52,8 @@ FP8_SHAPES = [  # h_q, topk, compressed tokens, FlashMLA FP8 decode kernel us (A
     (64, 512, 8192, 993),
     (128, 1024, 8192, 2880),
 ]
-FP8_VARIANTS = [
-    dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, NUM_STAGES=2),
-    dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, NUM_STAGES=1),
-    dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, NUM_STAGES=1),
-    dict(BLOCK_H=64, BLOCK_N=16, num_warps=8, NUM_STAGES=2),
-]
+FP8_BASE = dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, NUM_STAGES=1)
+FP8_VARIANTS = [dict(FP8_BASE, SPLIT_QK=0), dict(FP8_BASE, SPLIT_QK=1)]
 
 
 def tune_fp8(dev, s_q, quick):
@@ -82,7 +77,7 @@ def tune_fp8(dev, s_q, quick):
             fn = lambda: F.paged_fp8_sparse_attn_triton(q, cache, idx, page, swa, xidx, page, None, None,
                                                         512 ** -0.5, sink, layout, 512, out, mx, lse, **var)
             try:
-                fn()
+                handle = fn()
                 torch.cuda.synchronize()
             except Exception as e:
                 msg = [ln for ln in str(e).splitlines() if "error" in ln.lower()][:2]
@@ -90,10 +85,11 @@ def tune_fp8(dev, s_q, quick):
                 continue
             ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
             tf = flops / ms / 1e9
+            regs, spills = getattr(handle, "n_regs", "?"), getattr(handle, "n_spills", "?")
             results.append(dict(kernel="fp8_paged", h_q=h_q, topk=topk, n_comp=n_comp, us=ms * 1e3,
-                                tflops=tf, anchor_us=anchor, **var))
+                                tflops=tf, anchor_us=anchor, regs=regs, spills=spills, **var))
             print(f"fp8 h{h_q} topk{topk}+128 comp{n_comp} {var}: {ms*1e3:8.1f} us {tf:6.1f} TF/s "
-                  f"vs FlashMLA decode x{anchor / (ms * 1e3):.2f}", flush=True)
+                  f"vs FlashMLA decode x{anchor / (ms * 1e3):.2f} regs {regs} spills {spills}", flush=True)
     return results
 
 
@@ -140,6 +136,10 @@ def main() -> int:
             row = dict(d_qk=d_qk, h_q=h_q, topk=topk, s_kv=s_kv, us=ms * 1e3, tflops=tf,
                        anchor_us=anchor, err=err, lse_err=lerr, regs=regs, spills=spills, **var)
             results.append(row)
+            if args.out:  # the compiler's layouts (e.g. warpsPerCTA of each dot), for NOTES.md
+                tag = "_".join(f"{k}{v}" for k, v in var.items())
+                with open(f"{args.out}/kernel_d{d_qk}_h{h_q}_{tag}.ttgir", "w") as f:
+                    f.write(handle.asm["ttgir"])
             ratio = f"{anchor / (ms * 1e3):.2f}" if anchor else "-"
             print(f"d{d_qk} h{h_q} topk{topk} skv{s_kv} {var}: {ms*1e3:8.1f} us {tf:6.1f} TF/s "
                   f"vs FlashMLA x{ratio} err {err:.2e} lse_err {lerr:.2e} regs {regs} spills {spills}",

@@ -325,3 +325,22 @@ def test_empty_chunk(device):
     assert cache.num_tokens == 0 and cache.max_workspace_rows == 1  # request 0's complete entry
     layer = cache.layer(4, 1, torch.zeros(0, 512, dtype=torch.int32, device=device))
     assert layer.indices.shape == (0, 640) and layer.lens.shape == (0,)
+
+
+def test_host_lens_skip_the_sync_and_must_match():
+    """Host copies of the lengths give the same cache; wrong ones are refused (value checks on)."""
+    ref, kwargs = build_small()
+    host = (kwargs["seq_lens"].tolist(), kwargs["extend_lens"].tolist())
+    cache = SparsePrefillChunkCache.build(**kwargs, host_lens=host)
+    picks = torch.randint(-1, 80, (ref.num_tokens, 8), dtype=torch.int32)
+    assert_caches_equal(cache, ref, 7, picks, picks)
+    with pytest.raises(ValueError, match="host_lens' extend_lens .* differ"):
+        SparsePrefillChunkCache.build(**kwargs, host_lens=(host[0], [5, 9, 2]))
+    with pytest.raises(ValueError, match="host_lens' seq_lens has 2 entries"):
+        SparsePrefillChunkCache.build(**kwargs, host_lens=(host[0][:2], host[1]))
+    with pytest.raises(TypeError, match="host_lens must be a"):
+        SparsePrefillChunkCache.build(**kwargs, host_lens=host[0])
+    with pytest.raises(TypeError, match="host_lens' seq_lens must be a sequence"):
+        SparsePrefillChunkCache.build(**kwargs, host_lens=(kwargs["seq_lens"], host[1]))
+    with pytest.raises(TypeError, match=r"host_lens' extend_lens\[1\]"):
+        SparsePrefillChunkCache.build(**kwargs, host_lens=(host[0], [5, 9.0, 3]))

@@ -310,22 +310,28 @@ class SparsePrefillBackend:
     # -- sparse path -------------------------------------------------------------------------
 
     def chunk_cache(self, metadata: BatchMetadata | None = None) -> SparsePrefillChunkCache:
-        """The sparse path's chunk cache of the current forward (built now if not yet).
+        """The sparse path's chunk cache of the current forward (built now if not yet), for the
+        ratios routed sparse (every ratio when none is). No device sync.
 
         Its accessors take ``key=metadata.generation``."""
         state = self._current(metadata)
         md, cfg = state.metadata, self.config
         if state.chunk_cache is None or not state.chunk_cache.is_valid_for(state.generation):
+            # The ratios routed sparse (all when none is, for callers that ask anyway); the host
+            # lengths spare the build its device sync.
+            all_ratios = sorted(set(cfg.compress_ratios))
+            ratios = [r for r in all_ratios if self.path_for(r) == routing.SPARSE] or all_ratios
             state.chunk_cache = SparsePrefillChunkCache.build(
                 key=state.generation,
                 seq_lens=md.seq_lens,
                 extend_lens=md.extend_lens,
                 swa_token_table=md.swa_token_table,
                 window_size=cfg.window_size,
-                ratios=sorted(set(cfg.compress_ratios)),
-                compressed_token_tables=md.compressed_token_tables,
-                c4_topk=cfg.topk if 4 in cfg.compress_ratios else None,
+                ratios=ratios,
+                compressed_token_tables={r: md.compressed_token_tables[r] for r in ratios if r > 1},
+                c4_topk=cfg.topk if 4 in ratios else None,
                 impl=self.impl,
+                host_lens=(md.seq_lens_host, md.extend_lens_host),
             )
             state.workspace = torch.empty(
                 max(state.chunk_cache.max_workspace_rows, 1), 1, cfg.head_dim, dtype=torch.bfloat16, device=md.device

@@ -23,12 +23,12 @@ The backend's pattern::
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
 
-from sparse_prefill._utils import check_int, check_tensor, resolve_impl
+from sparse_prefill._utils import check_int, check_tensor, resolve_impl, value_checks_enabled
 from sparse_prefill.ops.indices import check_request_lengths, combine, swa_token_ids, workspace_plan
 from sparse_prefill.ops.indices.plan import (
     INT32_MAX,
@@ -73,6 +73,25 @@ def _key_getter(key: object) -> Callable[[], object]:
 def _same_key(a: object, b: object) -> bool:
     """Objects match by identity; int and str generation tokens by value."""
     return a is b or (type(a) in (int, str) and type(a) is type(b) and a == b)
+
+
+def _host_lens(
+    host_lens: object, seq_lens: torch.Tensor, extend_lens: torch.Tensor
+) -> tuple[list[int], list[int]]:
+    """Validate ``host_lens`` against the ``[R]`` length tensors; return them as lists."""
+    if not isinstance(host_lens, Sequence) or len(host_lens) != 2:
+        raise TypeError(f"host_lens must be a (seq_lens, extend_lens) pair of int sequences, got {host_lens!r}")
+    lists = []
+    for name, values, t in zip(("seq_lens", "extend_lens"), host_lens, (seq_lens, extend_lens)):
+        if isinstance(values, (str, bytes, torch.Tensor)) or not isinstance(values, Sequence):
+            raise TypeError(f"host_lens' {name} must be a sequence of ints, got {type(values).__name__}")
+        values = [check_int(f"host_lens' {name}[{i}]", v) for i, v in enumerate(values)]
+        if len(values) != t.shape[0]:
+            raise ValueError(f"host_lens' {name} has {len(values)} entries, the {name} tensor {t.shape[0]}")
+        if value_checks_enabled() and values != t.tolist():
+            raise ValueError(f"host_lens' {name} {values} differ from the {name} tensor {t.tolist()}")
+        lists.append(values)
+    return lists[0], lists[1]
 
 
 class SparsePrefillChunkCache:
@@ -120,8 +139,11 @@ class SparsePrefillChunkCache:
         compressed_token_tables: Mapping[int, torch.Tensor] | None = None,
         c4_topk: int | None = None,
         impl: str = "auto",
+        host_lens: tuple[Sequence[int], Sequence[int]] | None = None,
     ) -> SparsePrefillChunkCache:
-        """Build the cache of one chunk. One host sync (the ``[R]`` lengths are read once).
+        """Build the cache of one chunk. Without ``host_lens``, one host sync (the ``[R]``
+        lengths are read once); with them, none, so the build queues behind the GPU's work
+        instead of draining it.
 
         Args:
             key: the batch metadata this cache belongs to (not None): the metadata object
@@ -141,6 +163,9 @@ class SparsePrefillChunkCache:
                 ratio's compressed cache, ``max_entries >= max(seq_lens // ratio)``.
             c4_topk: the indexer's top-k (512 or 1024); required iff 4 is in ``ratios``.
             impl: "auto" | "triton" | "reference".
+            host_lens: ``(seq_lens, extend_lens)`` as host ints, when the caller has them (an
+                engine's scheduler does; ``BatchMetadata`` keeps them). They must equal the
+                tensors' values: checked, at the cost of one sync, when value checks are on.
 
         Raises TypeError/ValueError on bad shapes, dtypes or lengths (always checked: the
         lengths are on the host anyway), on more than ``2**31 - 1`` query tokens, and on a
@@ -175,8 +200,11 @@ class SparsePrefillChunkCache:
             raise ValueError(f"c4_topk is for ratio {INDEXER_RATIO} layers; ratios {ratio_list} have none")
         impl = resolve_impl(impl, device)
 
-        # The one host sync: every size below is computed from these lists.
-        seq, ext = torch.stack([seq_lens, extend_lens]).tolist()
+        # Every size below is computed from these host lists.
+        if host_lens is None:
+            seq, ext = torch.stack([seq_lens, extend_lens]).tolist()  # the one host sync
+        else:
+            seq, ext = _host_lens(host_lens, seq_lens, extend_lens)
         check_request_lengths(seq, ext, swa_token_table.shape[1], "swa_token_table")
         num_tokens = sum(ext)
         if num_tokens > INT32_MAX:

@@ -17,14 +17,16 @@ estimate is a linear cost model, :class:`PathCosts`, whose constants are measure
 
 with ``flops = 2 * sum over queries of scanned kv * max(h_q, MIN_HEADS) * (d_qk + d_v)``.
 
-Where the constants come from: ``DEFAULT_COSTS`` holds the figures ``sparse_prefill.bench.backend``
-fitted to our own kernels on one H100 80GB HBM3 (torch 2.11, Triton 3.6, 2026-11-25; table in
-``benchmarks/RESULTS.md``): the regular (fused FP8) kernel runs at 112 / 123 TFLOP/s (h_q 64 /
-128), ``sparse_attn_fwd`` on the workspace at 235 / 259; dequantize costs 4.1 ns per workspace
-row per layer, combine 0.004 ns per index entry; the fixed per-layer costs are 52 us (regular)
-and 206 us (sparse: dequantize x2, combine, attention, per-forward chunk cache share). With them
-one request's chunk goes sparse from 128-512 new tokens in ratio-4 layers, 1024-2048 in
-ratio-128 layers and 2048-4096 in ratio-1 layers (prefix 0 or 16384, both V4 head shapes).
+Where the constants come from: ``sparse_prefill.bench.backend`` fitted them to our own kernels
+on one H100 80GB HBM3 (torch 2.11, Triton 3.6, 2026-11-25; table in ``benchmarks/RESULTS.md``).
+The throughputs were then scaled by the speed-up ``sparse_prefill.bench.sparse_attn`` measured
+for each kernel on ANCHORS.md's regular-path rows when the score split (``SPLIT_QK``, kernel v7)
+landed: the regular (fused FP8) kernel runs at 164 / 175 TFLOP/s (h_q 64 / 128),
+``sparse_attn_fwd`` on the workspace at 253 / 293. Dequantize costs 4.1 ns per workspace row per
+layer, combine 0.004 ns per index entry; the fixed per-layer costs are 52 us (regular) and
+206 us (sparse: dequantize x2, combine, attention). With them one request's chunk goes sparse
+from 128-1024 new tokens in ratio-4 layers, 1024-8192 in ratio-128 layers and 4096-8192 in
+ratio-1 layers (prefix 0 or 16384, both V4 head shapes).
 Re-measure with ``python -m sparse_prefill.bench.backend`` when a kernel changes.
 
 Memory: the sparse path keeps per-forward state that grows with the chunk: the chunk cache's
@@ -70,10 +72,10 @@ class PathCosts:
     than ``min_heads`` cost as much as ``min_heads`` (a head block is computed whole).
     """
 
-    regular_tflops_h64: float = 111.9
-    regular_tflops_h128: float = 123.1
-    sparse_tflops_h64: float = 235.2
-    sparse_tflops_h128: float = 258.9
+    regular_tflops_h64: float = 163.5
+    regular_tflops_h128: float = 174.9
+    sparse_tflops_h64: float = 253.1
+    sparse_tflops_h128: float = 292.6
     min_heads: int = 64
     dequant_ns_per_row: float = 4.059
     combine_ns_per_entry: float = 0.004147

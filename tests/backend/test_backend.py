@@ -363,3 +363,23 @@ def test_gpu_caches_beyond_int32_bytes():
 @pytest.mark.gpu
 def test_gpu_decode():
     check_gpu_batch(v4_config(128, 1024), [0, 127, 128, 70000], [1] * 4, forward_mode=ForwardMode.DECODE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["sparse", "regular"])
+def test_gpu_forward_never_syncs(path):
+    """With value checks off a forward, its per-forward state included, only queues GPU work: the
+    host never waits on the device, so it runs ahead of the layers it launches."""
+    cfg = v4_config(16, 512)
+    batch = make_synthetic_batch(cfg, [0, 300, 5000], [700, 129, 1], device="cuda", seed=3, share_q=True,
+                                 q_std=1.0, k_std=0.1, k_mean=0.05, layers=(0, 1, 2))
+    with value_checks(False):
+        run_layers(SparsePrefillBackend(cfg, path), batch)  # compiles the kernels
+        backend = SparsePrefillBackend(cfg, path)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            outs = run_layers(backend, batch)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    check_against_naive(batch, outs, tight=False)

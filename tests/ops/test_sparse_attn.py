@@ -170,7 +170,7 @@ def poisoned_outputs(s_q: int, h_q: int, device: torch.device) -> tuple:
     )
 
 
-def run_launcher(case: Case) -> tuple:
+def run_launcher(case: Case, **tuning: int) -> tuple:
     """The Triton launcher itself on poisoned output buffers (contract: 2-D kv and indices)."""
     from sparse_prefill.ops.sparse_attn.kernel import sparse_attn_fwd_triton
 
@@ -178,7 +178,7 @@ def run_launcher(case: Case) -> tuple:
     outputs = poisoned_outputs(s_q, h_q, case.q.device)
     sparse_attn_fwd_triton(
         case.q, case.kv[:, 0], case.indices[:, 0], case.sm_scale, D_V, case.attn_sink,
-        case.topk_length, *outputs,
+        case.topk_length, *outputs, **tuning,
     )
     return outputs
 
@@ -240,6 +240,15 @@ KERNEL_CASES = [
 def test_kernel_matches_reference(device, shape):
     case = make_case(*shape, device)
     assert_attn_close(run_launcher(case), sparse_attn_fwd_naive(*case.args()))
+
+
+@pytest.mark.parametrize("split_qk", [0, 1])
+@pytest.mark.parametrize("d_qk", [512, 576])
+def test_kernel_both_score_layouts(device, split_qk, d_qk):
+    """``SPLIT_QK`` only changes which warps compute the scores, never the result (both values,
+    whatever the default for the shape is)."""
+    case = make_case(3, 200, 64, d_qk, 130, device)
+    assert_attn_close(run_launcher(case, SPLIT_QK=split_qk), sparse_attn_fwd_naive(*case.args()))
 
 
 def test_kernel_special_rows(device):

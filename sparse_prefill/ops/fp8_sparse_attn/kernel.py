@@ -34,7 +34,7 @@ def _paged_fp8_sparse_attn_kernel(
     NUM_HEAD_BLOCKS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, IS_V4: tl.constexpr,
     HAS_EXTRA: tl.constexpr, HAS_SINK: tl.constexpr, HAS_TOPK_LEN: tl.constexpr,
-    HAS_XTOPK_LEN: tl.constexpr, UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr,
+    HAS_XTOPK_LEN: tl.constexpr, UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr, SPLIT_QK: tl.constexpr,
 ):
     tok, offs_h, mask_h, q, q_tail = load_query_block(q_ptr, stride_q_s, stride_q_h, h_q, NUM_HEAD_BLOCKS,
                                                       BLOCK_H, D_MAIN, D_TAIL)
@@ -50,7 +50,7 @@ def _paged_fp8_sparse_attn_kernel(
     m_i, l_i, acc = attend_scope(q, q_tail, m_i, l_i, acc, qk_scale_log2, cache_ptr,
                                  idx_ptr + tok64 * stride_i_s, n_keys, capacity, 0, page_size,
                                  page_bytes, BLOCK_N, D_MAIN, D_TAIL, True, IS_V4, UPCAST,
-                                 NUM_STAGES)
+                                 NUM_STAGES, SPLIT_QK)
     if HAS_EXTRA:
         n_xkeys = xtopk
         if HAS_XTOPK_LEN:
@@ -58,7 +58,7 @@ def _paged_fp8_sparse_attn_kernel(
         m_i, l_i, acc = attend_scope(q, q_tail, m_i, l_i, acc, qk_scale_log2, xcache_ptr,
                                      xidx_ptr + tok64 * stride_xi_s, n_xkeys, xcapacity, 0,
                                      xpage_size, xpage_bytes, BLOCK_N, D_MAIN, D_TAIL, True, IS_V4,
-                                     UPCAST, NUM_STAGES)
+                                     UPCAST, NUM_STAGES, SPLIT_QK)
 
     store_attn_outputs(out_ptr, max_ptr, lse_ptr, sink_ptr, m_i, l_i, acc, tok, offs_h, mask_h,
                        stride_o_s, stride_o_h, stride_ml_s, tl.arange(0, D_MAIN), HAS_SINK, UPCAST)
@@ -82,16 +82,17 @@ def paged_fp8_sparse_attn_triton(
     max_logits: torch.Tensor,
     lse: torch.Tensor,
     **tuning: int,
-) -> None:
-    """Launch on validated inputs (see ``paged_fp8_sparse_attn_fwd``); d_v is 512."""
+) -> object:
+    """Launch on validated inputs (see ``paged_fp8_sparse_attn_fwd``); d_v is 512. Returns
+    Triton's handle of the compiled kernel (``n_regs``, ``n_spills``) for diagnostics."""
     s_q, h_q, d_qk = q.shape
-    cfg = pick_config(h_q, paged_fp8=True, **tuning)
+    cfg = pick_config(h_q, d_qk, paged_fp8=True, **tuning)
     num_head_blocks = triton.cdiv(h_q, cfg["BLOCK_H"])
     has_extra = extra_indices is not None
     xcache = extra_cache if has_extra else cache
     xidx = extra_indices if has_extra else indices
     xpage = extra_page_size if has_extra else page_size
-    _paged_fp8_sparse_attn_kernel[(s_q * num_head_blocks,)](
+    return _paged_fp8_sparse_attn_kernel[(s_q * num_head_blocks,)](
         q, cache, indices, xcache, xidx,
         out, max_logits, lse,
         attn_sink if attn_sink is not None else lse,
@@ -107,5 +108,5 @@ def paged_fp8_sparse_attn_triton(
         D_MAIN=512, D_TAIL=d_qk - 512, IS_V4=layout is KVCacheLayout.V4,
         HAS_EXTRA=has_extra, HAS_SINK=attn_sink is not None,
         HAS_TOPK_LEN=topk_length is not None, HAS_XTOPK_LEN=extra_topk_length is not None,
-        UPCAST=INTERPRET, NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
+        UPCAST=INTERPRET, NUM_STAGES=cfg["NUM_STAGES"], SPLIT_QK=cfg["SPLIT_QK"], num_warps=cfg["num_warps"],
     )

@@ -21,18 +21,38 @@ LOG2E = math.log2(math.e)
 
 
 @triton.jit
-def attend_tile(q, q_tail, k, k_tail, valid, m_i, l_i, acc, qk_scale_log2,
-                D_TAIL: tl.constexpr, UPCAST: tl.constexpr):
+def qk_scores(q, q_tail, k, k_tail, D_TAIL: tl.constexpr, UPCAST: tl.constexpr):
+    """[BH, BN] float32 ``q @ k^T`` over all d_qk dims (main part plus the tail, if any)."""
+    s = tl.dot(mma_operand(q, UPCAST), mma_operand(tl.trans(k), UPCAST))
+    if D_TAIL > 0:
+        s += tl.dot(mma_operand(q_tail, UPCAST), mma_operand(tl.trans(k_tail), UPCAST))
+    return s
+
+
+@triton.jit
+def attend_tile(q, q_tail, k, k_tail, valid, live, m_i, l_i, acc, qk_scale_log2,
+                D_TAIL: tl.constexpr, UPCAST: tl.constexpr, SPLIT_QK: tl.constexpr):
     """One online-softmax step over a tile of ``BLOCK_N`` keys.
 
     q [BH, D_MAIN] / q_tail [BH, D_TAIL], k [BN, D_MAIN] / k_tail [BN, D_TAIL] bf16 (``k`` is
     also the value tile: d_v = D_MAIN = 512), valid [BN]. m_i (running max, log2 units) and l_i
     (running sum) are [BH] float32, acc [BH, D_MAIN] float32. Returns the updated
     (m_i, l_i, acc). Probabilities are rounded to bf16 for ``P @ V``, as FlashMLA does.
+
+    ``SPLIT_QK`` (with ``live``, a runtime True): compute ``Q K^T`` inside a branch the compiler
+    cannot fold. Triton gives a dot whose result feeds another dot (here ``P @ V``) all warps
+    along M; with 8 warps and 64 heads both warp groups then compute the same 64 x 64 scores.
+    Seen from inside the branch the chain ends at the branch's yield, so the scores are split
+    over the two warp groups by key (half the QK work each) and the pipelined gather is kept:
+    +9-15% on the H100 (benchmarks/NOTES.md, v7).
     """
-    s = tl.dot(mma_operand(q, UPCAST), mma_operand(tl.trans(k), UPCAST))
-    if D_TAIL > 0:
-        s += tl.dot(mma_operand(q_tail, UPCAST), mma_operand(tl.trans(k_tail), UPCAST))
+    if SPLIT_QK:
+        if live:
+            s = qk_scores(q, q_tail, k, k_tail, D_TAIL, UPCAST)
+        else:  # never taken: its only job is to make the branch opaque
+            s = qk_scores(q, q_tail, k, k_tail, D_TAIL, UPCAST) * 0.0
+    else:
+        s = qk_scores(q, q_tail, k, k_tail, D_TAIL, UPCAST)
     s = tl.where(valid[None, :], s * qk_scale_log2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with no valid key yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
@@ -50,12 +70,13 @@ def attend_scope(q, q_tail, m_i, l_i, acc, qk_scale_log2, kv_ptr, idx_row, n_key
                  stride_kv_s, page_size, page_bytes,
                  BLOCK_N: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
                  FP8_PAGED: tl.constexpr, IS_V4: tl.constexpr, UPCAST: tl.constexpr,
-                 NUM_STAGES: tl.constexpr):
+                 NUM_STAGES: tl.constexpr, SPLIT_QK: tl.constexpr):
     """Fold the first ``n_keys`` entries of one index row into the softmax state.
 
     An entry is a key when ``0 <= id < capacity``. Keys come from a bf16 ``[capacity, d]``
     tensor with row stride ``stride_kv_s`` or, with ``FP8_PAGED``, from a paged FP8 cache
-    (``page_size``, ``page_bytes``, layout ``IS_V4``) dequantized in registers.
+    (``page_size``, ``page_bytes``, layout ``IS_V4``) dequantized in registers. ``SPLIT_QK``: see
+    ``attend_tile``.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_MAIN)
@@ -81,8 +102,8 @@ def attend_scope(q, q_tail, m_i, l_i, acc, qk_scale_log2, kv_ptr, idx_row, n_key
                 k_tail = tl.load(kv_rows + offs_t[None, :], mask=valid[:, None], other=0.0)
         offs_next = start + BLOCK_N + offs_n
         idx_next = tl.load(idx_row + offs_next, mask=offs_next < n_keys, other=-1)
-        m_i, l_i, acc = attend_tile(q, q_tail, k, k_tail, valid, m_i, l_i, acc, qk_scale_log2,
-                                    D_TAIL, UPCAST)
+        m_i, l_i, acc = attend_tile(q, q_tail, k, k_tail, valid, n_keys > 0, m_i, l_i, acc, qk_scale_log2,
+                                    D_TAIL, UPCAST, SPLIT_QK)
     return m_i, l_i, acc
 
 
@@ -137,7 +158,7 @@ def _sparse_attn_fwd_kernel(
     NUM_HEAD_BLOCKS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
     HAS_SINK: tl.constexpr, HAS_TOPK_LEN: tl.constexpr, UPCAST: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, SPLIT_QK: tl.constexpr,
 ):
     tok, offs_h, mask_h, q, q_tail = load_query_block(q_ptr, stride_q_s, stride_q_h, h_q, NUM_HEAD_BLOCKS,
                                                       BLOCK_H, D_MAIN, D_TAIL)
@@ -152,16 +173,20 @@ def _sparse_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_H, D_MAIN], tl.float32)
     m_i, l_i, acc = attend_scope(q, q_tail, m_i, l_i, acc, qk_scale_log2, kv_ptr,
                                  idx_ptr + tok64 * stride_i_s, n_keys, s_kv, stride_kv_s, 0, 0,
-                                 BLOCK_N, D_MAIN, D_TAIL, False, False, UPCAST, NUM_STAGES)
+                                 BLOCK_N, D_MAIN, D_TAIL, False, False, UPCAST, NUM_STAGES, SPLIT_QK)
     store_attn_outputs(out_ptr, max_ptr, lse_ptr, sink_ptr, m_i, l_i, acc, tok, offs_h, mask_h,
                        stride_o_s, stride_o_h, stride_ml_s, tl.arange(0, D_MAIN), HAS_SINK, UPCAST)
 
 
-def pick_config(h_q: int, paged_fp8: bool = False, **tuning: int) -> dict[str, int]:
+def pick_config(h_q: int, d_qk: int = 512, paged_fp8: bool = False, **tuning: int) -> dict[str, int]:
     """Block shape and launch knobs, measured on the H100 (benchmarks/NOTES.md); ``tuning``
     overrides them (benchmarks compare variants with it)."""
     block_h = 64 if h_q > 32 else max(16, triton.next_power_of_2(h_q))
-    cfg = {"BLOCK_H": block_h, "BLOCK_N": 64, "num_warps": 8 if block_h >= 64 else 4, "NUM_STAGES": 2}
+    num_warps = 8 if block_h >= 64 else 4
+    cfg = {"BLOCK_H": block_h, "BLOCK_N": 64, "num_warps": num_warps, "NUM_STAGES": 2,
+           # Two warp groups share the scores only with 8 warps; with d_qk 576 the split
+           # measured slower (the tail's dot falls back to duplicated layouts).
+           "SPLIT_QK": int(num_warps == 8 and d_qk == 512)}
     if paged_fp8 or INTERPRET:
         # The FP8 tile is dequantized in registers: pipelining its loads only adds pressure.
         cfg["NUM_STAGES"] = 1
@@ -190,7 +215,7 @@ def sparse_attn_fwd_triton(
     unit stride in the last dim; max_logits and lse share strides). Returns Triton's handle of
     the compiled kernel (``n_regs``, ``n_spills``) for diagnostics."""
     s_q, h_q, d_qk = q.shape
-    cfg = pick_config(h_q, **tuning)
+    cfg = pick_config(h_q, d_qk, **tuning)
     num_head_blocks = triton.cdiv(h_q, cfg["BLOCK_H"])
     d_main = 512  # also d_v: the wrapper only admits d_v == 512
     grid = (s_q * num_head_blocks,)
@@ -204,5 +229,5 @@ def sparse_attn_fwd_triton(
         NUM_HEAD_BLOCKS=num_head_blocks, BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"],
         D_MAIN=d_main, D_TAIL=d_qk - d_main,
         HAS_SINK=attn_sink is not None, HAS_TOPK_LEN=topk_length is not None, UPCAST=INTERPRET,
-        NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
+        NUM_STAGES=cfg["NUM_STAGES"], SPLIT_QK=cfg["SPLIT_QK"], num_warps=cfg["num_warps"],
     )
