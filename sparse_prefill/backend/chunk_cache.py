@@ -81,16 +81,20 @@ def _host_lens(
     """Validate ``host_lens`` against the ``[R]`` length tensors; return them as lists."""
     if not isinstance(host_lens, Sequence) or len(host_lens) != 2:
         raise TypeError(f"host_lens must be a (seq_lens, extend_lens) pair of int sequences, got {host_lens!r}")
+    names = ("seq_lens", "extend_lens")
     lists = []
-    for name, values, t in zip(("seq_lens", "extend_lens"), host_lens, (seq_lens, extend_lens)):
+    for name, values, t in zip(names, host_lens, (seq_lens, extend_lens)):
         if isinstance(values, (str, bytes, torch.Tensor)) or not isinstance(values, Sequence):
             raise TypeError(f"host_lens' {name} must be a sequence of ints, got {type(values).__name__}")
         values = [check_int(f"host_lens' {name}[{i}]", v) for i, v in enumerate(values)]
         if len(values) != t.shape[0]:
             raise ValueError(f"host_lens' {name} has {len(values)} entries, the {name} tensor {t.shape[0]}")
-        if value_checks_enabled() and values != t.tolist():
-            raise ValueError(f"host_lens' {name} {values} differ from the {name} tensor {t.tolist()}")
         lists.append(values)
+    if value_checks_enabled():
+        on_device = torch.stack([seq_lens, extend_lens]).tolist()  # one sync for both
+        for name, values, actual in zip(names, lists, on_device):
+            if values != actual:
+                raise ValueError(f"host_lens' {name} {values} differ from the {name} tensor {actual}")
     return lists[0], lists[1]
 
 
