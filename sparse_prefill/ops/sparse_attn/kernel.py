@@ -86,9 +86,9 @@ def attend_scope(q, q_tail, m_i, l_i, acc, qk_scale_log2, kv_ptr, idx_row, n_key
     # the software pipeliner issues it.
     idx_next = tl.load(idx_row + offs_n, mask=offs_n < n_keys, other=-1)
     for start in tl.range(0, n_keys, BLOCK_N, num_stages=NUM_STAGES):
-        idx = idx_next.to(tl.int64)
+        idx = idx_next
         valid = (start + offs_n < n_keys) & (idx >= 0) & (idx < capacity)
-        safe = tl.where(valid, idx, 0)
+        safe = tl.where(valid, idx, 0)  # int32: token_offsets divides in int32
         if FP8_PAGED:
             data_off, scale_off = token_offsets(safe, page_size, page_bytes, IS_V4)
             k = load_kv_dims(kv_ptr, data_off, scale_off, valid, 0, D_MAIN, IS_V4).to(tl.bfloat16)
@@ -96,7 +96,7 @@ def attend_scope(q, q_tail, m_i, l_i, acc, qk_scale_log2, kv_ptr, idx_row, n_key
             if D_TAIL > 0:
                 k_tail = load_kv_dims(kv_ptr, data_off, scale_off, valid, D_MAIN, D_TAIL, IS_V4).to(tl.bfloat16)
         else:
-            kv_rows = kv_ptr + safe[:, None] * stride_kv_s
+            kv_rows = kv_ptr + safe.to(tl.int64)[:, None] * stride_kv_s
             k = tl.load(kv_rows + offs_d[None, :], mask=valid[:, None], other=0.0)
             k_tail = k
             if D_TAIL > 0:
