@@ -19,19 +19,14 @@ import sys
 import torch
 import triton
 
+from sparse_prefill.bench.sparse_attn import FP8_ROWS, SPARSE_ROWS
 from sparse_prefill.layout import KVCacheLayout
 from sparse_prefill.ops.cache import quantize_k_cache
 from sparse_prefill.ops.fp8_sparse_attn import kernel as F
 from sparse_prefill.ops.sparse_attn import kernel as K
 
-SHAPES = [  # d_qk, h_q, topk, s_kv, FlashMLA us (ANCHORS.md)
-    (512, 64, 512, 8192, 536),
-    (512, 64, 512, 65536, 711),
-    (512, 128, 1024, 8192, 2102),
-    (512, 128, 1024, 32768, 2118),
-    (512, 128, 1024, 65536, 2232),
-    (576, 128, 2048, 131072, 4617),
-]
+# d_qk, h_q, topk, s_kv, FlashMLA us: a spread of bench.sparse_attn's ANCHORS rows
+SHAPES = [SPARSE_ROWS[i] for i in (0, 2, 3, 4, 5, 7)]
 BASE = dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, NUM_STAGES=2)
 VARIANTS = [dict(BASE, SPLIT_QK=0), dict(BASE, SPLIT_QK=1)]  # the v7 study (NOTES.md)
 
@@ -48,10 +43,8 @@ def reference_rows(q, kv, idx, sm_scale, sink, rows):
     return outs
 
 
-FP8_SHAPES = [  # h_q, topk, compressed tokens, FlashMLA FP8 decode kernel us (ANCHORS.md)
-    (64, 512, 8192, 993),
-    (128, 1024, 8192, 2880),
-]
+# h_q, topk, compressed tokens, FlashMLA FP8 decode us, FlashMLA sparse_fwd us (ANCHORS.md)
+FP8_SHAPES = [FP8_ROWS[0], FP8_ROWS[2]]
 FP8_BASE = dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, NUM_STAGES=1)
 FP8_VARIANTS = [dict(FP8_BASE, SPLIT_QK=0), dict(FP8_BASE, SPLIT_QK=1)]
 
@@ -61,7 +54,7 @@ def tune_fp8(dev, s_q, quick):
     plus an SWA scope of 128 window ids, V4 layout, page size 64."""
     layout, page = KVCacheLayout.V4, 64
     results = []
-    for h_q, topk, n_comp, anchor in FP8_SHAPES[:1] if quick else FP8_SHAPES:
+    for h_q, topk, n_comp, anchor, _ in FP8_SHAPES[:1] if quick else FP8_SHAPES:
         cache = quantize_k_cache(torch.randn(n_comp // page, page, 1, 512, device=dev).bfloat16(), layout)
         n_swa = 4 * 8192
         swa = quantize_k_cache(torch.randn(n_swa // page, page, 1, 512, device=dev).bfloat16(), layout)

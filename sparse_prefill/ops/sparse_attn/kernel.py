@@ -86,9 +86,8 @@ def attend_scope(q, q_tail, m_i, l_i, acc, qk_scale_log2, kv_ptr, idx_row, n_key
     # the software pipeliner issues it.
     idx_next = tl.load(idx_row + offs_n, mask=offs_n < n_keys, other=-1)
     for start in tl.range(0, n_keys, BLOCK_N, num_stages=NUM_STAGES):
-        idx = idx_next
-        valid = (start + offs_n < n_keys) & (idx >= 0) & (idx < capacity)
-        safe = tl.where(valid, idx, 0)  # int32: token_offsets divides in int32
+        valid = (start + offs_n < n_keys) & (idx_next >= 0) & (idx_next < capacity)
+        safe = tl.where(valid, idx_next, 0)  # int32: token_offsets divides in int32
         if FP8_PAGED:
             data_off, scale_off = token_offsets(safe, page_size, page_bytes, IS_V4)
             k = load_kv_dims(kv_ptr, data_off, scale_off, valid, 0, D_MAIN, IS_V4).to(tl.bfloat16)
