@@ -18,15 +18,18 @@ estimate is a linear cost model, :class:`PathCosts`, whose constants are measure
 with ``flops = 2 * sum over queries of scanned kv * max(h_q, MIN_HEADS) * (d_qk + d_v)``.
 
 Where the constants come from: ``sparse_prefill.bench.backend`` fitted them to our own kernels
-on one H100 80GB HBM3 (torch 2.11, Triton 3.6, 2026-11-25; table in ``benchmarks/RESULTS.md``).
-The throughputs were then scaled by the speed-up ``sparse_prefill.bench.sparse_attn`` measured
-for each kernel on ANCHORS.md's regular-path rows when the score split (``SPLIT_QK``, kernel v7)
-landed: the regular (fused FP8) kernel runs at 164 / 175 TFLOP/s (h_q 64 / 128),
-``sparse_attn_fwd`` on the workspace at 253 / 293. Dequantize costs 4.1 ns per workspace row per
-layer, combine 0.004 ns per index entry; the fixed per-layer costs are 52 us (regular) and
-206 us (sparse: dequantize x2, combine, attention). With them one request's chunk goes sparse
-from 128-1024 new tokens in ratio-4 layers, 1024-8192 in ratio-128 layers and 4096-8192 in
-ratio-1 layers (prefix 0 or 16384, both V4 head shapes).
+on one H100 80GB HBM3 (torch 2.11, Triton 3.6, 2026-11-25; tables in ``benchmarks/RESULTS.md``),
+with the regular path on the warp-specialized Gluon FP8 kernel: throughputs and per-row costs
+are medians over the eight measured cases (chunks 8192 and 32768), the fixed per-layer costs
+come from the small-batch run of the 32768 measurement. The regular kernel runs at 339 / 393
+TFLOP/s (h_q 64 / 128), ``sparse_attn_fwd`` on the workspace at 292 / 332; dequantize costs
+3.5 ns per workspace row per layer, combine 0.004 ns per index entry; the fixed per-layer costs
+are 87 us (regular) and 135 us (sparse: dequantize x2, combine, attention). With them auto
+picked the measured faster path on 23 of the 24 per-layer rows (the miss: 25 us of 3.4 ms). The
+regular path wins everywhere except ratio-4 layers of requests with fewer complete compressed
+entries than ``topk`` (short or no prefix): the regular kernel scans every pick, masked ones
+included, where the sparse path compacts the valid ones (one request's chunk goes sparse from
+512 / 128 new tokens at prefix 0 for h_q 64 / 128, and stays regular at prefix 16384).
 Re-measure with ``python -m sparse_prefill.bench.backend`` when a kernel changes.
 
 Memory: the sparse path keeps per-forward state that grows with the chunk: the chunk cache's
@@ -72,15 +75,15 @@ class PathCosts:
     than ``min_heads`` cost as much as ``min_heads`` (a head block is computed whole).
     """
 
-    regular_tflops_h64: float = 163.5
-    regular_tflops_h128: float = 174.9
-    sparse_tflops_h64: float = 253.1
-    sparse_tflops_h128: float = 292.6
+    regular_tflops_h64: float = 338.9
+    regular_tflops_h128: float = 392.7
+    sparse_tflops_h64: float = 292.0
+    sparse_tflops_h128: float = 331.8
     min_heads: int = 64
-    dequant_ns_per_row: float = 4.059
-    combine_ns_per_entry: float = 0.004147
-    regular_fixed_us: float = 52.1  # per layer: the kernel + the index arithmetic's launches
-    sparse_fixed_us: float = 205.9  # per layer: dequantize x2, combine, attention launches
+    dequant_ns_per_row: float = 3.498
+    combine_ns_per_entry: float = 0.004121
+    regular_fixed_us: float = 87.2  # per layer: the kernel + the index arithmetic's launches
+    sparse_fixed_us: float = 135.0  # per layer: dequantize x2, combine, attention launches
 
     def tflops(self, path: str, num_heads: int) -> float:
         lo, hi = (

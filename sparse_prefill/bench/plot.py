@@ -26,7 +26,8 @@ SERIES = {
         ("flash_mla_sparse_fwd, this run", "flash_mla_us", "tab:green"),
     ),
     FP8_OP: (
-        ("ours: paged_fp8_sparse_attn_fwd (regular path)", "tflops", "tab:blue"),
+        ("ours: paged_fp8_sparse_attn_fwd (auto: the Gluon kernel on Hopper)", "tflops", "tab:blue"),
+        ("ours: its Triton kernel (non-Hopper fallback)", "triton_us", "tab:purple"),
         ("FlashMLA FP8 decode, regular path (ANCHORS.md, H100)", "anchor_us", "tab:orange"),
         ("ours: sparse_attn_fwd on the bf16 workspace", "sparse_workspace_us", "tab:cyan"),
         ("FlashMLA sparse_fwd on the workspace (ANCHORS.md, H100)", "anchor_sparse_us", "tab:red"),

@@ -16,7 +16,9 @@ twice it (the work is linear in topk at a fixed head count; marked "~", an estim
 paged_fp8_sparse_attn_fwd: the "regular path" rows of ANCHORS.md (s_q 4096, V4 caches, page size
 64: top-k unique ids into a compressed cache of 8192 / 16384 tokens plus 128 window ids into an
 SWA cache as the extra scope, attn_sink on), FLOPs ``2 * s_q * (topk + 128) * h_q * 1024``,
-ratio to FlashMLA's regular-path (FP8 decode kernel) time. Next to it, for the routing choice:
+ratio to FlashMLA's regular-path (FP8 decode kernel) time. The default row times the kernel
+``impl="auto"`` runs (the Gluon kernel on Hopper with Triton 3.6), with the Triton kernel's time
+beside it; ``--config`` variants tune the Triton kernel. Next to it, for the routing choice:
 our ``sparse_attn_fwd`` on a bf16 workspace holding the same tokens (combined rows of width
 topk + 128, dequantize step not included, like ANCHORS' "sparse_fwd" column).
 
@@ -229,14 +231,17 @@ def window_ids(s_q: int, page_size: int) -> tuple[torch.Tensor, int]:
 
 
 def bench_fp8(report: Report, variants: list[dict], quick: bool, flash_mla, progress: Progress) -> None:
+    from sparse_prefill.ops.fp8_sparse_attn import gluon_kernel
     from sparse_prefill.ops.fp8_sparse_attn.kernel import paged_fp8_sparse_attn_triton
     from sparse_prefill.ops.sparse_attn.kernel import sparse_attn_fwd_triton
 
     layout = KVCacheLayout.V4
-    header = ["variant", "h_q", "topk + W", "compressed tokens", "us", "TFLOP/s",
-              "FlashMLA regular us (ANCHORS)", "ratio", "our sparse_fwd on workspace us",
+    use_gluon = gluon_kernel.auto_picks_gluon(torch.device("cuda"), layout)
+    header = ["variant", "kernel", "h_q", "topk + W", "compressed tokens", "us", "TFLOP/s",
+              "FlashMLA regular us (ANCHORS)", "ratio", "Triton kernel us", "our sparse_fwd on workspace us",
               "FlashMLA sparse_fwd us (ANCHORS)", "flash_mla sparse_fwd here us", "err out", "err lse"]
-    report.table("paged_fp8_sparse_attn_fwd, regular path (s_q 4096, V4, page size 64, attn_sink on)", header)
+    report.table("paged_fp8_sparse_attn_fwd, regular path (s_q 4096, V4, page size 64, attn_sink on); "
+                 "default: the kernel impl='auto' runs", header)
     for h_q, topk, n_comp, regular_us, sparse_anchor_us in fp8_cases(quick):
         progress.step(f"paged_fp8_sparse_attn_fwd h_q {h_q} topk {topk} + {WINDOW} tokens {n_comp}")
         q = random_bf16(S_Q, h_q, layout.dim)
@@ -259,27 +264,36 @@ def bench_fp8(report: Report, variants: list[dict], quick: bool, flash_mla, prog
         if flash_mla is not None:
             flash_us = bench_us(lambda: flash_mla.flash_mla_sparse_fwd(
                 q, workspace[:, None], ws_idx[:, None], sm_scale, D_V, sink))
+        ws_outputs = new_outputs(S_Q, h_q)
+        ws_us = bench_us(lambda: sparse_attn_fwd_triton(q, workspace, ws_idx, sm_scale, D_V, sink, None, *ws_outputs))
+        scopes = (q, comp_cache, comp_ids, PAGE_SIZE, swa_cache, swa_ids, PAGE_SIZE, None, None, sm_scale, sink)
+        timed = []  # (variant, kernel, launch)
+        if use_gluon:
+            timed.append(({}, "gluon", lambda o: gluon_kernel.paged_fp8_sparse_attn_gluon(*scopes, *o)))
         for variant in variants:
+            if variant or not use_gluon:
+                timed.append((variant, "triton", lambda o, v=variant: paged_fp8_sparse_attn_triton(
+                    *scopes, layout, D_V, *o, **v)))
+        triton_us = None
+        if use_gluon:  # the fallback kernel's time, next to the default row
             outputs = new_outputs(S_Q, h_q)
-            run = lambda: paged_fp8_sparse_attn_triton(
-                q, comp_cache, comp_ids, PAGE_SIZE, swa_cache, swa_ids, PAGE_SIZE, None, None, sm_scale,
-                sink, layout, D_V, *outputs, **variant)
-            run()
+            triton_us = bench_us(lambda: paged_fp8_sparse_attn_triton(*scopes, layout, D_V, *outputs))
+        for variant, kernel, launch in timed:
+            outputs = new_outputs(S_Q, h_q)
+            launch(outputs)
             err_out, err_lse = max_errors(outputs, reference)
-            us = bench_us(run)
-            ws_outputs = new_outputs(S_Q, h_q)
-            ws_us = bench_us(lambda: sparse_attn_fwd_triton(
-                q, workspace, ws_idx, sm_scale, D_V, sink, None, *ws_outputs, **variant))
+            us = bench_us(lambda: launch(outputs))
             tflops = flops / us / 1e6
-            report.say(f"| {variant_name(variant)} | {h_q} | {topk} + {WINDOW} | {n_comp} | {us:.0f} | {tflops:.0f} | "
-                       f"{regular_us} | {regular_us / us:.2f} | {ws_us:.0f} | {sparse_anchor_us} | {fmt(flash_us)} | "
-                       f"{err_out:.1e} | {err_lse:.1e} |")
-            report.rows.append(dict(op="paged_fp8_sparse_attn_fwd", variant=variant, d_qk=layout.dim, h_q=h_q,
-                                    topk=topk, extra_topk=WINDOW, s_kv=n_comp, s_q=S_Q, us=us, tflops=tflops,
-                                    anchor_us=regular_us, sparse_workspace_us=ws_us,
-                                    anchor_sparse_us=sparse_anchor_us, flash_mla_us=flash_us,
-                                    err_out=err_out, err_lse=err_lse))
-        del q, comp_cache, swa_cache, workspace, outputs, ws_outputs
+            fallback_us = triton_us if not variant else None
+            report.say(f"| {variant_name(variant)} | {kernel} | {h_q} | {topk} + {WINDOW} | {n_comp} | {us:.0f} | "
+                       f"{tflops:.0f} | {regular_us} | {regular_us / us:.2f} | {fmt(fallback_us)} | {ws_us:.0f} | "
+                       f"{sparse_anchor_us} | {fmt(flash_us)} | {err_out:.1e} | {err_lse:.1e} |")
+            report.rows.append(dict(op="paged_fp8_sparse_attn_fwd", variant=variant, kernel=kernel, d_qk=layout.dim,
+                                    h_q=h_q, topk=topk, extra_topk=WINDOW, s_kv=n_comp, s_q=S_Q, us=us,
+                                    tflops=tflops, anchor_us=regular_us, triton_us=fallback_us,
+                                    sparse_workspace_us=ws_us, anchor_sparse_us=sparse_anchor_us,
+                                    flash_mla_us=flash_us, err_out=err_out, err_lse=err_lse))
+        del q, comp_cache, swa_cache, workspace, ws_outputs
         torch.cuda.empty_cache()
 
 

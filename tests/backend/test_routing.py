@@ -55,19 +55,29 @@ def test_layer_work_counts():
     assert w128.regular_kv == w128.sparse_kv == win + 2 and w128.workspace_rows == 8 + 1
 
 
+# Ratio 4 without prefixes: fewer complete compressed entries than topk, so the regular kernel
+# scans masked picks the sparse path compacts away; with long prefixes every pick is valid.
+SHORT = ([0] * 4, [1024] * 4)
+LONG = ([16384] * 4, [4096] * 4)
+
+
 def test_auto_rule_picks_by_estimate(caplog):
-    big = metadata([0, 16384, 0, 16384], [4096] * 4)
+    short, long = metadata(*SHORT), metadata(*LONG)
     tiny = metadata([200000], [1])  # one token after a long prefix: dequantizing costs more
     with caplog.at_level(logging.DEBUG, logger="sparse_prefill.backend.routing"):
-        assert routing.choose_path("auto", CFG, big, 4) == routing.SPARSE
+        assert routing.choose_path("auto", CFG, short, 4) == routing.SPARSE
     assert "ratio-4 layers" in caplog.text and "sparse path" in caplog.text and "estimated" in caplog.text
+    assert routing.choose_path("auto", CFG, long, 4) == routing.REGULAR
     for ratio in (1, 4, 128):
         work = routing.layer_work(CFG, tiny, ratio)
         assert routing.estimate_us("sparse", work) > routing.estimate_us("regular", work)
         assert routing.choose_path("auto", CFG, tiny, ratio) == routing.REGULAR
-    # The rule follows the constants: a slow sparse kernel sends the big batch to regular.
-    slow = PathCosts(sparse_tflops_h64=100.0, sparse_tflops_h128=100.0)
-    assert routing.choose_path("auto", CFG, big, 4, slow) == routing.REGULAR
+    # The rule follows the constants: a slow sparse kernel sends the short batch to regular, a
+    # slow regular kernel sends the long one to sparse.
+    slow_sparse = PathCosts(sparse_tflops_h64=100.0, sparse_tflops_h128=100.0)
+    assert routing.choose_path("auto", CFG, short, 4, slow_sparse) == routing.REGULAR
+    slow_regular = PathCosts(regular_tflops_h64=100.0, regular_tflops_h128=100.0)
+    assert routing.choose_path("auto", CFG, long, 4, slow_regular) == routing.SPARSE
 
 
 def test_sparse_state_limit(monkeypatch, caplog):
@@ -94,13 +104,13 @@ def test_forced_and_decode():
 
 
 def test_backend_takes_env_and_argument(monkeypatch):
-    big = metadata([0, 16384], [4096] * 2)
+    short = metadata(*SHORT)
     monkeypatch.setenv(routing.ENV_VAR, "regular")
-    assert SparsePrefillBackend(CFG).path_for(4, big) == "regular"
-    assert SparsePrefillBackend(CFG, "sparse").path_for(4, big) == "sparse"
+    assert SparsePrefillBackend(CFG).path_for(4, short) == "regular"
+    assert SparsePrefillBackend(CFG, "sparse").path_for(4, short) == "sparse"
     monkeypatch.setenv(routing.ENV_VAR, "auto")
-    assert SparsePrefillBackend(CFG).path_for(4, big) == "sparse"
-    assert SparsePrefillBackend(CFG, "regular").path_for(4, big) == "regular"
+    assert SparsePrefillBackend(CFG).path_for(4, short) == "sparse"
+    assert SparsePrefillBackend(CFG, "regular").path_for(4, short) == "regular"
 
 
 def test_tflops_interpolation():

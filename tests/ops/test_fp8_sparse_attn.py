@@ -14,7 +14,7 @@ from sparse_prefill import value_checks
 from sparse_prefill.layout import KVCacheLayout
 from sparse_prefill.ops.cache import dequantize_k_cache_paged, quantize_k_cache
 from sparse_prefill.ops.cache.naive import token_byte_offsets
-from sparse_prefill.ops.fp8_sparse_attn import paged_fp8_sparse_attn_fwd
+from sparse_prefill.ops.fp8_sparse_attn import gluon_kernel, paged_fp8_sparse_attn_fwd
 from sparse_prefill.ops.fp8_sparse_attn.naive import paged_fp8_sparse_attn_fwd_naive
 from sparse_prefill.ops.sparse_attn.naive import sparse_attn_fwd_naive
 from tests.tolerance import INF, assert_attn_close
@@ -130,18 +130,32 @@ def workspace_case(case: Fp8Case) -> Case:
     return Case(case.q, torch.cat(kvs), indices, SM_SCALE, case.attn_sink, None)
 
 
-def run_launcher(case: Fp8Case) -> tuple:
-    """The Triton launcher itself on poisoned output buffers."""
+KERNELS = ["triton", "gluon"]
+
+
+def skip_unless_runs(kernel: str, device, layout: KVCacheLayout) -> None:
+    """Skip a "gluon" case where that kernel cannot run (CPU, not Hopper, V3.2 layout)."""
+    if kernel == "gluon":
+        reason = gluon_kernel.unsupported_reason(torch.device(device), layout)
+        if reason is not None:
+            pytest.skip(f"Gluon kernel: {reason}")
+
+
+def run_launcher(case: Fp8Case, kernel: str = "triton") -> tuple:
+    """A kernel's launcher itself ("triton" or "gluon") on poisoned output buffers."""
     from sparse_prefill.ops.fp8_sparse_attn.kernel import paged_fp8_sparse_attn_triton
 
+    skip_unless_runs(kernel, case.q.device, case.layout)
     s_q, h_q, _ = case.q.shape
     outputs = poisoned_outputs(s_q, h_q, case.q.device)
     kw = case.kwargs()
-    paged_fp8_sparse_attn_triton(
-        case.q, case.main.cache, case.main.indices, case.main.page_size, kw["extra_cache"],
-        kw["extra_indices"], kw["extra_page_size"], kw["topk_length"], kw["extra_topk_length"],
-        SM_SCALE, case.attn_sink, case.layout, D_V, *outputs,
-    )
+    scopes = (case.q, case.main.cache, case.main.indices, case.main.page_size, kw["extra_cache"],
+              kw["extra_indices"], kw["extra_page_size"], kw["topk_length"], kw["extra_topk_length"],
+              SM_SCALE, case.attn_sink)
+    if kernel == "gluon":
+        gluon_kernel.paged_fp8_sparse_attn_gluon(*scopes, *outputs)
+    else:
+        paged_fp8_sparse_attn_triton(*scopes, case.layout, D_V, *outputs)
     return outputs
 
 
@@ -214,23 +228,27 @@ def test_kernel_matches_reference(device, s_q, h_q, layout, scopes):
     assert_attn_close(run_launcher(case), case.reference())
 
 
-def test_kernel_special_rows(device):
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernel_special_rows(device, impl):
     """Exact facts: a row with nothing valid in either scope is (0, -inf, +inf); a row whose
     main scope is empty equals attending to its extra scope alone; sinks of +-inf."""
+    skip_unless_runs(impl, device, V4)
     case = make_fp8_case(4, 3, V4, *SCOPES[1], device)
-    out, max_logits, lse = paged_fp8_sparse_attn_fwd(*case.args(), **case.kwargs(), impl="triton")
+    out, max_logits, lse = paged_fp8_sparse_attn_fwd(*case.args(), **case.kwargs(), impl=impl)
     assert torch.all(out[1] == 0) and torch.all(max_logits[1] == -INF) and torch.all(lse[1] == INF)
     assert torch.all(out[[0, 2, 3], 2] == 0), "sink +inf must zero the output"
     assert not torch.isnan(out).any()
     # Row 2 has main length 0: the extra scope alone, passed as the main scope, gives the same.
     x = case.extra
     alone = Fp8Case(case.q[2:3], Scope(x.cache, x.indices[2:3], x.page_size, x.lengths[2:3]), None, case.attn_sink, V4)
-    result = paged_fp8_sparse_attn_fwd(*alone.args(), **alone.kwargs(), impl="triton")
+    result = paged_fp8_sparse_attn_fwd(*alone.args(), **alone.kwargs(), impl=impl)
     assert_attn_close(result, (out[2:3].float(), max_logits[2:3], lse[2:3]))
     assert_attn_close((out, max_logits, lse), case.reference())
 
 
-def test_kernel_strided_inputs_and_out_buffer(device):
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernel_strided_inputs_and_out_buffer(device, impl):
+    skip_unless_runs(impl, device, V4)
     case = make_fp8_case(3, 16, V4, *SCOPES[3], device)
 
     def strided_scope(scope: Scope) -> Scope:
@@ -241,32 +259,35 @@ def test_kernel_strided_inputs_and_out_buffer(device):
                       strided_copy(case.attn_sink, unit_last=False), V4)
     big = torch.full((3, 16, 2 * D_V), float("nan"), dtype=torch.bfloat16, device=device)
     out = big[:, :, D_V:]
-    result = paged_fp8_sparse_attn_fwd(*strided.args(), **strided.kwargs(), out=out, impl="triton")
+    result = paged_fp8_sparse_attn_fwd(*strided.args(), **strided.kwargs(), out=out, impl=impl)
     assert result[0] is out
     assert torch.isnan(big[:, :, :D_V]).all(), "wrote outside the out view"
     assert_attn_close(result, case.reference())
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("impl", ["reference", *KERNELS])
 def test_empty_queries(device, impl):
+    skip_unless_runs(impl, device, V4)
     case = make_fp8_case(0, 4, V4, *SCOPES[1], device)
     out, max_logits, lse = paged_fp8_sparse_attn_fwd(*case.args(), **case.kwargs(), impl=impl)
     assert out.shape == (0, 4, D_V) and max_logits.shape == lse.shape == (0, 4)
 
 
-def test_public_triton_matches_launcher_and_unchecked_lengths(device):
+@pytest.mark.parametrize("impl", KERNELS)
+def test_public_kernel_matches_launcher_and_unchecked_lengths(device, impl):
     """The wrapper passes its inputs through unchanged; with value checks off a length past the
     width behaves as the width and a negative one as 0."""
+    skip_unless_runs(impl, device, V4)
     case = make_fp8_case(4, 8, V4, (16, 4, 9), (8, 4, 5), device, lengths=False)
     case.main.lengths = torch.tensor([9, 100, -3, 0], dtype=torch.int32, device=device)
     case.extra.lengths = torch.tensor([-1, 5, 77, 2], dtype=torch.int32, device=device)
     with value_checks(False):
-        result = paged_fp8_sparse_attn_fwd(*case.args(), **case.kwargs(), impl="triton")
-    for a, b in zip(result, run_launcher(case)):
+        result = paged_fp8_sparse_attn_fwd(*case.args(), **case.kwargs(), impl=impl)
+    for a, b in zip(result, run_launcher(case, impl)):
         assert torch.equal(a, b)
     case.main.lengths = torch.tensor([9, 9, 0, 0], dtype=torch.int32, device=device)
     case.extra.lengths = torch.tensor([0, 5, 5, 2], dtype=torch.int32, device=device)
-    for a, b in zip(result, paged_fp8_sparse_attn_fwd(*case.args(), **case.kwargs(), impl="triton")):
+    for a, b in zip(result, paged_fp8_sparse_attn_fwd(*case.args(), **case.kwargs(), impl=impl)):
         assert torch.equal(a, b)
     assert_attn_close(result, case.reference())
 
@@ -304,7 +325,16 @@ VALIDATION = {
     "d_v": (dict(d_v=448), ValueError, "d_v must be 512"),
     "out shape": (dict(out=lambda c: torch.empty(4, 3, 576, dtype=torch.bfloat16)), ValueError, "out must have shape"),
     "impl": (dict(impl="gpu"), ValueError, "impl must be one of"),
+    "impl gluon on cpu": (dict(impl="gluon"), ValueError, "impl='gluon' cannot run here: it needs CUDA tensors"),
 }
+
+
+def test_gluon_kernel_says_where_it_cannot_run():
+    assert "V4 layout only" in gluon_kernel.unsupported_reason(torch.device("cuda"), V32)
+    assert "CUDA tensors" in gluon_kernel.unsupported_reason(torch.device("cpu"), V4)
+    assert not gluon_kernel.auto_picks_gluon(torch.device("cpu"), V4)
+    with pytest.raises(ValueError, match="unknown tuning keys"):
+        gluon_kernel.paged_fp8_sparse_attn_gluon(*[None] * 14, BLOCK_N=32)
 
 
 @pytest.mark.parametrize("name", list(VALIDATION))
@@ -324,34 +354,50 @@ def test_validation_errors(name):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("scopes", SCOPES, ids=_scope_id)
-@pytest.mark.parametrize("h_q", [1, 3, 8, 16, 64, 128])
+@pytest.mark.parametrize("h_q", [1, 3, 8, 16, 64, 100, 128])
 @pytest.mark.parametrize("layout", [V4, V32], ids=lambda x: x.name)
-def test_gpu_all_small_shapes(layout, h_q, scopes):
+def test_gpu_all_small_shapes(layout, h_q, scopes, kernel):
     case = make_fp8_case(33, h_q, layout, *scopes, "cuda")
-    assert_attn_close(run_launcher(case), case.reference())
+    assert_attn_close(run_launcher(case, kernel), case.reference())
 
 
 @pytest.mark.gpu
+def test_gpu_auto_runs_the_kernel_it_names():
+    """``impl="auto"`` on CUDA is bitwise the kernel ``auto_picks_gluon`` names (V4), and the
+    Triton kernel for V3.2."""
+    for layout in (V4, V32):
+        case = make_fp8_case(33, 64, layout, *SCOPES[3], "cuda")
+        kernel = "gluon" if gluon_kernel.auto_picks_gluon(torch.device("cuda"), layout) else "triton"
+        result = paged_fp8_sparse_attn_fwd(*case.args(), **case.kwargs(), impl="auto")
+        for a, b in zip(result, run_launcher(case, kernel)):
+            assert torch.equal(a, b), (layout, kernel)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("h_q,topk", [(64, 512), (128, 1024), (16, 512), (32, 1024)])
 @pytest.mark.parametrize("compressed_tokens", [8192, 16384])
-def test_gpu_real_sizes(h_q, topk, compressed_tokens):
+def test_gpu_real_sizes(h_q, topk, compressed_tokens, kernel):
     """The regular-path rows of ANCHORS.md: s_q 4096, top-k ids into a compressed cache plus
     128 window ids into an SWA cache, V4, page size 64."""
     case = make_fp8_case(4096, h_q, V4, (64, compressed_tokens // 64, topk), (64, 66, 128), "cuda", invalid=0.05)
-    assert_attn_close(run_launcher(case), case.reference())
+    assert_attn_close(run_launcher(case, kernel), case.reference())
 
 
 @pytest.mark.gpu
-def test_gpu_long_sq():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gpu_long_sq(kernel):
     """s_q = 70000 > 65535 (grid dims 1/2); q/out element offsets past 2**31 (70000 * 64 * 512)."""
     case = make_fp8_case(70000, 64, V4, (64, 64, 64), (64, 4, 16), "cuda")
-    assert_attn_close(run_launcher(case), case.reference())
+    assert_attn_close(run_launcher(case, kernel), case.reference())
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("layout", [V4, V32], ids=lambda x: x.name)
-def test_gpu_cache_past_2_pow_31_bytes(layout):
+def test_gpu_cache_past_2_pow_31_bytes(layout, kernel):
     """A 2.2 GB main cache with the tokens used in its last pages: byte offsets past 2**31
     (int64 addressing); ids just past the capacity and INT_MAX are invalid."""
     page_size = 64
@@ -366,7 +412,7 @@ def test_gpu_cache_past_2_pow_31_bytes(layout):
     main = Scope(cache, idx, page_size, None)
     extra = make_scope(s_q, 16, 8, 32, layout, torch.device("cuda"))
     case = Fp8Case(random_values((s_q, h_q, layout.dim), "cuda"), main, extra, make_sink(h_q, "cuda"), layout)
-    assert_attn_close(run_launcher(case), case.reference())
+    assert_attn_close(run_launcher(case, kernel), case.reference())
 
 
 @pytest.mark.gpu

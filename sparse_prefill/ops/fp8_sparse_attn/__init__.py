@@ -1,11 +1,14 @@
 """``paged_fp8_sparse_attn_fwd``: sparse MLA attention straight from FP8 paged KV caches (the
-"regular path", FlashMLA ``flash_mla_with_kvcache`` sparse FP8 semantics), no bf16 workspace."""
+"regular path", FlashMLA ``flash_mla_with_kvcache`` sparse FP8 semantics), no bf16 workspace.
+
+Two kernels: ``gluon_kernel.py`` (warp-specialized, Hopper, V4 layout) and ``kernel.py``
+(Triton, any CUDA GPU, both layouts); ``naive.py`` is the reference both are tested against."""
 
 from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import check_int, check_tensor, resolve_impl
+from sparse_prefill._utils import IMPLS, check_int, check_tensor, resolve_impl
 from sparse_prefill.layout import KVCacheLayout
 from sparse_prefill.ops.fp8_sparse_attn.naive import paged_fp8_sparse_attn_fwd_naive
 from sparse_prefill.ops.sparse_attn import (
@@ -20,7 +23,9 @@ from sparse_prefill.ops.sparse_attn import (
     write_reference,
 )
 
-__all__ = ["paged_fp8_sparse_attn_fwd"]
+__all__ = ["FP8_ATTN_IMPLS", "paged_fp8_sparse_attn_fwd"]
+
+FP8_ATTN_IMPLS = (*IMPLS, "gluon")
 
 
 def _check_cache(
@@ -86,8 +91,12 @@ def paged_fp8_sparse_attn_fwd(
         layout: ``KVCacheLayout.V4`` or ``KVCacheLayout.V32``, the byte layout of both caches.
         d_v: value dims, must be 512.
         out: optional, [s_q, h_q, d_v], bfloat16, preallocated output; written and returned.
-        impl: "auto" (Triton for CUDA tensors, the PyTorch reference for CPU tensors), "triton"
-            (on CPU needs ``TRITON_INTERPRET=1``) or "reference".
+        impl: "auto", "gluon", "triton" or "reference". "auto": for CUDA tensors the Gluon kernel
+            where it runs (V4 layout, an sm_90 GPU, a Triton version it was validated with: 3.6),
+            else the Triton kernel; for CPU tensors the PyTorch reference. "gluon": the
+            warp-specialized Hopper kernel (ValueError where it cannot run). "triton": the
+            Triton kernel (on CPU needs ``TRITON_INTERPRET=1``). All give the same result up to
+            float summation order.
 
     Every tensor must be on ``q``'s device; q, the index rows and out need unit stride in their
     last dim (other dims take any stride). Violations raise TypeError/ValueError naming the
@@ -124,7 +133,7 @@ def paged_fp8_sparse_attn_fwd(
     topk_length = check_lengths("topk_length", topk_length, s_q, topk, device)
     if extra_indices is not None:
         extra_topk_length = check_lengths("extra_topk_length", extra_topk_length, s_q, extra_topk, device)
-    impl = resolve_impl(impl, device)
+    impl = _resolve_fp8_impl(impl, device, layout)
     out, max_logits, lse = prepare_outputs(out, s_q, h_q, d_v, device)
     if s_q == 0:
         return out, max_logits, lse
@@ -137,10 +146,32 @@ def paged_fp8_sparse_attn_fwd(
         )
         return write_reference(reference, out)
 
-    from sparse_prefill.ops.fp8_sparse_attn.kernel import paged_fp8_sparse_attn_triton
+    scopes = (q, cache, indices, page_size, extra_cache, extra_indices, extra_page_size, topk_length,
+              extra_topk_length, sm_scale, attn_sink)
+    if impl == "gluon":
+        from sparse_prefill.ops.fp8_sparse_attn.gluon_kernel import paged_fp8_sparse_attn_gluon
 
-    paged_fp8_sparse_attn_triton(
-        q, cache, indices, page_size, extra_cache, extra_indices, extra_page_size, topk_length,
-        extra_topk_length, sm_scale, attn_sink, layout, d_v, out, max_logits, lse,
-    )
+        paged_fp8_sparse_attn_gluon(*scopes, out, max_logits, lse)
+    else:
+        from sparse_prefill.ops.fp8_sparse_attn.kernel import paged_fp8_sparse_attn_triton
+
+        paged_fp8_sparse_attn_triton(*scopes, layout, d_v, out, max_logits, lse)
     return out, max_logits, lse
+
+
+def _resolve_fp8_impl(impl: object, device: torch.device, layout: KVCacheLayout) -> str:
+    """``impl`` (see ``paged_fp8_sparse_attn_fwd``) -> "gluon", "triton" or "reference"."""
+    if impl not in FP8_ATTN_IMPLS:
+        raise ValueError(f"impl must be one of {FP8_ATTN_IMPLS}, got {impl!r}")
+    if impl == "auto" and device.type == "cuda":
+        from sparse_prefill.ops.fp8_sparse_attn import gluon_kernel
+
+        return "gluon" if gluon_kernel.auto_picks_gluon(device, layout) else "triton"
+    if impl == "gluon":
+        from sparse_prefill.ops.fp8_sparse_attn import gluon_kernel
+
+        reason = gluon_kernel.unsupported_reason(device, layout)
+        if reason is not None:
+            raise ValueError(f"impl='gluon' cannot run here: {reason}")
+        return "gluon"
+    return resolve_impl(impl, device)

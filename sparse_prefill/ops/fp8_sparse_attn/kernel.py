@@ -88,25 +88,37 @@ def paged_fp8_sparse_attn_triton(
     s_q, h_q, d_qk = q.shape
     cfg = pick_config(h_q, d_qk, paged_fp8=True, **tuning)
     num_head_blocks = triton.cdiv(h_q, cfg["BLOCK_H"])
+    return _paged_fp8_sparse_attn_kernel[(s_q * num_head_blocks,)](
+        *launch_args(q, cache, indices, page_size, extra_cache, extra_indices, extra_page_size, topk_length,
+                     extra_topk_length, sm_scale, attn_sink, out, max_logits, lse),
+        NUM_HEAD_BLOCKS=num_head_blocks, BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"],
+        D_MAIN=512, D_TAIL=d_qk - 512, IS_V4=layout is KVCacheLayout.V4,
+        HAS_EXTRA=extra_indices is not None, HAS_SINK=attn_sink is not None,
+        HAS_TOPK_LEN=topk_length is not None, HAS_XTOPK_LEN=extra_topk_length is not None,
+        UPCAST=INTERPRET, NUM_STAGES=cfg["NUM_STAGES"], SPLIT_QK=cfg["SPLIT_QK"], num_warps=cfg["num_warps"],
+    )
+
+
+def launch_args(q, cache, indices, page_size, extra_cache, extra_indices, extra_page_size, topk_length,
+                extra_topk_length, sm_scale, attn_sink, out, max_logits, lse) -> tuple:
+    """The runtime arguments both FP8 kernels (this one and ``gluon_kernel.py``) take, in their
+    order, from a launcher's validated arguments (same names and types). An absent optional
+    tensor is replaced by a present one its HAS_* flag keeps unread; without the extra scope
+    the main one stands in for it."""
     has_extra = extra_indices is not None
     xcache = extra_cache if has_extra else cache
     xidx = extra_indices if has_extra else indices
     xpage = extra_page_size if has_extra else page_size
-    return _paged_fp8_sparse_attn_kernel[(s_q * num_head_blocks,)](
+    return (
         q, cache, indices, xcache, xidx,
         out, max_logits, lse,
         attn_sink if attn_sink is not None else lse,
         topk_length if topk_length is not None else indices,
         extra_topk_length if extra_topk_length is not None else indices,
-        h_q, indices.shape[1], xidx.shape[1],
+        q.shape[1], indices.shape[1], xidx.shape[1],
         cache.shape[0] * page_size, xcache.shape[0] * xpage,
         page_size, cache.shape[1], xpage, xcache.shape[1],
         sm_scale * LOG2E,
         q.stride(0), q.stride(1), indices.stride(0), xidx.stride(0), out.stride(0), out.stride(1),
         lse.stride(0),
-        NUM_HEAD_BLOCKS=num_head_blocks, BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"],
-        D_MAIN=512, D_TAIL=d_qk - 512, IS_V4=layout is KVCacheLayout.V4,
-        HAS_EXTRA=has_extra, HAS_SINK=attn_sink is not None,
-        HAS_TOPK_LEN=topk_length is not None, HAS_XTOPK_LEN=extra_topk_length is not None,
-        UPCAST=INTERPRET, NUM_STAGES=cfg["NUM_STAGES"], SPLIT_QK=cfg["SPLIT_QK"], num_warps=cfg["num_warps"],
     )
