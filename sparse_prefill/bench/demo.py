@@ -85,7 +85,8 @@ def run_demo(device: torch.device, *, seed: int = 0, say: Callable[[str], None] 
                                  q_std=10.0, k_std=0.1, k_mean=0.05)
     md = batch.metadata
     if device.type == "cuda":
-        ops = f"Triton kernels on {torch.cuda.get_device_name(device)}"
+        name = torch.cuda.get_device_name(device)
+        ops = f"the GPU kernels (Triton; the regular path's Gluon kernel on Hopper) on {name}"
     else:
         ops = "the ops' PyTorch reference implementations on CPU (no CUDA GPU; `sparse-prefill check` runs the kernels)"
     say("sparse-prefill demo: a DeepSeek-V4 prefill through SparsePrefillBackend")
@@ -129,5 +130,7 @@ def run_demo(device: torch.device, *, seed: int = 0, say: Callable[[str], None] 
     say("")
     say("(ms: one forward per layer, wall clock including device work, value checks off; a path's first "
         "layer also builds the forward's shared index state)")
+    if device.type != "cuda":
+        say("(auto routes by costs measured on an H100 GPU; the CPU references cost differently)")
     say("PASS: every layer of both paths matches the reference" if ok else "FAIL: see the layers marked FAIL")
     return ok

@@ -218,7 +218,8 @@ if GLUON_IMPORTED:
                      HAS_XTOPK_LEN: gl.constexpr, HAS_SINK: gl.constexpr):
         """``Q K^T``, the online softmax (base 2, as the Triton kernel), ``P V`` for value dims
         0..255, and the epilogue: max_logits, lse, and the output scale the value group reads."""
-        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_N, 16])
         o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
         rows_s: gl.constexpr = gl.SliceLayout(1, s_l)
         q_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
