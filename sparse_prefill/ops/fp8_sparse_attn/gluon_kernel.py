@@ -54,8 +54,8 @@ BLOCK_H = tl.constexpr(64)  # one wgmma M tile
 BLOCK_N = tl.constexpr(64)  # keys per tile
 CHUNK = tl.constexpr(32)  # keys the producer gathers at once (a tile is two chunks)
 NUM_BUF = tl.constexpr(2)  # KV tiles in flight between the producer and the MMA groups
-# Registers per thread of the value group and the producer; the score group gets the rest of
-# the 504 (3 x 168) Triton budgets for 384 threads. Chosen from `ptxas -v` (the smallest budgets
+# Registers per thread of the value group and the producer; the score group gets the rest of the
+# 504 per thread (3 x 168) Triton shares among the three warp groups. Chosen from `ptxas -v` (the smallest budgets
 # without spills or serialized wgmma) and measured (benchmarks/NOTES.md).
 DEFAULT_TUNING = {"VALUE_REGS": 160, "PRODUCER_REGS": 120}
 
@@ -68,8 +68,9 @@ def unsupported_reason(device: torch.device, layout: KVCacheLayout) -> str | Non
         return f"it needs CUDA tensors, got {device.type}"
     if not GLUON_IMPORTED:
         return f"Triton {triton.__version__} has no Gluon Hopper API"
-    if torch.cuda.get_device_capability(device) != (9, 0):
-        return f"it needs an sm_90 (Hopper) GPU, got sm_{''.join(map(str, torch.cuda.get_device_capability(device)))}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) != (9, 0):
+        return f"it needs an sm_90 (Hopper) GPU, got sm_{major}{minor}"
     return None
 
 
@@ -77,7 +78,7 @@ def auto_picks_gluon(device: torch.device, layout: KVCacheLayout) -> bool:
     """Whether ``impl="auto"`` runs this kernel (else the Triton one); the reason is logged at
     debug level."""
     reason = unsupported_reason(device, layout)
-    if reason is None and not triton.__version__.startswith(VALIDATED_TRITON):
+    if reason is None and ".".join(triton.__version__.split(".")[:2]) not in VALIDATED_TRITON:
         reason = f"Triton {triton.__version__} is not one it was validated with {VALIDATED_TRITON}"
     if reason is not None:
         logger.debug("paged_fp8_sparse_attn_fwd: Triton kernel, not the Gluon one: %s", reason)
