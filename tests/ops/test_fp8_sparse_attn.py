@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
+import triton
 
 from sparse_prefill import value_checks
 from sparse_prefill.layout import KVCacheLayout
@@ -366,7 +367,10 @@ def test_gpu_all_small_shapes(layout, h_q, scopes, kernel):
 @pytest.mark.gpu
 def test_gpu_auto_runs_the_kernel_it_names():
     """``impl="auto"`` on CUDA is bitwise the kernel ``auto_picks_gluon`` names (V4), and the
-    Triton kernel for V3.2."""
+    Triton kernel for V3.2; on Hopper with a validated Triton that is the Gluon kernel."""
+    validated = triton.__version__.rsplit(".", 1)[0] in gluon_kernel.VALIDATED_TRITON
+    if torch.cuda.get_device_capability() == (9, 0) and validated:
+        assert gluon_kernel.auto_picks_gluon(torch.device("cuda"), V4)
     for layout in (V4, V32):
         case = make_fp8_case(33, 64, layout, *SCOPES[3], "cuda")
         kernel = "gluon" if gluon_kernel.auto_picks_gluon(torch.device("cuda"), layout) else "triton"
