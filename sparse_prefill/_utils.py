@@ -39,6 +39,12 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of host ints. (``triton.cdiv`` is a constexpr function in recent Triton:
+    calling it from Python goes through the JIT's dispatch, several microseconds a call.)"""
+    return -(-a // b)
+
+
 def value_checks_enabled() -> bool:
     """Whether checks that read tensor *values* run (on CUDA each costs a device sync)."""
     return _VALUE_CHECKS

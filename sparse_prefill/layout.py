@@ -22,7 +22,8 @@ from __future__ import annotations
 import enum
 
 import torch
-import triton
+
+from sparse_prefill._utils import cdiv
 
 ROPE_DIM = 64
 FP8_MAX = 448.0
@@ -86,7 +87,7 @@ class KVCacheLayout(enum.Enum):
     def page_bytes(self, page_size: int) -> int:
         """Bytes of one page of ``page_size`` tokens (V4 pads to a multiple of 576)."""
         if self is KVCacheLayout.V4:
-            return triton.cdiv(page_size * self.bytes_per_token, 576) * 576
+            return cdiv(page_size * self.bytes_per_token, 576) * 576
         return page_size * self.bytes_per_token
 
     def page_size_of(self, cache: torch.Tensor) -> list[int]:

@@ -20,9 +20,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 import torch
-import triton
 
-from sparse_prefill._utils import value_checks
+from sparse_prefill._utils import cdiv, value_checks
 from sparse_prefill.bench.common import (
     SILENT,
     BenchResult,
@@ -87,7 +86,7 @@ def timed_variants(
 
 
 def gather_case(tokens: int, page_size: int, device: torch.device, sweep: bool) -> list[dict]:
-    num_pages = triton.cdiv(max(tokens, MIN_CAPACITY), page_size)
+    num_pages = cdiv(max(tokens, MIN_CAPACITY), page_size)
     # Timing does not depend on the values: random bytes stand in for a filled cache. Bytes in
     # [0x20, 0x7F) make no NaN and no subnormal (scales >= 2**-95), so variants compare bit for bit.
     shape = (num_pages, LAYOUT.page_bytes(page_size))
@@ -105,7 +104,7 @@ def gather_case(tokens: int, page_size: int, device: torch.device, sweep: bool) 
 
 
 def store_case(tokens: int, page_size: int, device: torch.device, sweep: bool) -> list[dict]:
-    num_pages = triton.cdiv(max(tokens, MIN_CAPACITY), page_size)
+    num_pages = cdiv(max(tokens, MIN_CAPACITY), page_size)
     cache = torch.zeros(num_pages, LAYOUT.page_bytes(page_size), dtype=torch.uint8, device=device)
     slots = torch.randperm(num_pages * page_size, device=device)[:tokens].int()
     k = torch.randn(tokens, LAYOUT.dim, dtype=torch.bfloat16, device=device)

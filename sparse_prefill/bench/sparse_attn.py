@@ -41,8 +41,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 import torch
-import triton
 
+from sparse_prefill._utils import cdiv
 from sparse_prefill.bench.common import (
     SILENT,
     BenchResult,
@@ -224,7 +224,7 @@ def bench_sparse(report: Report, variants: list[dict], quick: bool, flash_mla, p
 def window_ids(s_q: int, page_size: int) -> tuple[torch.Tensor, int]:
     """[s_q, WINDOW] int32 SWA-cache token ids: query ``i`` sees positions ``i .. i + 127``,
     mapped through a random page table; and the number of pages."""
-    num_pages = triton.cdiv(s_q + WINDOW - 1, page_size)
+    num_pages = cdiv(s_q + WINDOW - 1, page_size)
     table = torch.randperm(num_pages, device="cuda")
     pos = torch.arange(s_q, device="cuda")[:, None] + torch.arange(WINDOW, device="cuda")[None, :]
     return (table[pos // page_size] * page_size + pos % page_size).int(), num_pages

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparse_prefill._utils import INTERPRET
+from sparse_prefill._utils import INTERPRET, cdiv
 from sparse_prefill.layout import MIN_SCALE_EXP, UE8M0_BIAS, KVCacheLayout
 from sparse_prefill.ops.cache.naive import FP8_MAX_EXP, FP8_MAX_MANTISSA
 from sparse_prefill.ops.cache.tiles import (
@@ -165,7 +165,7 @@ def store_k_cache_triton(
     if n == 0:
         return
     cfg = _pick_config(STORE_DEFAULTS, tuning)
-    grid = (triton.cdiv(n, cfg["BLOCK_T"]),)
+    grid = (cdiv(n, cfg["BLOCK_T"]),)
     _store_kernel[grid](
         cache, k, slot_ids, n, k.stride(0), page_size, cache.shape[1],
         IS_V4=layout is KVCacheLayout.V4, NOPE=layout.nope_dim, TILE=layout.tile_size,
@@ -189,7 +189,7 @@ def dequantize_k_cache_paged_triton(
     if n == 0:
         return
     cfg = _pick_config(GATHER_DEFAULTS, tuning)
-    grid = (triton.cdiv(n, cfg["BLOCK_T"]),)
+    grid = (cdiv(n, cfg["BLOCK_T"]),)
     d_main = triton.next_power_of_2(layout.dim + 1) // 2  # largest power of two <= dim
     _dequantize_gather_kernel[grid](
         cache, token_ids, out, n, out.stride(0), page_size, cache.shape[1],

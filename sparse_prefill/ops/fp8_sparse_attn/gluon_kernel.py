@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparse_prefill._utils import cdiv
 from sparse_prefill.layout import KVCacheLayout
 from sparse_prefill.ops.fp8_sparse_attn.kernel import launch_args
 
@@ -406,7 +407,7 @@ def paged_fp8_sparse_attn_gluon(
     if unknown:
         raise ValueError(f"unknown tuning keys {sorted(unknown)}; known: {sorted(DEFAULT_TUNING)}")
     s_q, h_q, _ = q.shape
-    num_head_blocks = triton.cdiv(h_q, BLOCK_H)
+    num_head_blocks = cdiv(h_q, BLOCK_H.value)
     n_items = s_q * num_head_blocks
     # Persistent: one CTA per SM (its shared memory admits no second one).
     grid = (min(n_items, torch.cuda.get_device_properties(q.device).multi_processor_count),)

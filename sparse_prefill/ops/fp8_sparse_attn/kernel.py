@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparse_prefill._utils import INTERPRET
+from sparse_prefill._utils import INTERPRET, cdiv
 from sparse_prefill.layout import KVCacheLayout
 from sparse_prefill.ops.sparse_attn.kernel import (
     LOG2E,
@@ -87,7 +87,7 @@ def paged_fp8_sparse_attn_triton(
     Triton's handle of the compiled kernel (``n_regs``, ``n_spills``) for diagnostics."""
     s_q, h_q, d_qk = q.shape
     cfg = pick_config(h_q, d_qk, paged_fp8=True, **tuning)
-    num_head_blocks = triton.cdiv(h_q, cfg["BLOCK_H"])
+    num_head_blocks = cdiv(h_q, cfg["BLOCK_H"])
     return _paged_fp8_sparse_attn_kernel[(s_q * num_head_blocks,)](
         *launch_args(q, cache, indices, page_size, extra_cache, extra_indices, extra_page_size, topk_length,
                      extra_topk_length, sm_scale, attn_sink, out, max_logits, lse),

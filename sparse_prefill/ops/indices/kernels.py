@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparse_prefill._utils import cdiv
 from sparse_prefill.ops.indices.plan import SwaTokenIds, WorkspacePlan, combined_width, swa_gather_lens
 
 _GATHER_BLOCK = 1024
@@ -56,7 +57,7 @@ def _gather_segments(
     out = torch.empty(total, dtype=table.dtype, device=table.device)
     num_segments = offsets.shape[0] - 1
     if total > 0:
-        _gather_segments_kernel[(triton.cdiv(total, _GATHER_BLOCK),)](
+        _gather_segments_kernel[(cdiv(total, _GATHER_BLOCK),)](
             table,
             table.stride(0),
             table.stride(1),

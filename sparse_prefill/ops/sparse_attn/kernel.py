@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparse_prefill._utils import INTERPRET, mma_operand, to_bf16
+from sparse_prefill._utils import INTERPRET, cdiv, mma_operand, to_bf16
 from sparse_prefill.ops.cache.tiles import load_kv_dims, token_offsets
 
 LOG2E = math.log2(math.e)
@@ -216,7 +216,7 @@ def sparse_attn_fwd_triton(
     the compiled kernel (``n_regs``, ``n_spills``) for diagnostics."""
     s_q, h_q, d_qk = q.shape
     cfg = pick_config(h_q, d_qk, **tuning)
-    num_head_blocks = triton.cdiv(h_q, cfg["BLOCK_H"])
+    num_head_blocks = cdiv(h_q, cfg["BLOCK_H"])
     d_main = 512  # also d_v: the wrapper only admits d_v == 512
     grid = (s_q * num_head_blocks,)
     return _sparse_attn_fwd_kernel[grid](
