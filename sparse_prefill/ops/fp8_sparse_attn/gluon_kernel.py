@@ -20,6 +20,7 @@ the Triton kernel up to float summation order (benchmarks/NOTES.md has the measu
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -75,9 +76,11 @@ def unsupported_reason(device: torch.device, layout: KVCacheLayout) -> str | Non
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def auto_picks_gluon(device: torch.device, layout: KVCacheLayout) -> bool:
     """Whether ``impl="auto"`` runs this kernel (else the Triton one); the reason is logged at
-    debug level."""
+    debug level. Cached: the answer is fixed per device and layout for a process, and every
+    call of the op asks."""
     reason = unsupported_reason(device, layout)
     if reason is None and ".".join(triton.__version__.split(".")[:2]) not in VALIDATED_TRITON:
         reason = f"Triton {triton.__version__} is not one it was validated with {VALIDATED_TRITON}"
