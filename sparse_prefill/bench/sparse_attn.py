@@ -18,7 +18,7 @@ paged_fp8_sparse_attn_fwd: the "regular path" rows of ANCHORS.md (s_q 4096, V4 c
 SWA cache as the extra scope, attn_sink on), FLOPs ``2 * s_q * (topk + 128) * h_q * 1024``,
 ratio to FlashMLA's regular-path (FP8 decode kernel) time. The default row times the kernel
 ``impl="auto"`` runs (the Gluon kernel on Hopper with Triton 3.6), with the Triton kernel's time
-beside it; ``--config`` variants tune the Triton kernel. Next to it, for the routing choice:
+beside it; ``--config`` variants tune that same kernel. Next to it, for the routing choice:
 our ``sparse_attn_fwd`` on a bf16 workspace holding the same tokens (combined rows of width
 topk + 128, dequantize step not included, like ANCHORS' "sparse_fwd" column).
 
@@ -26,11 +26,13 @@ When ``flash_mla`` imports, ``flash_mla_sparse_fwd`` is timed on the same inputs
 Every timing is the median of ``triton.testing.do_bench``. Each row is also checked against the
 float32 reference on its first 64 query rows (max abs error of out and lse is printed).
 
-``--config`` passes keyword overrides (e.g. ``BLOCK_N=32,num_warps=4``) to the Triton launchers,
-which take them as ``**tuning``; each ``--config`` is one variant, timed after the default one,
-so variants compare within one device call. ``--out DIR`` writes DIR/sparse_attn.md and
-DIR/sparse_attn.json (the machine, then ``rows``: one object per row and variant). Exits 2
-without CUDA.
+``--config`` passes keyword overrides (e.g. ``BLOCK_N=32,num_warps=4``; for the Gluon kernel
+``VALUE_REGS=168,PRODUCER_REGS=128``) to the launchers, which take them as ``**tuning``; each
+``--config`` is one variant, timed after the default one, so variants compare within one device
+call. An empty ``--config ""`` times the default again: interleave it between variants, since
+one row's repeated timings can differ by several percent (benchmarks/NOTES.md). ``--out DIR``
+writes DIR/sparse_attn.md and DIR/sparse_attn.json (the machine, then ``rows``: one object per
+row and variant). Exits 2 without CUDA.
 """
 
 from __future__ import annotations
@@ -267,13 +269,13 @@ def bench_fp8(report: Report, variants: list[dict], quick: bool, flash_mla, prog
         ws_outputs = new_outputs(S_Q, h_q)
         ws_us = bench_us(lambda: sparse_attn_fwd_triton(q, workspace, ws_idx, sm_scale, D_V, sink, None, *ws_outputs))
         scopes = (q, comp_cache, comp_ids, PAGE_SIZE, swa_cache, swa_ids, PAGE_SIZE, None, None, sm_scale, sink)
-        timed = []  # (variant, kernel, launch)
         if use_gluon:
-            timed.append(({}, "gluon", lambda o: gluon_kernel.paged_fp8_sparse_attn_gluon(*scopes, *o)))
-        for variant in variants:
-            if variant or not use_gluon:
-                timed.append((variant, "triton", lambda o, v=variant: paged_fp8_sparse_attn_triton(
-                    *scopes, layout, D_V, *o, **v)))
+            kernel = "gluon"
+            launcher = lambda o, v: gluon_kernel.paged_fp8_sparse_attn_gluon(*scopes, *o, **v)  # noqa: E731
+        else:
+            kernel = "triton"
+            launcher = lambda o, v: paged_fp8_sparse_attn_triton(*scopes, layout, D_V, *o, **v)  # noqa: E731
+        timed = [(variant, kernel, lambda o, v=variant: launcher(o, v)) for variant in variants]
         triton_us = None
         if use_gluon:  # the fallback kernel's time, next to the default row
             outputs = new_outputs(S_Q, h_q)
