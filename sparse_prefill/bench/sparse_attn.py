@@ -117,10 +117,11 @@ def accepts_tuning(launcher: Callable) -> bool:
 
 def tuning_refusal() -> str | None:
     """Why ``--config`` cannot apply (a launcher without ``**tuning``), or None."""
+    from sparse_prefill.ops.fp8_sparse_attn.gluon_kernel import paged_fp8_sparse_attn_gluon
     from sparse_prefill.ops.fp8_sparse_attn.kernel import paged_fp8_sparse_attn_triton
     from sparse_prefill.ops.sparse_attn.kernel import sparse_attn_fwd_triton
 
-    for launcher in (sparse_attn_fwd_triton, paged_fp8_sparse_attn_triton):
+    for launcher in (sparse_attn_fwd_triton, paged_fp8_sparse_attn_triton, paged_fp8_sparse_attn_gluon):
         if not accepts_tuning(launcher):
             return f"{launcher.__name__} takes no **tuning, so --config cannot be applied"
     return None
@@ -269,22 +270,21 @@ def bench_fp8(report: Report, variants: list[dict], quick: bool, flash_mla, prog
         ws_outputs = new_outputs(S_Q, h_q)
         ws_us = bench_us(lambda: sparse_attn_fwd_triton(q, workspace, ws_idx, sm_scale, D_V, sink, None, *ws_outputs))
         scopes = (q, comp_cache, comp_ids, PAGE_SIZE, swa_cache, swa_ids, PAGE_SIZE, None, None, sm_scale, sink)
-        if use_gluon:
-            kernel = "gluon"
-            launcher = lambda o, v: gluon_kernel.paged_fp8_sparse_attn_gluon(*scopes, *o, **v)  # noqa: E731
-        else:
-            kernel = "triton"
-            launcher = lambda o, v: paged_fp8_sparse_attn_triton(*scopes, layout, D_V, *o, **v)  # noqa: E731
-        timed = [(variant, kernel, lambda o, v=variant: launcher(o, v)) for variant in variants]
+        def launch(outputs: tuple, variant: dict) -> object:
+            if use_gluon:
+                return gluon_kernel.paged_fp8_sparse_attn_gluon(*scopes, *outputs, **variant)
+            return paged_fp8_sparse_attn_triton(*scopes, layout, D_V, *outputs, **variant)
+
+        kernel = "gluon" if use_gluon else "triton"
         triton_us = None
         if use_gluon:  # the fallback kernel's time, next to the default row
             outputs = new_outputs(S_Q, h_q)
             triton_us = bench_us(lambda: paged_fp8_sparse_attn_triton(*scopes, layout, D_V, *outputs))
-        for variant, kernel, launch in timed:
+        for variant in variants:
             outputs = new_outputs(S_Q, h_q)
-            launch(outputs)
+            launch(outputs, variant)
             err_out, err_lse = max_errors(outputs, reference)
-            us = bench_us(lambda: launch(outputs))
+            us = bench_us(lambda: launch(outputs, variant))
             tflops = flops / us / 1e6
             fallback_us = triton_us if not variant else None
             report.say(f"| {variant_name(variant)} | {kernel} | {h_q} | {topk} + {WINDOW} | {n_comp} | {us:.0f} | "

@@ -163,13 +163,11 @@ def _resolve_fp8_impl(impl: object, device: torch.device, layout: KVCacheLayout)
     """``impl`` (see ``paged_fp8_sparse_attn_fwd``) -> "gluon", "triton" or "reference"."""
     if impl not in FP8_ATTN_IMPLS:
         raise ValueError(f"impl must be one of {FP8_ATTN_IMPLS}, got {impl!r}")
-    if impl == "auto" and device.type == "cuda":
-        from sparse_prefill.ops.fp8_sparse_attn import gluon_kernel
+    from sparse_prefill.ops.fp8_sparse_attn import gluon_kernel
 
+    if impl == "auto" and device.type == "cuda":
         return "gluon" if gluon_kernel.auto_picks_gluon(device, layout) else "triton"
     if impl == "gluon":
-        from sparse_prefill.ops.fp8_sparse_attn import gluon_kernel
-
         reason = gluon_kernel.unsupported_reason(device, layout)
         if reason is not None:
             raise ValueError(f"impl='gluon' cannot run here: {reason}")
