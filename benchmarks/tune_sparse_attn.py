@@ -113,7 +113,7 @@ def main() -> int:
             out = torch.full((s_q, h_q, 512), float("nan"), device=dev, dtype=torch.bfloat16)
             mx = torch.empty(s_q, h_q, device=dev)
             lse = torch.empty(s_q, h_q, device=dev)
-            fn = lambda: K.sparse_attn_fwd_triton(q, kv, idx, sm_scale, 512, sink, None, out, mx, lse, **var)
+            fn = lambda: K.sparse_attn_fwd_triton(q, kv, idx, sm_scale, sink, None, out, mx, lse, **var)
             try:
                 handle = fn()
                 torch.cuda.synchronize()

@@ -80,7 +80,7 @@ SPARSE_ROWS = [
 ]
 # h_q, topk (d_qk 512, s_kv 32768) and FlashMLA's 64-head time derived from ANCHORS.md
 TP_S_KV = 32768
-TP_ROWS = [(16, 512, 623, ""), (32, 512, 623, ""), (16, 1024, 2 * 623, "~"), (32, 1024, 2 * 623, "~")]
+TP_ROWS = [(h, 512, 623, "") for h in (8, 16, 32)] + [(h, 1024, 2 * 623, "~") for h in (8, 16, 32)]
 # h_q, topk, compressed tokens, FlashMLA regular path us, FlashMLA sparse_fwd us (ANCHORS.md)
 FP8_ROWS = [
     (64, 512, 8192, 993, 686),
@@ -179,7 +179,7 @@ class Report:
 def sparse_cases(quick: bool) -> list[tuple]:
     """(d_qk, h_q, topk, s_kv, FlashMLA us, "~" if that is an estimate) per measured row."""
     rows = [(*r, "") for r in SPARSE_ROWS] + [(512, h, k, TP_S_KV, pad, mark) for h, k, pad, mark in TP_ROWS]
-    return [rows[0], rows[3], rows[8]] if quick else rows
+    return [rows[0], rows[2], rows[5], rows[6]] if quick else rows
 
 
 def fp8_cases(quick: bool) -> list[tuple]:
@@ -187,11 +187,15 @@ def fp8_cases(quick: bool) -> list[tuple]:
 
 
 def bench_sparse(report: Report, variants: list[dict], quick: bool, flash_mla, progress: Progress) -> None:
+    from sparse_prefill.ops.sparse_attn import gluon_kernel
     from sparse_prefill.ops.sparse_attn.kernel import sparse_attn_fwd_triton
 
-    header = ["variant", "d_qk", "h_q", "topk", "s_kv", "us", "TFLOP/s", "FlashMLA us (ANCHORS)",
-              "ratio", "flash_mla here us", "err out", "err lse"]
-    report.table("sparse_attn_fwd (s_q 4096, attn_sink on)", header)
+    device = torch.device("cuda")
+    gluon_runs = gluon_kernel.unsupported_reason(device) is None
+    header = ["variant", "kernel", "d_qk", "h_q", "topk", "s_kv", "us", "TFLOP/s", "flash_mla here us",
+              "ratio here", "FlashMLA us (ANCHORS)", "Gluon kernel us", "Triton kernel us", "err out", "err lse"]
+    report.table("sparse_attn_fwd (s_q 4096, attn_sink on); default: the kernel impl='auto' runs; "
+                 "ratio here = flash_mla us / our us in this run", header)
     for d_qk, h_q, topk, s_kv, anchor_us, mark in sparse_cases(quick):
         progress.step(f"sparse_attn_fwd d_qk {d_qk} h_q {h_q} topk {topk} s_kv {s_kv}")
         q, kv = random_bf16(S_Q, h_q, d_qk), random_bf16(s_kv, d_qk)
@@ -207,19 +211,32 @@ def bench_sparse(report: Report, variants: list[dict], quick: bool, flash_mla, p
             q_fm, sink_fm = torch.nn.functional.pad(q, (0, 0, 0, pad)), torch.nn.functional.pad(sink, (0, pad))
             flash_us = bench_us(lambda: flash_mla.flash_mla_sparse_fwd(
                 q_fm, kv[:, None], idx[:, None], sm_scale, D_V, sink_fm))
+        launchers = {"triton": sparse_attn_fwd_triton}
+        if gluon_runs:
+            launchers["gluon"] = gluon_kernel.sparse_attn_fwd_gluon
+        kernel = "gluon" if gluon_kernel.auto_picks_gluon(device, h_q) else "triton"
+        # Both kernels' default times, next to the default row.
+        kernel_us = {}
+        for name, launcher in launchers.items():
+            outputs = new_outputs(S_Q, h_q)
+            kernel_us[name] = bench_us(lambda: launcher(q, kv, idx, sm_scale, sink, None, *outputs))
         for variant in variants:
             outputs = new_outputs(S_Q, h_q)
-            run = lambda: sparse_attn_fwd_triton(q, kv, idx, sm_scale, D_V, sink, None, *outputs, **variant)
+            run = lambda: launchers[kernel](q, kv, idx, sm_scale, sink, None, *outputs, **variant)
             run()
             err_out, err_lse = max_errors(outputs, reference)
             us = bench_us(run)
             tflops = flops / us / 1e6
-            report.say(f"| {variant_name(variant)} | {d_qk} | {h_q} | {topk} | {s_kv} | {us:.0f} | {tflops:.0f} | "
-                       f"{mark}{anchor_us} | {anchor_us / us:.2f} | {fmt(flash_us)} | {err_out:.1e} | {err_lse:.1e} |")
-            report.rows.append(dict(op="sparse_attn_fwd", variant=variant, d_qk=d_qk, h_q=h_q, topk=topk,
-                                    s_kv=s_kv, s_q=S_Q, us=us, tflops=tflops, anchor_us=anchor_us,
-                                    anchor_estimated=bool(mark), anchor_padded_to_64_heads=h_q < 64,
-                                    flash_mla_us=flash_us, err_out=err_out, err_lse=err_lse))
+            ratio = flash_us / us if flash_us else None
+            both = (kernel_us.get("gluon"), kernel_us["triton"]) if not variant else (None, None)
+            report.say(f"| {variant_name(variant)} | {kernel} | {d_qk} | {h_q} | {topk} | {s_kv} | {us:.0f} | "
+                       f"{tflops:.0f} | {fmt(flash_us)} | {fmt(ratio, '.2f')} | {mark}{anchor_us} | "
+                       f"{fmt(both[0])} | {fmt(both[1])} | {err_out:.1e} | {err_lse:.1e} |")
+            report.rows.append(dict(op="sparse_attn_fwd", variant=variant, kernel=kernel, d_qk=d_qk, h_q=h_q,
+                                    topk=topk, s_kv=s_kv, s_q=S_Q, us=us, tflops=tflops, anchor_us=anchor_us,
+                                    anchor_estimated=bool(mark), flash_mla_padded_to_64_heads=h_q < 64,
+                                    flash_mla_us=flash_us, ratio=ratio, gluon_us=both[0], triton_us=both[1],
+                                    err_out=err_out, err_lse=err_lse))
         del q, kv, idx, outputs
         torch.cuda.empty_cache()
 
@@ -268,7 +285,7 @@ def bench_fp8(report: Report, variants: list[dict], quick: bool, flash_mla, prog
             flash_us = bench_us(lambda: flash_mla.flash_mla_sparse_fwd(
                 q, workspace[:, None], ws_idx[:, None], sm_scale, D_V, sink))
         ws_outputs = new_outputs(S_Q, h_q)
-        ws_us = bench_us(lambda: sparse_attn_fwd_triton(q, workspace, ws_idx, sm_scale, D_V, sink, None, *ws_outputs))
+        ws_us = bench_us(lambda: sparse_attn_fwd_triton(q, workspace, ws_idx, sm_scale, sink, None, *ws_outputs))
         scopes = (q, comp_cache, comp_ids, PAGE_SIZE, swa_cache, swa_ids, PAGE_SIZE, None, None, sm_scale, sink)
         def launch(outputs: tuple, variant: dict) -> object:
             if use_gluon:

@@ -8,12 +8,13 @@ Every attention test checks results with ``tests/tolerance.py`` (FlashMLA's crit
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from sparse_prefill import value_checks
-from sparse_prefill.ops.sparse_attn import sparse_attn_fwd
+from sparse_prefill.ops.sparse_attn import gluon_kernel, sparse_attn_fwd
 from sparse_prefill.ops.sparse_attn import naive as naive_module
 from sparse_prefill.ops.sparse_attn.naive import sparse_attn_fwd_naive
 from tests.tolerance import INF, OUT_TOL, STAT_TOL, assert_attn_close, assert_close
@@ -170,16 +171,28 @@ def poisoned_outputs(s_q: int, h_q: int, device: torch.device) -> tuple:
     )
 
 
-def run_launcher(case: Case, **tuning: int) -> tuple:
-    """The Triton launcher itself on poisoned output buffers (contract: 2-D kv and indices)."""
+KERNELS = ["triton", "gluon"]
+
+
+def skip_unless_runs(kernel: str, device) -> None:
+    """Skip a "gluon" case where that kernel cannot run (CPU, not Hopper)."""
+    if kernel == "gluon":
+        reason = gluon_kernel.unsupported_reason(torch.device(device))
+        if reason is not None:
+            pytest.skip(f"Gluon kernel: {reason}")
+
+
+def run_launcher(case: Case, kernel: str = "triton", **tuning: int) -> tuple:
+    """A kernel's launcher itself ("triton" or "gluon") on poisoned output buffers (contract:
+    2-D kv and indices)."""
     from sparse_prefill.ops.sparse_attn.kernel import sparse_attn_fwd_triton
 
+    skip_unless_runs(kernel, case.q.device)
+    launch = gluon_kernel.sparse_attn_fwd_gluon if kernel == "gluon" else sparse_attn_fwd_triton
     s_q, h_q, _ = case.q.shape
     outputs = poisoned_outputs(s_q, h_q, case.q.device)
-    sparse_attn_fwd_triton(
-        case.q, case.kv[:, 0], case.indices[:, 0], case.sm_scale, D_V, case.attn_sink,
-        case.topk_length, *outputs, **tuning,
-    )
+    launch(case.q, case.kv[:, 0], case.indices[:, 0], case.sm_scale, case.attn_sink, case.topk_length,
+           *outputs, **tuning)
     return outputs
 
 
@@ -236,10 +249,11 @@ KERNEL_CASES = [
 ]
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("shape", KERNEL_CASES, ids=lambda s: "sq{}-skv{}-h{}-d{}-topk{}".format(*s))
-def test_kernel_matches_reference(device, shape):
+def test_kernel_matches_reference(device, shape, kernel):
     case = make_case(*shape, device)
-    assert_attn_close(run_launcher(case), sparse_attn_fwd_naive(*case.args()))
+    assert_attn_close(run_launcher(case, kernel), sparse_attn_fwd_naive(*case.args()))
 
 
 @pytest.mark.parametrize("split_qk", [0, 1])
@@ -251,8 +265,10 @@ def test_kernel_both_score_layouts(device, split_qk, d_qk):
     assert_attn_close(run_launcher(case, SPLIT_QK=split_qk), sparse_attn_fwd_naive(*case.args()))
 
 
-def test_kernel_special_rows(device):
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernel_special_rows(device, impl):
     """Exact facts: rows with nothing valid, sinks of +-inf, a duplicated id."""
+    skip_unless_runs(impl, device)
     s_kv, h_q, d_qk = 50, 3, 512
     q = random_values((5, h_q, d_qk), device)
     q[4] = q[3]
@@ -271,8 +287,8 @@ def test_kernel_special_rows(device):
     lengths = torch.tensor([4, 0, 2, 4, 3], dtype=torch.int32, device=device)
     sink = torch.tensor([0.5, -INF, INF], device=device)
     sm_scale = SM_SCALE
-    out, max_logits, lse = sparse_attn_fwd(q, kv, idx, sm_scale, D_V, sink, lengths, impl="triton")
-    plain, _, plain_lse = sparse_attn_fwd(q, kv, idx, sm_scale, D_V, None, lengths, impl="triton")
+    out, max_logits, lse = sparse_attn_fwd(q, kv, idx, sm_scale, D_V, sink, lengths, impl=impl)
+    plain, _, plain_lse = sparse_attn_fwd(q, kv, idx, sm_scale, D_V, None, lengths, impl=impl)
 
     assert torch.all(out[:2] == 0) and torch.all(max_logits[:2] == -INF) and torch.all(lse[:2] == INF)
     assert torch.all(out[2:, 2] == 0), "sink +inf must zero the output"
@@ -289,20 +305,23 @@ def test_kernel_special_rows(device):
     assert_attn_close((out, max_logits, lse), ref)
 
 
-def test_kernel_strided_inputs_and_out_buffer(device):
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernel_strided_inputs_and_out_buffer(device, impl):
+    skip_unless_runs(impl, device)
     case = make_case(3, 120, 16, 576, 40, device)
     strided = strided_case(case)
     assert not any(t.is_contiguous() for t in (strided.q, strided.kv, strided.indices, strided.topk_length))
     big = torch.full((3, 16, 2 * D_V), float("nan"), dtype=torch.bfloat16, device=device)
     out = big[:, :, D_V:]
-    result = sparse_attn_fwd(*strided.args(), out=out, impl="triton")
+    result = sparse_attn_fwd(*strided.args(), out=out, impl=impl)
     assert result[0] is out
     assert torch.isnan(big[:, :, :D_V]).all(), "wrote outside the out view"
     assert_attn_close(result, sparse_attn_fwd_naive(*case.args()))
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("impl", ["reference", *KERNELS])
 def test_empty_queries(device, impl):
+    skip_unless_runs(impl, device)
     case = make_case(0, 10, 4, 512, 8, device)
     out, max_logits, lse = sparse_attn_fwd(*case.args(), impl=impl)
     assert out.shape == (0, 4, D_V) and max_logits.shape == lse.shape == (0, 4)
@@ -310,20 +329,68 @@ def test_empty_queries(device, impl):
     assert sparse_attn_fwd(*case.args(), out=given, impl=impl)[0] is given
 
 
-def test_public_triton_matches_launcher_and_unchecked_lengths(device):
+@pytest.mark.parametrize("impl", KERNELS)
+def test_public_kernel_matches_launcher_and_unchecked_lengths(device, impl):
     """The wrapper passes its inputs through unchanged; with value checks off a length past
     topk behaves as topk and a negative one as 0 (the definition of the mask)."""
+    skip_unless_runs(impl, device)
     case = make_case(4, 64, 8, 512, 9, device, lengths=False)
     lengths = torch.tensor([9, 100, -3, 0], dtype=torch.int32, device=device)
     case = replace(case, topk_length=lengths)
     with value_checks(False):
-        result = sparse_attn_fwd(*case.args(), impl="triton")
-    for a, b in zip(result, run_launcher(case)):
+        result = sparse_attn_fwd(*case.args(), impl=impl)
+    for a, b in zip(result, run_launcher(case, impl)):
         assert torch.equal(a, b)
     assert_attn_close(result, sparse_attn_fwd_naive(*case.args()))
     in_range = torch.tensor([9, 9, 0, 0], dtype=torch.int32, device=device)
-    for a, b in zip(result, sparse_attn_fwd(*replace(case, topk_length=in_range).args(), impl="triton")):
+    for a, b in zip(result, sparse_attn_fwd(*replace(case, topk_length=in_range).args(), impl=impl)):
         assert torch.equal(a, b)
+
+
+def test_gluon_kernel_says_where_it_cannot_run():
+    assert "CUDA tensors" in gluon_kernel.unsupported_reason(torch.device("cpu"))
+    assert not gluon_kernel.auto_picks_gluon(torch.device("cpu"), 64)
+    case = make_case(2, 10, 64, 512, 4, "cpu")
+    with pytest.raises(ValueError, match="impl='gluon' cannot run here: it needs CUDA tensors"):
+        sparse_attn_fwd(*case.args(), impl="gluon")
+    with pytest.raises(ValueError, match="unknown tuning keys"):
+        gluon_kernel.sparse_attn_fwd_gluon(*[None] * 9, BLOCK_N=32)
+
+
+@pytest.mark.parametrize("width,offset,ok", [(512, 0, True), (576, 0, True), (520, 0, False), (512, 4, False)])
+def test_gluon_input_alignment_rule(width, offset, ok):
+    """The Gluon kernel's 16-byte copies need rows starting 16-byte aligned: row strides that
+    are multiples of 16 elements and an aligned start (``offset`` elements = 2 bytes each)."""
+    kv = torch.zeros(10 * width + offset, dtype=torch.bfloat16)[offset:].view(10, 1, width)[..., :512]
+    q = torch.zeros(4, 8, 512, dtype=torch.bfloat16)
+    assert (gluon_kernel.inputs_reason(q, kv) is None) == ok
+
+
+@pytest.mark.skipif(not gluon_kernel.GLUON_IMPORTED, reason="this Triton has no Gluon Hopper API")
+def test_gluon_launcher_arguments(monkeypatch):
+    """The Gluon launcher's host side, without a GPU: one runtime argument per runtime kernel
+    parameter (ints for the scalars), every constexpr named, the persistent grid."""
+    calls = []
+
+    class RecordingKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((grid, args, kwargs))
+
+    params = gluon_kernel._sparse_attn_ws_kernel.params
+    monkeypatch.setattr(gluon_kernel, "_sparse_attn_ws_kernel", RecordingKernel())
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=7))
+    case = make_case(5, 40, 100, 576, 9, "cpu")
+    gluon_kernel.sparse_attn_fwd_gluon(case.q, case.kv[:, 0], case.indices[:, 0], SM_SCALE, case.attn_sink,
+                                       case.topk_length, *poisoned_outputs(5, 100, "cpu"))
+    (grid, args, kwargs), = calls
+    runtime = [p.name for p in params if not p.is_constexpr]
+    assert len(args) == len(runtime)
+    named = dict(zip(runtime, args))
+    assert named["n_items"] == 10 and grid == (7,)  # 5 tokens x 2 head blocks, one CTA per SM
+    assert named["h_q"] == 100 and named["topk"] == 9 and named["s_kv"] == 40
+    assert all(type(named[n]) in (int, float) for n in runtime if not n.endswith("_ptr"))
+    assert set(kwargs) == {p.name for p in params if p.is_constexpr} | {"num_warps"}
+    assert kwargs["NUM_HEAD_BLOCKS"] == 2 and kwargs["D_TAIL"] == 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,43 +460,84 @@ def test_value_checks_off_skips_only_value_checks():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("topk", [1, 7, 64, 100, 130])
 @pytest.mark.parametrize("d_qk", [512, 576])
-@pytest.mark.parametrize("h_q", [1, 3, 8, 16, 64, 128])
-def test_gpu_all_small_shapes(h_q, d_qk, topk):
+@pytest.mark.parametrize("h_q", [1, 3, 8, 16, 64, 100, 128])
+def test_gpu_all_small_shapes(h_q, d_qk, topk, kernel):
     case = make_case(33, 500, h_q, d_qk, topk, "cuda")
-    assert_attn_close(run_launcher(case), sparse_attn_fwd_naive(*case.args()))
-    strided = strided_case(case)
-    assert_attn_close(sparse_attn_fwd(*strided.args()), sparse_attn_fwd_naive(*case.args()))
+    assert_attn_close(run_launcher(case, kernel), sparse_attn_fwd_naive(*case.args()))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gpu_strided_inputs(kernel):
+    """Strided inputs through the public op: the Gluon kernel where strides keep its 16-byte
+    copies aligned, the Triton kernel where not (``auto``)."""
+    case = make_case(33, 500, 64, 576, 130, "cuda")
+    strided = strided_case(case)
+    impl = kernel if gluon_kernel.inputs_reason(strided.q, strided.kv) is None else "auto"
+    skip_unless_runs(kernel, "cuda")
+    assert_attn_close(sparse_attn_fwd(*strided.args(), impl=impl), sparse_attn_fwd_naive(*case.args()))
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_refuses_misaligned_inputs():
+    skip_unless_runs("gluon", "cuda")
+    case = make_case(4, 100, 64, 512, 16, "cuda")
+    kv = torch.empty(100, 1, 520, dtype=torch.bfloat16, device="cuda")[..., :512]
+    kv.copy_(case.kv)
+    assert "kv must start 16-byte aligned" in gluon_kernel.inputs_reason(case.q, kv)
+    with pytest.raises(ValueError, match="impl='gluon' cannot run here: kv must start"):
+        sparse_attn_fwd(case.q, kv, case.indices, SM_SCALE, impl="gluon")
+    args = (case.q, kv, case.indices, SM_SCALE, D_V, case.attn_sink, case.topk_length)
+    assert_attn_close(sparse_attn_fwd(*args, impl="auto"), sparse_attn_fwd_naive(*args))  # the Triton kernel
+
+
+@pytest.mark.gpu
+def test_gpu_auto_runs_the_kernel_it_names():
+    """``impl="auto"`` on CUDA is bitwise the kernel ``auto_picks_gluon`` names for the head
+    count; on Hopper with a validated Triton that is the Gluon kernel from MIN_AUTO_HEADS on."""
+    device = torch.device("cuda")
+    if gluon_kernel.unsupported_reason(device) is None and gluon_kernel.validated_triton():
+        assert gluon_kernel.auto_picks_gluon(device, 64) and gluon_kernel.auto_picks_gluon(device, 128)
+    for h_q in (8, 32, 64, 128):
+        case = make_case(33, 500, h_q, 512, 200, "cuda")
+        kernel = "gluon" if gluon_kernel.auto_picks_gluon(device, h_q) else "triton"
+        for a, b in zip(sparse_attn_fwd(*case.args(), impl="auto"), run_launcher(case, kernel)):
+            assert torch.equal(a, b), (h_q, kernel)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("d_qk", [512, 576])
 @pytest.mark.parametrize("h_q,topk", [(64, 512), (64, 1024), (64, 2048), (128, 512), (128, 1024), (128, 2048)])
-def test_gpu_real_sizes(h_q, topk, d_qk):
+def test_gpu_real_sizes(h_q, topk, d_qk, kernel):
     case = make_case(4096, 65536, h_q, d_qk, topk, "cuda", invalid=0.05)
-    assert_attn_close(run_launcher(case), sparse_attn_fwd_naive(*case.args()))
+    assert_attn_close(run_launcher(case, kernel), sparse_attn_fwd_naive(*case.args()))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("h_q", [1, 3, 8, 16, 32, 48])
-def test_gpu_tensor_parallel_heads(h_q):
+def test_gpu_tensor_parallel_heads(h_q, kernel):
     case = make_case(4096, 32768, h_q, 512, 1024, "cuda", unique=True, lengths=False, invalid=0.0)
-    assert_attn_close(run_launcher(case), sparse_attn_fwd_naive(*case.args()))
+    assert_attn_close(run_launcher(case, kernel), sparse_attn_fwd_naive(*case.args()))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("h_q,d_qk,topk", [(64, 576, 64), (16, 512, 100)])
-def test_gpu_long_sq(h_q, d_qk, topk):
-    """s_q = 70000 > 65535 (grid dims 1/2), and q/out element offsets past 2**31 for h_q 64,
-    d_qk 576 (70000 * 64 * 576 = 2.6e9)."""
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("h_q,d_qk,topk", [(64, 576, 64), (16, 512, 100), (128, 512, 130)])
+def test_gpu_long_sq(h_q, d_qk, topk, kernel):
+    """s_q = 70000 > 65535 (grid dims 1/2; the Gluon kernel's persistent CTAs walk 70000+ items),
+    and q/out element offsets past 2**31 for h_q 64, d_qk 576 (70000 * 64 * 576 = 2.6e9)."""
     case = make_case(70000, 4096, h_q, d_qk, topk, "cuda")
-    result = sparse_attn_fwd(*case.args())
-    assert_attn_close(result, sparse_attn_fwd_naive(*case.args()))
+    assert_attn_close(run_launcher(case, kernel), sparse_attn_fwd_naive(*case.args()))
 
 
 @pytest.mark.gpu
-def test_gpu_large_index_values():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gpu_large_index_values(kernel):
     """s_kv = 2**31 - 1 cannot be allocated; a 4.4 GB kv of 4.3M rows puts row offsets of the
     ids used here past 2**31 elements (int64 addressing), next to invalid ids just past s_kv."""
     s_kv, d_qk, h_q, topk, s_q = 4_300_000, 512, 64, 256, 64
@@ -438,7 +546,7 @@ def test_gpu_large_index_values():
     idx = torch.randint(s_kv - 50_000, s_kv, (s_q, 1, topk), device="cuda", dtype=torch.int32)
     idx[:, 0, :4] = torch.tensor([s_kv - 1, s_kv, s_kv + 1, INT_MAX], dtype=torch.int32)
     case = Case(q, kv, idx, SM_SCALE, torch.randn(h_q, device="cuda"), None)
-    assert_attn_close(run_launcher(case), sparse_attn_fwd_naive(*case.args()))
+    assert_attn_close(run_launcher(case, kernel), sparse_attn_fwd_naive(*case.args()))
 
 
 @pytest.mark.gpu

@@ -62,10 +62,8 @@ NUM_BUF = tl.constexpr(2)  # KV tiles in flight between the producer and the MMA
 DEFAULT_TUNING = {"VALUE_REGS": 160, "PRODUCER_REGS": 120}
 
 
-def unsupported_reason(device: torch.device, layout: KVCacheLayout) -> str | None:
-    """Why this kernel cannot run tensors of ``device`` in ``layout`` (None if it can)."""
-    if layout is not KVCacheLayout.V4:
-        return "it reads the V4 layout only"
+def hopper_reason(device: torch.device) -> str | None:
+    """Why a Gluon Hopper kernel cannot run on ``device`` (None if it can)."""
     if device.type != "cuda":
         return f"it needs CUDA tensors, got {device.type}"
     if not GLUON_IMPORTED:
@@ -76,13 +74,25 @@ def unsupported_reason(device: torch.device, layout: KVCacheLayout) -> str | Non
     return None
 
 
+def validated_triton() -> bool:
+    """Whether the installed Triton is one the Gluon kernels were validated with on the GPU."""
+    return ".".join(triton.__version__.split(".")[:2]) in VALIDATED_TRITON
+
+
+def unsupported_reason(device: torch.device, layout: KVCacheLayout) -> str | None:
+    """Why this kernel cannot run tensors of ``device`` in ``layout`` (None if it can)."""
+    if layout is not KVCacheLayout.V4:
+        return "it reads the V4 layout only"
+    return hopper_reason(device)
+
+
 @functools.lru_cache(maxsize=None)
 def auto_picks_gluon(device: torch.device, layout: KVCacheLayout) -> bool:
     """Whether ``impl="auto"`` runs this kernel (else the Triton one); the reason is logged at
     debug level. Cached: the answer is fixed per device and layout for a process, and every
     call of the op asks."""
     reason = unsupported_reason(device, layout)
-    if reason is None and ".".join(triton.__version__.split(".")[:2]) not in VALIDATED_TRITON:
+    if reason is None and not validated_triton():
         reason = f"Triton {triton.__version__} is not one it was validated with {VALIDATED_TRITON}"
     if reason is not None:
         logger.debug("paged_fp8_sparse_attn_fwd: Triton kernel, not the Gluon one: %s", reason)
@@ -205,13 +215,36 @@ if GLUON_IMPORTED:
                 g += 1
 
     @gluon.jit
-    def _store_half(out_ptr, o, tok64, head0, h_q, stride_o_s, stride_o_h, D0: gl.constexpr,
+    def finish_rows(m_i, l_i, sink_ptr, offs_h, mask_h, HAS_SINK: gl.constexpr):
+        """Epilogue of the online softmax (``m_i`` log2 units, ``l_i`` the row sums): (output
+        scale, max_logits, lse), natural units. A row with no valid key gets scale 0,
+        max_logits -inf, lse +inf."""
+        LN2: gl.constexpr = 0.6931471805599453
+        has_any = l_i > 0.0
+        l_safe = gl.where(has_any, l_i, 1.0)
+        lse = gl.where(has_any, (m_i + gl.log2(l_safe)) * LN2, float("inf"))
+        max_logits = gl.where(has_any, m_i * LN2, float("-inf"))
+        scale = 1.0 / l_safe
+        if HAS_SINK:
+            sink = gl.load(sink_ptr + offs_h, mask=mask_h, other=float("-inf"))
+            # exp(lse) / (exp(lse) + exp(sink)) without overflow; sink -inf -> 1, +inf -> 0.
+            scale = scale / (1.0 + gl.exp(sink - lse))
+        # A row with no valid key writes 0 (its lse is +inf, so a +inf sink made scale NaN).
+        return gl.where(has_any, scale, 0.0), max_logits, lse
+
+    @gluon.jit
+    def store_half(out_ptr, o, tok64, head0, h_q, stride_o_s, stride_o_h, D0: gl.constexpr,
                     o_l: gl.constexpr):
-        """Write value dims ``D0 .. D0 + 255`` of the item's heads (bf16)."""
-        offs_h = head0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, o_l))
-        offs_v = D0 + gl.arange(0, 256, layout=gl.SliceLayout(0, o_l))
+        """Write value dims ``D0 .. D0 + 255`` of the item's heads (bf16). The accumulator layout
+        gives a thread 2 adjacent values per 8 columns (4-byte stores, half a sector each); each
+        warp's 16 rows are first regrouped within the warp to 8 columns per thread (16-byte stores,
+        full 32-byte sectors)."""
+        st_l: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [4, 1], [1, 0])
+        o = gl.convert_layout(o.to(gl.bfloat16), st_l)
+        offs_h = head0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, st_l))
+        offs_v = D0 + gl.arange(0, 256, layout=gl.SliceLayout(0, st_l))
         ptrs = out_ptr + tok64 * stride_o_s + offs_h[:, None].to(gl.int64) * stride_o_h + offs_v[None, :]
-        gl.store(ptrs, o.to(gl.bfloat16), mask=(offs_h < h_q)[:, None])
+        gl.store(ptrs, o, mask=(offs_h < h_q)[:, None])
 
     @gluon.jit
     def _score_group(q_smem, k_smem, valid_smem, p_smem, alpha_smem, oscale_smem,
@@ -230,7 +263,6 @@ if GLUON_IMPORTED:
         q_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         offs_qh = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, q_l))
         offs_qd = gl.arange(0, 512, layout=gl.SliceLayout(0, q_l))
-        LN2: gl.constexpr = 0.6931471805599453
         s0 = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=s_l)
         g = 0
         it = 0
@@ -280,17 +312,7 @@ if GLUON_IMPORTED:
 
             offs_h = head0 + gl.arange(0, BLOCK_H, layout=rows_s)
             mask_h = offs_h < h_q
-            has_any = l_i > 0.0
-            l_safe = gl.where(has_any, l_i, 1.0)
-            lse = gl.where(has_any, (m_i + gl.log2(l_safe)) * LN2, float("inf"))
-            max_logits = gl.where(has_any, m_i * LN2, float("-inf"))
-            scale = 1.0 / l_safe
-            if HAS_SINK:
-                sink = gl.load(sink_ptr + offs_h, mask=mask_h, other=float("-inf"))
-                # exp(lse) / (exp(lse) + exp(sink)) without overflow; sink -inf -> 1, +inf -> 0.
-                scale = scale / (1.0 + gl.exp(sink - lse))
-            # A row with no valid key writes 0 (its lse is +inf, so a +inf sink made scale NaN).
-            scale = gl.where(has_any, scale, 0.0)
+            scale, max_logits, lse = finish_rows(m_i, l_i, sink_ptr, offs_h, mask_h, HAS_SINK)
             # The value group must have read the last item's scale.
             mbarrier.wait(o_free, (it & 1) ^ 1, pred=it > 0)
             oscale_smem.store(scale)
@@ -299,7 +321,7 @@ if GLUON_IMPORTED:
             gl.store(max_ptr + tok64 * stride_ml_s + offs_h, max_logits, mask=mask_h)
             gl.store(lse_ptr + tok64 * stride_ml_s + offs_h, lse, mask=mask_h)
             o_scale = gl.convert_layout(scale, gl.SliceLayout(1, o_l))
-            _store_half(out_ptr, acc * o_scale[:, None], tok64, head0, h_q, stride_o_s, stride_o_h, 0, o_l)
+            store_half(out_ptr, acc * o_scale[:, None], tok64, head0, h_q, stride_o_s, stride_o_h, 0, o_l)
             it += 1
 
     @gluon.jit
@@ -330,7 +352,7 @@ if GLUON_IMPORTED:
             scale = oscale_smem.load(gl.SliceLayout(1, o_l))
             gl.thread_barrier()
             mbarrier.arrive(o_free)
-            _store_half(out_ptr, acc * scale[:, None], tok.to(gl.int64), head0, h_q, stride_o_s, stride_o_h, 256, o_l)
+            store_half(out_ptr, acc * scale[:, None], tok.to(gl.int64), head0, h_q, stride_o_s, stride_o_h, 256, o_l)
             it += 1
 
     # Triton 3.6 fails to lower this kernel when a scalar argument is specialized to the constant

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from sparse_prefill._utils import check_int, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
+from sparse_prefill._utils import IMPLS, check_int, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
 from sparse_prefill.ops.sparse_attn.naive import sparse_attn_fwd_naive
 
 __all__ = ["sparse_attn_fwd"]
@@ -18,6 +18,7 @@ __all__ = ["sparse_attn_fwd"]
 MAX_HEADS = 128
 D_V = 512
 INT32_MAX = 2**31 - 1
+ATTN_IMPLS = (*IMPLS, "gluon")
 
 AttnOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -165,7 +166,7 @@ def sparse_attn_fwd(
     sm_scale = check_scale_and_d_v(sm_scale, d_v)
     attn_sink = check_sink(attn_sink, h_q, device)
     topk_length = check_lengths("topk_length", topk_length, s_q, topk, device)
-    impl = resolve_impl(impl, device)
+    impl = _resolve_attn_impl(impl, q, kv)
     out, max_logits, lse = prepare_outputs(out, s_q, h_q, d_v, device)
     if s_q == 0:
         return out, max_logits, lse
@@ -174,9 +175,27 @@ def sparse_attn_fwd(
         reference = sparse_attn_fwd_naive(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
         return write_reference(reference, out)
 
-    from sparse_prefill.ops.sparse_attn.kernel import sparse_attn_fwd_triton
-
-    sparse_attn_fwd_triton(
-        q, kv[:, 0], indices[:, 0], sm_scale, d_v, attn_sink, topk_length, out, max_logits, lse
-    )
+    if impl == "gluon":
+        from sparse_prefill.ops.sparse_attn.gluon_kernel import sparse_attn_fwd_gluon as launch
+    else:
+        from sparse_prefill.ops.sparse_attn.kernel import sparse_attn_fwd_triton as launch
+    launch(q, kv[:, 0], indices[:, 0], sm_scale, attn_sink, topk_length, out, max_logits, lse)
     return out, max_logits, lse
+
+
+def _resolve_attn_impl(impl: object, q: torch.Tensor, kv: torch.Tensor) -> str:
+    """``impl`` (see ``sparse_attn_fwd``) -> "gluon", "triton" or "reference"."""
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"impl must be one of {ATTN_IMPLS}, got {impl!r}")
+    from sparse_prefill.ops.sparse_attn import gluon_kernel
+
+    device = q.device
+    if impl == "auto" and device.type == "cuda":
+        picks = gluon_kernel.auto_picks_gluon(device, q.shape[1]) and gluon_kernel.inputs_reason(q, kv) is None
+        return "gluon" if picks else "triton"
+    if impl == "gluon":
+        reason = gluon_kernel.unsupported_reason(device) or gluon_kernel.inputs_reason(q, kv)
+        if reason is not None:
+            raise ValueError(f"impl='gluon' cannot run here: {reason}")
+        return "gluon"
+    return resolve_impl(impl, device)

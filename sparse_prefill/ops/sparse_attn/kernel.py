@@ -197,12 +197,34 @@ def pick_config(h_q: int, d_qk: int = 512, paged_fp8: bool = False, **tuning: in
     return cfg
 
 
+def launch_args(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    attn_sink: torch.Tensor | None,
+    topk_length: torch.Tensor | None,
+    out: torch.Tensor,
+    max_logits: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple:
+    """Runtime arguments shared by this kernel and the Gluon one (``gluon_kernel.py``), in their
+    signature's order; absent optional tensors are replaced by a placeholder never read."""
+    return (
+        q, kv, indices, out, max_logits, lse,
+        attn_sink if attn_sink is not None else lse,
+        topk_length if topk_length is not None else indices,
+        kv.shape[0], q.shape[1], indices.shape[1], sm_scale * LOG2E,
+        q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
+        lse.stride(0),
+    )
+
+
 def sparse_attn_fwd_triton(
     q: torch.Tensor,
     kv: torch.Tensor,
     indices: torch.Tensor,
     sm_scale: float,
-    d_v: int,
     attn_sink: torch.Tensor | None,
     topk_length: torch.Tensor | None,
     out: torch.Tensor,
@@ -211,7 +233,7 @@ def sparse_attn_fwd_triton(
     **tuning: int,
 ) -> object:
     """Launch on validated inputs: q [s_q, h_q, d_qk], kv [s_kv, d_qk], indices [s_q, topk] int32,
-    outputs preallocated (out [s_q, h_q, d_v] bf16, max_logits/lse [s_q, h_q] float32, each with
+    outputs preallocated (out [s_q, h_q, 512] bf16, max_logits/lse [s_q, h_q] float32, each with
     unit stride in the last dim; max_logits and lse share strides). Returns Triton's handle of
     the compiled kernel (``n_regs``, ``n_spills``) for diagnostics."""
     s_q, h_q, d_qk = q.shape
@@ -220,12 +242,7 @@ def sparse_attn_fwd_triton(
     d_main = 512  # also d_v: the wrapper only admits d_v == 512
     grid = (s_q * num_head_blocks,)
     return _sparse_attn_fwd_kernel[grid](
-        q, kv, indices, out, max_logits, lse,
-        attn_sink if attn_sink is not None else lse,
-        topk_length if topk_length is not None else indices,
-        kv.shape[0], h_q, indices.shape[1], sm_scale * LOG2E,
-        q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
-        lse.stride(0),
+        *launch_args(q, kv, indices, sm_scale, attn_sink, topk_length, out, max_logits, lse),
         NUM_HEAD_BLOCKS=num_head_blocks, BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"],
         D_MAIN=d_main, D_TAIL=d_qk - d_main,
         HAS_SINK=attn_sink is not None, HAS_TOPK_LEN=topk_length is not None, UPCAST=INTERPRET,

@@ -1,0 +1,77 @@
+"""Compile the Gluon kernels for sm_90a without a GPU and print ptxas' resource report.
+
+    python benchmarks/compile_offline.py [--kernel sparse|fp8] [--d-qk 512|576] [KEY=VAL ...]
+
+Needs the Triton the device runs (3.6, whose wheel carries ptxas) and torch; it uses no GPU, so
+registers, spills, shared memory and ptxas' warnings (serialized wgmma, ignored setmaxnreg) are
+read here before any device time is spent. KEY=VAL overrides the kernel's tuning constants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+from triton.backends.compiler import GPUTarget
+from triton.compiler import compile as triton_compile
+from triton.experimental.gluon._runtime import GluonASTSource
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def sparse_source(d_qk: int, tuning: dict[str, int]) -> GluonASTSource:
+    from sparse_prefill.ops.sparse_attn import gluon_kernel as K
+
+    sig = {n: "*bf16" for n in ("q_ptr", "kv_ptr", "out_ptr")}
+    sig.update({"idx_ptr": "*i32", "max_ptr": "*fp32", "lse_ptr": "*fp32", "sink_ptr": "*fp32",
+                "topk_len_ptr": "*i32"})
+    for n in ("s_kv", "h_q", "topk"):
+        sig[n] = "i32"
+    sig["qk_scale_log2"] = "fp32"
+    for n in ("stride_q_s", "stride_q_h", "stride_kv_s", "stride_i_s", "stride_o_s", "stride_o_h",
+              "stride_ml_s", "n_items"):
+        sig[n] = "i32"
+    consts = {"NUM_HEAD_BLOCKS": 2, "D_TAIL": d_qk - 512, "HAS_SINK": True, "HAS_TOPK_LEN": True,
+              **K.DEFAULT_TUNING, **tuning}
+    sig.update({k: "constexpr" for k in consts})
+    # What the JIT's specialization sees on real inputs: 16-byte aligned pointers and strides
+    # divisible by 16 (arguments listed in do_not_specialize get none).
+    skip = set(K._sparse_attn_ws_kernel.do_not_specialize) | {"qk_scale_log2"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
+             if t != "constexpr" and n not in skip}
+    return GluonASTSource(K._sparse_attn_ws_kernel, sig, constexprs=consts, attrs=attrs)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--d-qk", type=int, default=512, choices=(512, 576))
+    parser.add_argument("tuning", nargs="*", help="KEY=VAL overrides")
+    args = parser.parse_args()
+    tuning = {k: int(v) for k, v in (t.split("=") for t in args.tuning)}
+    src = sparse_source(args.d_qk, tuning)
+    compiled = triton_compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    ptx = compiled.asm["ptx"]
+    print("shared bytes:", compiled.metadata.shared)
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = os.environ.get("KEEP_DIR", tmp)
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+        print(res.stdout + res.stderr)
+        sass = subprocess.run([os.path.join(os.path.dirname(get_ptxas(90).path), "cuobjdump"), "--dump-sass",
+                               os.path.join(tmp, "k.cubin")], capture_output=True, text=True).stdout
+    ops = re.findall(r"\b(HGMMA|LDGSTS|USETMAXREG|LDL|STL|SYNCS)\S*", sass)
+    print({op: ops.count(op) for op in sorted(set(ops))})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
