@@ -15,7 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import check_int, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
+from sparse_prefill._utils import (
+    check_int,
+    check_no_overlap,
+    check_tensor,
+    check_unit_stride,
+    resolve_impl,
+    value_checks_enabled,
+)
 from sparse_prefill.layout import KVCacheLayout
 from sparse_prefill.ops.cache.kernels import dequantize_k_cache_paged_triton, store_k_cache_triton
 from sparse_prefill.ops.cache.naive import dequantize_k_cache_paged_ref, store_k_cache_ref
@@ -205,7 +212,8 @@ def dequantize_k_cache_paged(
         page_size: tokens per page, ``>= 1``; must match the cache's page bytes.
         layout: ``KVCacheLayout.V4`` (d = 512) or ``KVCacheLayout.V32`` (d = 576).
         out: optional, [n, 1, layout.dim], bfloat16, unit stride in the last dim, any other
-            strides (e.g. rows of a larger workspace). Written and returned.
+            strides (e.g. rows of a larger workspace) as long as no two elements share memory
+            (no stride 0 / ``expand``). Written and returned.
         impl: "auto", "triton" or "reference" (see ``store_k_cache``).
 
     Returns:
@@ -226,6 +234,7 @@ def dequantize_k_cache_paged(
     else:
         check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(n, 1, layout.dim), device=device)
         check_unit_stride("out", out)
+        check_no_overlap("out", out)
     impl = resolve_impl(impl, device)
     _check_id_values("token_ids", token_ids, capacity, unique=False)
     return _gather(cache, token_ids, page_size, layout, out, impl)

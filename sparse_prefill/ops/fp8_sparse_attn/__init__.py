@@ -74,7 +74,8 @@ def paged_fp8_sparse_attn_fwd(
             ignored, when it is ``< 0`` or ``>= num_pages * page_size`` (any int32) or its
             position is ``>= topk_length[i]``. A token listed twice counts twice.
         page_size: tokens per page of ``cache``, ``>= 1``.
-        sm_scale: float, finite. Scale applied to ``q @ k`` before the softmax.
+        sm_scale: float, finite as a float32: 0 or a magnitude in ``[2**-126, 2**127]``.
+            Scale applied to ``q @ k`` before the softmax.
         extra_cache, extra_indices, extra_page_size: optional second scope (all three or none),
             like the main one: extra_cache [extra_pages, layout.page_bytes(extra_page_size)]
             uint8, extra_indices [s_q, extra_topk] int32, ids into ``extra_cache``. In DeepSeek-V4
@@ -90,7 +91,8 @@ def paged_fp8_sparse_attn_fwd(
             it 0; ``lse`` and ``max_logits`` are not changed.
         layout: ``KVCacheLayout.V4`` or ``KVCacheLayout.V32``, the byte layout of both caches.
         d_v: value dims, must be 512.
-        out: optional, [s_q, h_q, d_v], bfloat16, preallocated output; written and returned.
+        out: optional, [s_q, h_q, d_v], bfloat16, preallocated output whose elements do not
+            share memory (no stride 0 / ``expand``); written and returned.
         impl: "auto", "gluon", "triton" or "reference". "auto": for CUDA tensors the Gluon kernel
             where it runs (V4 layout, an sm_90 GPU, a Triton version it was validated with: 3.6),
             else the Triton kernel; for CPU tensors the PyTorch reference. "gluon": the

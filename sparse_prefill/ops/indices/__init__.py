@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import check_int, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
+from sparse_prefill._utils import (
+    check_int,
+    check_no_overlap,
+    check_tensor,
+    check_unit_stride,
+    resolve_impl,
+    value_checks_enabled,
+)
 from sparse_prefill.ops.indices.kernels import (
     build_swa_token_ids_triton,
     build_workspace_plan_triton,
@@ -352,8 +359,8 @@ def combine_topk_swa_indices(
         window_size: ``W >= 1``.
         compress_ratio: ``c >= 1``; ``c == 1`` (SWA only) needs ``topk == 0``.
         topk: entries per row of ``topk_indices`` (``>= 0``).
-        out_indices: optional ``[num_tokens, width]`` int32 buffer (last dim contiguous),
-            reused per layer; returned filled.
+        out_indices: optional ``[num_tokens, width]`` int32 buffer (last dim contiguous, no two
+            elements sharing memory), reused per layer; returned filled.
         out_lens: optional ``[num_tokens]`` int32 contiguous buffer.
         impl: "auto" | "triton" | "reference".
 
@@ -384,9 +391,10 @@ def combine_topk_swa_indices(
         check_tensor("out_indices", out_indices, dtypes=_I32, shape=(n, width), device=device)
         if n > 0:  # an empty buffer is never addressed
             check_unit_stride("out_indices", out_indices)
+        check_no_overlap("out_indices", out_indices)
     if out_lens is not None:
         check_tensor("out_lens", out_lens, dtypes=_I32, shape=(n,), device=device)
-        check_unit_stride("out_lens", out_lens)
+        check_unit_stride("out_lens", out_lens)  # 1-D: unit stride also rules out overlap
     impl = resolve_impl(impl, device)
     args = (
         topk_indices, query_start_loc, query_pos, seq_lens, gather_lens, compressed_base, swa_base,
