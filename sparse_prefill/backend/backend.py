@@ -303,6 +303,9 @@ class SparsePrefillBackend:
                 raise ValueError(
                     f"{name} must have {want} bytes per page (V4, page size {page_size}), got {cache.shape[1]}"
                 )
+            # Checked here too so that the message names the caller's argument, not the op's.
+            if not cache.is_contiguous():
+                raise ValueError(f"{name} must be contiguous, got strides {tuple(cache.stride())}")
             # The metadata measured its largest reachable id once (value checks on): free here.
             if value_checks_enabled() and max_id is not None and max_id >= cache.shape[0] * page_size:
                 raise ValueError(

@@ -27,6 +27,8 @@ from sparse_prefill.layout import KVCacheLayout
 from sparse_prefill.ops.cache.kernels import dequantize_k_cache_paged_triton, store_k_cache_triton
 from sparse_prefill.ops.cache.naive import dequantize_k_cache_paged_ref, store_k_cache_ref
 
+INT32_MAX = 2**31 - 1  # token ids are int32 (or int64 below it): a page holds fewer
+
 __all__ = ["dequantize_k_cache", "dequantize_k_cache_paged", "quantize_k_cache", "store_k_cache"]
 
 _ID_DTYPES = (torch.int32, torch.int64)
@@ -38,19 +40,24 @@ def _check_layout(layout: object) -> KVCacheLayout:
     return layout
 
 
-def _check_cache(cache: object, page_size: object, layout: KVCacheLayout) -> int:
-    """Check ``cache`` against ``page_size`` and ``layout``; return its capacity in tokens."""
-    check_int("page_size", page_size, lo=1)
-    check_tensor("cache", cache, dtypes=(torch.uint8,), shape=(None, None))
+def check_cache(
+    cache: object, page_size: object, layout: KVCacheLayout, *, name: str = "cache",
+    page_size_name: str = "page_size", device: torch.device | None = None,
+) -> int:
+    """Check ``cache`` (argument ``name``) against ``page_size`` (argument ``page_size_name``) and
+    ``layout``: a contiguous ``[num_pages, layout.page_bytes(page_size)]`` uint8 tensor (on
+    ``device`` if given). Return its capacity in tokens."""
+    check_int(page_size_name, page_size, lo=1, hi=INT32_MAX)
+    check_tensor(name, cache, dtypes=(torch.uint8,), shape=(None, None), device=device)
     if not cache.is_contiguous():
-        raise ValueError(f"cache must be contiguous, got strides {tuple(cache.stride())}")
+        raise ValueError(f"{name} must be contiguous, got strides {tuple(cache.stride())}")
     want = layout.page_bytes(page_size)
     if cache.shape[1] != want:
         fits = layout.page_size_of(cache)
         raise ValueError(
-            f"cache has {cache.shape[1]} bytes per page, but layout {layout.name} with "
-            f"page_size={page_size} needs {want}; page sizes of {layout.name} that fit this cache: "
-            f"{fits if fits else 'none'}"
+            f"{name} has {cache.shape[1]} bytes per page, but layout {layout.name} with "
+            f"{page_size_name}={page_size} needs {want}; page sizes of {layout.name} that fit "
+            f"{name}: {fits if fits else 'none'}"
         )
     return cache.shape[0] * page_size
 
@@ -150,7 +157,7 @@ def store_k_cache(
     TypeError/ValueError naming the argument.
     """
     layout = _check_layout(layout)
-    capacity = _check_cache(cache, page_size, layout)
+    capacity = check_cache(cache, page_size, layout)
     device = cache.device
     check_tensor("k", k, dtypes=(torch.bfloat16,), shape=(None, layout.dim), device=device)
     check_unit_stride("k", k)
@@ -225,7 +232,7 @@ def dequantize_k_cache_paged(
     TypeError/ValueError naming the argument.
     """
     layout = _check_layout(layout)
-    capacity = _check_cache(cache, page_size, layout)
+    capacity = check_cache(cache, page_size, layout)
     device = cache.device
     token_ids = _check_ids("token_ids", token_ids, None, device)
     n = token_ids.shape[0]
@@ -258,7 +265,7 @@ def dequantize_k_cache(
     Bad arguments raise TypeError/ValueError naming the argument, before any launch.
     """
     layout = _check_layout(layout)
-    capacity = _check_cache(cache, page_size, layout)
+    capacity = check_cache(cache, page_size, layout)
     impl = resolve_impl(impl, cache.device)
     out = torch.empty(capacity, 1, layout.dim, dtype=torch.bfloat16, device=cache.device)
     token_ids = torch.arange(capacity, device=cache.device)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import IMPLS, check_int, check_tensor, resolve_impl
+from sparse_prefill._utils import IMPLS, resolve_impl
 from sparse_prefill.layout import KVCacheLayout
+from sparse_prefill.ops.cache import check_cache
 from sparse_prefill.ops.fp8_sparse_attn.naive import paged_fp8_sparse_attn_fwd_naive
 from sparse_prefill.ops.sparse_attn import (
     D_V,
@@ -34,13 +35,9 @@ def _check_cache(
 ) -> None:
     """``cache`` [num_pages >= 1, layout.page_bytes(page_size)] uint8, contiguous (kernels
     address pages by ``page_bytes``)."""
-    check_int(page_size_name, page_size, lo=1)
-    page_bytes = layout.page_bytes(page_size)
-    check_tensor(name, cache, dtypes=(torch.uint8,), shape=(None, page_bytes), device=device)
+    check_cache(cache, page_size, layout, name=name, page_size_name=page_size_name, device=device)
     if cache.shape[0] < 1:
         raise ValueError(f"{name} must have at least one page, got shape {tuple(cache.shape)}")
-    if not cache.is_contiguous():
-        raise ValueError(f"{name} must be contiguous, got strides {tuple(cache.stride())}")
 
 
 def paged_fp8_sparse_attn_fwd(
