@@ -304,6 +304,8 @@ class SparsePrefillBackend:
                     f"{name} must have {want} bytes per page (V4, page size {page_size}), got {cache.shape[1]}"
                 )
             # Checked here too so that the message names the caller's argument, not the op's.
+            if cache.shape[0] < 1:
+                raise ValueError(f"{name} must have at least one page, got shape {tuple(cache.shape)}")
             if not cache.is_contiguous():
                 raise ValueError(f"{name} must be contiguous, got strides {tuple(cache.stride())}")
             # The metadata measured its largest reachable id once (value checks on): free here.
