@@ -10,6 +10,7 @@ kernel under Triton's interpreter, which must be switched on (``TRITON_INTERPRET
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator, Sequence
 
@@ -136,7 +137,10 @@ def check_float32_scale(name: str, value: object) -> float:
     ``float(value)``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond any float
+        v = math.inf
     if v != 0.0 and not FLOAT32_SCALE_MIN <= abs(v) <= FLOAT32_SCALE_MAX:
         raise ValueError(
             f"{name} must be finite as a float32: 0 or a magnitude in [2**-126, 2**127] (normal "

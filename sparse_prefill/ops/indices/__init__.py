@@ -176,6 +176,9 @@ def check_swa_values(seq: list[int], swa: SwaTokenIds) -> None:
     host = torch.cat([swa.first_pos.long(), swa.gather_lens.long(), swa.offsets]).tolist()
     n = len(seq)
     first, gather, offsets = host[:n], host[n : 2 * n], host[2 * n :]
+    for r, s in enumerate(seq):
+        if s < 0:
+            raise ValueError(f"seq_lens[{r}] must be >= 0, got {s}")
     for r, (s, f, g) in enumerate(zip(seq, first, gather)):
         if not 0 <= g <= s:
             raise ValueError(f"swa.gather_lens[{r}] must be in [0, seq_lens[{r}]] = [0, {s}], got {g}")
