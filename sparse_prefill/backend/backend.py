@@ -22,15 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import (
-    IMPLS,
-    check_int,
-    check_no_overlap,
-    check_tensor,
-    check_unit_stride,
-    resolve_impl,
-    value_checks_enabled,
-)
+from sparse_prefill._utils import IMPLS, check_int, check_no_overlap, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
 from sparse_prefill.backend import routing
 from sparse_prefill.backend.chunk_cache import SparsePrefillChunkCache
 from sparse_prefill.backend.config import ModelConfig

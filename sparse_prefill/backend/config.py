@@ -21,8 +21,9 @@ class ModelConfig:
 
     Args:
         num_heads: ``h_q``, query heads on this GPU, 1..128 (tensor parallelism leaves 8..128).
-        compress_ratios: one compress ratio per attention layer, each 1 (SWA only), 4 (indexer
-            top-k over compressed entries) or 128 (every complete compressed entry).
+        compress_ratios: one compress ratio per attention layer, in layer order (a sequence:
+            a mapping or a set is a TypeError), each 1 (SWA only), 4 (indexer top-k over
+            compressed entries) or 128 (every complete compressed entry).
         topk: the ratio-4 indexer's top-k (512 or 1024 in DeepSeek-V4; any value in
             ``1 .. 2**24`` works).
         window_size: ``W``, sliding window of raw tokens every layer attends to (128 in V4),

@@ -15,14 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import (
-    check_int,
-    check_no_overlap,
-    check_tensor,
-    check_unit_stride,
-    resolve_impl,
-    value_checks_enabled,
-)
+from sparse_prefill._utils import check_int, check_no_overlap, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
 from sparse_prefill.layout import KVCacheLayout
 from sparse_prefill.ops.cache.kernels import dequantize_k_cache_paged_triton, store_k_cache_triton
 from sparse_prefill.ops.cache.naive import dequantize_k_cache_paged_ref, store_k_cache_ref
@@ -56,7 +49,7 @@ def check_cache(
         fits = layout.page_size_of(cache)
         raise ValueError(
             f"{name} has {cache.shape[1]} bytes per page, but layout {layout.name} with "
-            f"{page_size_name}={page_size} needs {want}; page sizes of {layout.name} that fit "
+            f"{page_size_name}={page_size} needs {want}; page sizes of {layout.name} that fit this "
             f"{name}: {fits if fits else 'none'}"
         )
     return cache.shape[0] * page_size

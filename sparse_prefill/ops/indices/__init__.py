@@ -11,14 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import (
-    check_int,
-    check_no_overlap,
-    check_tensor,
-    check_unit_stride,
-    resolve_impl,
-    value_checks_enabled,
-)
+from sparse_prefill._utils import check_int, check_no_overlap, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
 from sparse_prefill.ops.indices.kernels import (
     build_swa_token_ids_triton,
     build_workspace_plan_triton,

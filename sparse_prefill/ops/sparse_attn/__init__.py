@@ -8,15 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import (
-    check_float32_scale,
-    check_int,
-    check_no_overlap,
-    check_tensor,
-    check_unit_stride,
-    resolve_impl,
-    value_checks_enabled,
-)
+from sparse_prefill._utils import check_float32_scale, check_int, check_no_overlap, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
 from sparse_prefill.ops.sparse_attn.naive import sparse_attn_fwd_naive
 
 __all__ = ["sparse_attn_fwd"]
