@@ -110,6 +110,10 @@ def paged_fp8_sparse_attn_fwd(
         - max_logits: [s_q, h_q], float32, ``max(P)``; -inf for a row with no valid token.
         - lse: [s_q, h_q], float32, ``logsumexp(P)`` (natural log); +inf for a row with no valid
           token.
+        NaN propagates as in ``sparse_attn_fwd`` (a NaN query head, or a validly listed token
+        that dequantizes to NaN, gives NaN outputs; invalid entries are ignored) on the
+        reference and Triton paths; the Gluon kernel still returns such rows empty (out 0,
+        lse +inf): tests/ops/test_nan_semantics.py marks it.
         ``s_q = 0`` returns empty tensors without launching anything.
     """
     if not isinstance(layout, KVCacheLayout):

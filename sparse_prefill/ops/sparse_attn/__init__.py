@@ -151,6 +151,9 @@ def sparse_attn_fwd(
         - max_logits: [s_q, h_q], float32, ``max(P)``; -inf for a token with no valid entry.
         - lse: [s_q, h_q], float32, ``logsumexp(P)`` (natural log); +inf for a token with no
           valid entry.
+        NaN propagates as in a float computation: a NaN in ``q[i, h]`` makes all three NaN at
+        ``[i, h]`` and a NaN in a KV row that token ``i`` lists validly makes them NaN for every
+        head of ``i``; invalid entries (and a token with none valid) are unaffected by NaN.
         ``s_q = 0`` returns empty tensors without launching anything.
     """
     s_q, h_q, d_qk = check_query(q, (512, 576))
