@@ -79,8 +79,9 @@ def value_checks(enabled: bool) -> Iterator[None]:
     cache's capacity, a length out of range) need the data on the host, which on CUDA is a
     device sync. Engines that validate their metadata once switch them off in hot loops with
     ``with sparse_prefill.value_checks(False): ...`` or process-wide with the environment
-    variable ``SPARSE_PREFILL_VALUE_CHECKS=0`` (read at import; see ``parse_value_checks_env``). ``enabled`` must be a bool (a string such as
-    ``"false"`` is truthy: it is rejected with TypeError rather than read as on).
+    variable ``SPARSE_PREFILL_VALUE_CHECKS=0`` (read at import; see ``parse_value_checks_env``).
+    ``enabled`` must be a bool (a string such as ``"false"`` is truthy: it is rejected with
+    TypeError rather than read as on).
     """
     global _VALUE_CHECKS
     if not isinstance(enabled, bool):
