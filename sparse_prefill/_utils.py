@@ -10,6 +10,7 @@ kernel under Triton's interpreter, which must be switched on (``TRITON_INTERPRET
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator, Sequence
 
@@ -19,10 +20,30 @@ import triton.language as tl
 
 IMPLS = ("auto", "triton", "reference")
 
+# Magnitudes a float scale may have (besides 0): the normal float32 range, less a factor 2 at the
+# top so that the kernels' ``scale * log2(e)`` stays finite.
+FLOAT32_SCALE_MIN = 2.0**-126
+FLOAT32_SCALE_MAX = 2.0**127
+
 # Read once, like triton.jit does at decoration time, so the two never disagree.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-_VALUE_CHECKS = os.environ.get("SPARSE_PREFILL_VALUE_CHECKS", "1") != "0"
+VALUE_CHECKS_ENV = "SPARSE_PREFILL_VALUE_CHECKS"
+_ENV_SWITCH = {"1": True, "on": True, "true": True, "yes": True, "0": False, "off": False, "false": False, "no": False}
+
+
+def parse_value_checks_env(text: str | None) -> bool:
+    """``$SPARSE_PREFILL_VALUE_CHECKS``: unset or empty means on; 1/on/true/yes and 0/off/false/no
+    (any case) switch; anything else is a ValueError (a typo must not leave checks on silently)."""
+    key = (text or "1").strip().lower() or "1"
+    if key not in _ENV_SWITCH:
+        raise ValueError(
+            f"environment variable {VALUE_CHECKS_ENV} must be one of {sorted(_ENV_SWITCH)}, got {text!r}"
+        )
+    return _ENV_SWITCH[key]
+
+
+_VALUE_CHECKS = parse_value_checks_env(os.environ.get(VALUE_CHECKS_ENV))
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
@@ -58,10 +79,14 @@ def value_checks(enabled: bool) -> Iterator[None]:
     cache's capacity, a length out of range) need the data on the host, which on CUDA is a
     device sync. Engines that validate their metadata once switch them off in hot loops with
     ``with sparse_prefill.value_checks(False): ...`` or process-wide with the environment
-    variable ``SPARSE_PREFILL_VALUE_CHECKS=0``.
+    variable ``SPARSE_PREFILL_VALUE_CHECKS=0`` (read at import; see ``parse_value_checks_env``).
+    ``enabled`` must be a bool (a string such as ``"false"`` is truthy: it is rejected with
+    TypeError rather than read as on).
     """
     global _VALUE_CHECKS
-    previous, _VALUE_CHECKS = _VALUE_CHECKS, bool(enabled)
+    if not isinstance(enabled, bool):
+        raise TypeError(f"value_checks takes a bool (enabled), got {type(enabled).__name__}")
+    previous, _VALUE_CHECKS = _VALUE_CHECKS, enabled
     try:
         yield
     finally:
@@ -104,6 +129,41 @@ def check_int(name: str, value: object, *, lo: int | None = None, hi: int | None
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
     return value
+
+
+def check_float32_scale(name: str, value: object) -> float:
+    """Raise unless ``value`` is a real number (not bool) that float32 holds without overflow or
+    underflow: 0, or a magnitude in ``[2**-126, 2**127]`` (normal float32, with room for the
+    kernels' ``* log2(e)``). ``1e39`` would become inf and ``1e-50`` zero on the device. Returns
+    ``float(value)``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond any float
+        v = math.inf
+    if v != 0.0 and not FLOAT32_SCALE_MIN <= abs(v) <= FLOAT32_SCALE_MAX:
+        raise ValueError(
+            f"{name} must be finite as a float32: 0 or a magnitude in [2**-126, 2**127] (normal "
+            f"float32), got {value}"
+        )
+    return v
+
+
+def check_no_overlap(name: str, t: torch.Tensor) -> None:
+    """Raise ValueError unless no two elements of output ``t`` share memory (a stride-0 or
+    ``expand``ed dim, or strides that interleave). The test is the usual sufficient one: with the
+    dims of size > 1 sorted by stride, each stride is at least the span of the smaller ones.
+    Dense, sliced, permuted and row-strided tensors all pass it."""
+    span = 1  # elements covered by the dims so far, plus one
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride < span:
+            raise ValueError(
+                f"{name} is an output, so its elements must not share memory; got shape "
+                f"{tuple(t.shape)} with strides {tuple(t.stride())} (expanded or overlapping); "
+                f"pass a tensor from torch.empty"
+            )
+        span = stride * (size - 1) + span
 
 
 def check_unit_stride(name: str, t: torch.Tensor) -> None:

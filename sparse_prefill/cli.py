@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from sparse_prefill import __version__
 from sparse_prefill.bench import BENCHMARKS, load
 from sparse_prefill.bench.check import OPS as CHECK_OPS
 from sparse_prefill.bench.check import run_check
@@ -29,6 +30,8 @@ from sparse_prefill.bench.plot import plot_results, plot_rows
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PLOT_NAME = "results.png"
+MAX_SECONDS = 86400.0  # check's budget: a day at most (inf or 1e308 would never end)
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes seeds below 2**64; check adds its round number
 
 
 class UsageError(Exception):
@@ -40,8 +43,18 @@ def _positive(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not 0 < value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be > 0 and at most {MAX_SECONDS:g} (a day), got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED - 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63 - 2**32 - 1], got {text}")
     return value
 
 
@@ -158,11 +171,21 @@ def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    if os.path.isdir(args.results):
+        raise UsageError(f"{args.results}: is a directory; give the results.json file in it")
     if not os.path.isfile(args.results):
         raise UsageError(f"{args.results}: no such file")
     png = args.png or os.path.join(os.path.dirname(args.results), PLOT_NAME)
-    if not _write_plot(lambda: plot_results(args.results, png)):
-        return EXIT_USAGE
+    folder = os.path.dirname(png) or "."
+    if not os.path.isdir(folder):
+        raise UsageError(f"{png}: the directory {folder} does not exist")
+    if os.path.isdir(png):
+        raise UsageError(f"{png}: is a directory; --png takes a file name")
+    try:
+        if not _write_plot(lambda: plot_results(args.results, png)):
+            return EXIT_USAGE
+    except OSError as e:  # unreadable results, unwritable PNG
+        raise UsageError(f"{e.filename or png}: {e.strerror or e}") from None
     print(f"wrote {png}")
     return EXIT_OK
 
@@ -180,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 success, 1 a check failed (or a benchmark raised), 2 a usage error or a "
                "request this machine cannot serve.\nRun `sparse-prefill COMMAND --help` for a command's options.",
     )
+    parser.add_argument("--version", action="version", version=f"sparse-prefill {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = sub.add_parser(
@@ -195,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                       help="where to run (default: cuda when available, else cpu)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic batch (default 0)")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of the synthetic batch (default 0)")
 
     check = sub.add_parser(
         "check", formatter_class=raw, help="randomized correctness sweep of every op against its reference",
@@ -209,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "sparse_prefill is imported.",
         epilog="Exit codes: 0 all rounds match, 1 a mismatch (or a kernel error), 2 bad arguments.",
     )
-    check.add_argument("--seconds", type=_positive, default=30.0, help="time budget (default 30)")
-    check.add_argument("--seed", type=int, default=0, help="base seed; round i of the sweep uses seed + i")
+    check.add_argument("--seconds", type=_positive, default=30.0, help="time budget, at most a day (default 30)")
+    check.add_argument("--seed", type=_seed, default=0, help="base seed; round i of the sweep uses seed + i")
     check.add_argument("--only", metavar="OP[,OP...]", type=_names(tuple(CHECK_OPS)),
                        help="ops to check (default all): " + ", ".join(CHECK_OPS))
 

@@ -103,6 +103,13 @@ def test_subcommand_help(command, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["bench", "--only", "nope"], "expected names from sparse_attn, cache, indices, backend"),
     (["check", "--seconds", "0"], "must be > 0"),
+    (["check", "--seconds", "inf"], "must be > 0 and at most 86400"),
+    (["check", "--seconds", "1e308"], "must be > 0 and at most 86400"),
+    (["check", "--seconds", "nan"], "must be > 0 and at most 86400"),
+    (["check", "--seed", str(2**70)], "must be in [0, 2**63"),
+    (["demo", "--seed", str(2**70)], "must be in [0, 2**63"),
+    (["demo", "--seed", "-1"], "must be in [0, 2**63"),
+    (["demo", "--seed", "1.5"], "expected an integer seed"),
     (["check", "--seconds", "soon"], "expected a number of seconds"),
     (["check", "--only", "cache,bogus"], "expected names from cache, indices"),
     (["demo", "--device", "tpu"], "invalid choice"),
@@ -125,6 +132,47 @@ def test_impossible_requests_exit_2(tmp_path, capsys):
     empty.write_text(json.dumps({"benchmarks": {"sparse_attn": {"rows": []}}}))
     assert cli.main(["plot", str(empty)]) == 2
     assert "no default-launch rows" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import sparse_prefill
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"sparse-prefill {sparse_prefill.__version__}"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not a JSON file"),
+    ("\"rows\"", "expected a JSON object or a list of rows, got str"),
+    (json.dumps({"rows": [1, 2]}), "the rows must be a list of JSON objects"),
+    (json.dumps({"benchmarks": {"sparse_attn": {"rows": "x"}}}), "the rows must be a list of JSON objects"),
+    (json.dumps({"benchmarks": []}), "holds no sparse_attn benchmark rows"),
+    (json.dumps([{"op": "sparse_attn_fwd", "d_qk": 512, "h_q": 64, "topk": 512, "s_kv": "8K"}]), "row 0 needs a number 's_kv'"),
+])
+def test_plot_bad_results_file_exits_2_with_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "results.json"
+    path.write_text(content)
+    assert cli.main(["plot", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(path) in err and message in err, err
+    assert not (tmp_path / "results.png").exists()
+
+
+def test_plot_bad_paths_exit_2_with_one_line(tmp_path, capsys):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(fabricated_rows()))
+    missing_dir = tmp_path / "nowhere" / "plot.png"
+    cases = [
+        (["plot", str(tmp_path)], f"{tmp_path}: is a directory"),
+        (["plot", str(results), "--png", str(missing_dir)], f"the directory {missing_dir.parent} does not exist"),
+        (["plot", str(results), "--png", str(tmp_path)], f"{tmp_path}: is a directory; --png takes a file"),
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err, err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import IMPLS, check_int, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
+from sparse_prefill._utils import IMPLS, check_int, check_no_overlap, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
 from sparse_prefill.backend import routing
 from sparse_prefill.backend.chunk_cache import SparsePrefillChunkCache
 from sparse_prefill.backend.config import ModelConfig
@@ -229,7 +229,7 @@ class SparsePrefillBackend:
             metadata: the batch; defaults to the one given to ``begin_forward``. Passing a
                 different object (or one refilled by ``copy_``) starts a new forward.
             out: optional ``[num_tokens, h_q, 512]`` bfloat16 output buffer, unit stride in the
-                last dim; written and returned.
+                last dim, no two elements sharing memory; written and returned.
 
         Returns:
             ``[num_tokens, h_q, 512]`` bfloat16: per query at position ``p``, softmax attention
@@ -262,6 +262,7 @@ class SparsePrefillBackend:
         else:
             check_tensor("out", out, dtypes=(torch.bfloat16,), shape=tuple(q.shape), device=device)
             check_unit_stride("out", out)
+            check_no_overlap("out", out)
         resolve_impl(self.impl, device)
 
         if self.path_for(ratio) == routing.SPARSE:
@@ -294,6 +295,11 @@ class SparsePrefillBackend:
                 raise ValueError(
                     f"{name} must have {want} bytes per page (V4, page size {page_size}), got {cache.shape[1]}"
                 )
+            # Checked here too so that the message names the caller's argument, not the op's.
+            if cache.shape[0] < 1:
+                raise ValueError(f"{name} must have at least one page, got shape {tuple(cache.shape)}")
+            if not cache.is_contiguous():
+                raise ValueError(f"{name} must be contiguous, got strides {tuple(cache.stride())}")
             # The metadata measured its largest reachable id once (value checks on): free here.
             if value_checks_enabled() and max_id is not None and max_id >= cache.shape[0] * page_size:
                 raise ValueError(

@@ -127,7 +127,10 @@ class BatchMetadata:
         num_tokens = sum(extend)
         # Positions and query offsets are int32 in every kernel.
         if max(seq) > INT32_MAX or num_tokens > INT32_MAX:
-            raise ValueError(f"seq_lens and the token count must stay below 2**31, got {max(seq)} and {num_tokens}")
+            raise ValueError(
+                f"prefix_lens + extend_lens (a request's length) and sum(extend_lens) (the token count) "
+                f"must stay below 2**31, got {max(seq)} and {num_tokens}"
+            )
 
         check_tensor("swa_token_table", swa_token_table, dtypes=(torch.int32,), shape=(num_reqs, None))
         device = swa_token_table.device

@@ -41,13 +41,39 @@ def load_rows(json_path: str | os.PathLike) -> tuple[list[dict], str]:
     ``results.json`` of ``sparse-prefill bench``, the ``sparse_attn.json`` of
     ``python -m sparse_prefill.bench.sparse_attn``, or the bare row list older runs wrote."""
     with open(json_path) as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{json_path}: not a JSON file ({e})") from None
     if isinstance(data, list):
-        return data, ""
-    section = data.get("benchmarks", {}).get("sparse_attn", data)
-    if "rows" not in section:
+        return _checked_rows(data, json_path), ""
+    if not isinstance(data, dict):
+        raise ValueError(f"{json_path}: expected a JSON object or a list of rows, got {type(data).__name__}")
+    benchmarks = data.get("benchmarks", {})
+    section = benchmarks.get("sparse_attn", data) if isinstance(benchmarks, dict) else data
+    if not isinstance(section, dict) or "rows" not in section:
         raise ValueError(f"{json_path} holds no sparse_attn benchmark rows")
-    return section["rows"], data.get("device", "")
+    device = data.get("device", "")
+    return _checked_rows(section["rows"], json_path), device if isinstance(device, str) else ""
+
+
+# What a plotted row must hold (the benchmark writes more).
+ROW_KEYS = {"d_qk": int, "h_q": int, "topk": int, "s_kv": int, "us": (int, float),
+            "tflops": (int, float)}
+
+
+def _checked_rows(rows: object, json_path: str | os.PathLike) -> list[dict]:
+    """``rows`` if it is a list of benchmark rows whose plotted ones have ``ROW_KEYS``; else a
+    ValueError that names the file and the first bad row."""
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{json_path}: the rows must be a list of JSON objects")
+    for i, r in enumerate(rows):
+        if r.get("variant") or r.get("op") not in SERIES:
+            continue  # not plotted
+        for key, kind in ROW_KEYS.items():
+            if isinstance(r.get(key), bool) or not isinstance(r.get(key), kind):
+                raise ValueError(f"{json_path}: row {i} needs a number {key!r}, got {r.get(key)!r}")
+    return rows
 
 
 def _panels(rows: Sequence[dict]) -> dict[str, list[tuple[str, str, list[dict]]]]:

@@ -259,6 +259,17 @@ BAD_FORWARD = {
     "sink dtype": (1, dict(attn_sink=lambda a: a["attn_sink"].double()), TypeError, "attn_sink"),
     "sink shape": (1, dict(attn_sink=torch.zeros(3)), ValueError, "attn_sink"),
     "out shape": (1, dict(out=torch.empty(8, 4, 511, dtype=torch.bfloat16)), ValueError, "out must have shape"),
+    "out expanded": (1, dict(out=lambda a: a["q"][:1].expand(a["q"].shape)), ValueError,
+                     "out is an output, so its elements must not share memory"),
+    # Named as the caller passed them, not as the inner op's cache / extra_cache.
+    "swa strided": (0, dict(caches=lambda a: LayerCaches(
+        torch.empty(a["caches"].swa.shape[0], 2 * a["caches"].swa.shape[1], dtype=torch.uint8)[:, ::2])),
+                    ValueError, r"caches.swa must be contiguous"),
+    "compressed strided": (1, dict(caches=lambda a: LayerCaches(a["caches"].swa, torch.empty(
+        2 * a["caches"].compressed.shape[0], a["caches"].compressed.shape[1], dtype=torch.uint8)[::2])),
+                           ValueError, r"caches.compressed must be contiguous"),
+    "compressed no pages": (2, dict(caches=lambda a: LayerCaches(a["caches"].swa, a["caches"].compressed[:0])),
+                            ValueError, "caches.compressed must have at least one page"),
 }
 
 

@@ -322,12 +322,35 @@ def test_workspace_plan_validation():
         build_workspace_plan(torch.tensor([8, -4], dtype=torch.int32), swa, 4, token_table(2, 3, "cpu"))
 
 
+def test_workspace_plan_checks_swa_against_seq_lens():
+    """An ``swa`` that is not what build_swa_token_ids returns for these seq_lens is named."""
+    a = _swa_args()
+    swa = build_swa_token_ids(**a)
+    seq, table = a["seq_lens"], token_table(2, 3, "cpu")
+    bad = {
+        r"swa.offsets\[0\] must be sum\(swa.gather_lens\[:0\]\) = 0, got 1": swa._replace(offsets=swa.offsets + 1),
+        r"swa.gather_lens\[0\] must be in \[0, seq_lens\[0\]\]": swa._replace(gather_lens=swa.gather_lens + 100),
+        r"swa.first_pos\[1\] must be seq_lens\[1\] - swa.gather_lens\[1\]": swa._replace(
+            first_pos=swa.first_pos + torch.tensor([0, 1], dtype=torch.int32)),
+        r"len\(swa.token_ids\) must both be sum\(swa.gather_lens\)": swa._replace(token_ids=swa.token_ids[:-1]),
+    }
+    for match, wrong in bad.items():
+        with pytest.raises(ValueError, match=match):
+            build_workspace_plan(seq, wrong, 4, table)
+        with value_checks(False):  # value checks off: not read (no host sync)
+            build_workspace_plan(seq, wrong, 4, table, num_compressed=int((seq // 4).sum()))
+    # Lengths that disagree with the swa: a request longer than its gather says.
+    with pytest.raises(ValueError, match=r"swa.first_pos\[0\] must be"):
+        build_workspace_plan(seq + 1, swa, 4, token_table(2, 4, "cpu"))
+
+
 def test_workspace_rows_must_fit_int32():
     """A workspace beyond 2**31 - 1 rows raises before anything is built (no big tensors)."""
     seq = torch.tensor([INT32_MAX, INT32_MAX], dtype=torch.int32)
     ones = torch.ones(2, dtype=torch.int32)
     # Stride-0 views: 2 * (2**30 - 1) compressed rows + 2 SWA rows = 2**31 rows.
-    swa = SwaTokenIds(torch.zeros(1, dtype=torch.int32).expand(2), ones, ones, torch.arange(3))
+    first = torch.full((2,), INT32_MAX - 1, dtype=torch.int32)
+    swa = SwaTokenIds(torch.zeros(1, dtype=torch.int32).expand(2), first, ones, torch.arange(3))
     table = torch.zeros(2, 1, dtype=torch.int32).expand(2, INT32_MAX // 2)
     with pytest.raises(ValueError, match="exceeds the int32 row indices"):
         build_workspace_plan(seq, swa, 2, table)
@@ -365,7 +388,9 @@ def _combine_args():
         (dict(query_pos=torch.zeros(5, dtype=torch.int64)), TypeError, "query_pos"),
         (dict(query_start_loc=torch.tensor([0, 2], dtype=torch.int32)), ValueError, "query_start_loc"),
         (dict(query_start_loc=torch.tensor([1, 2, 5], dtype=torch.int32)), ValueError, "run from 0"),
-        (dict(query_start_loc=torch.tensor([0, 6, 5], dtype=torch.int32), gather_lens=torch.tensor([10, 6], dtype=torch.int32)), ValueError, "extend_len"),
+        # A decreasing step is named as such, whatever the gather lengths of earlier requests.
+        (dict(query_start_loc=torch.tensor([0, 6, 5], dtype=torch.int32)), ValueError,
+         r"query_start_loc must be non-decreasing .* query_start_loc\[2\] = 5 < query_start_loc\[1\] = 6"),
         (dict(seq_lens=torch.tensor([10, 2], dtype=torch.int32)), ValueError, "extend_len"),
         (dict(gather_lens=torch.tensor([4, 6], dtype=torch.int32)), ValueError, r"gather_lens\[0\] must be in \[5"),
         (dict(gather_lens=torch.tensor([5, 7], dtype=torch.int32)), ValueError, r"gather_lens\[1\]"),
@@ -378,6 +403,14 @@ def _combine_args():
         (dict(out_indices=torch.zeros(128, 5, dtype=torch.int32).t()), ValueError, "out_indices must have unit stride in its last dim"),
         (dict(out_lens=torch.zeros(5, dtype=torch.int64)), TypeError, "out_lens"),
         (dict(out_lens=torch.zeros(10, dtype=torch.int32)[::2]), ValueError, "out_lens must have unit stride"),
+        (dict(out_lens=torch.zeros(1, dtype=torch.int32).expand(5)), ValueError, "out_lens must have unit stride"),
+        (dict(out_indices=torch.zeros(1, 128, dtype=torch.int32).expand(5, 128)), ValueError,
+         "out_indices is an output, so its elements must not share memory"),
+        (dict(out_indices=torch.zeros(6, 64, dtype=torch.int32).as_strided((5, 128), (64, 1))), ValueError,
+         "out_indices is an output"),
+        # Bounded before anything is allocated (2**31 - 1 would ask for 5 rows of 8 GiB).
+        (dict(topk=2**31 - 1, topk_indices=None), ValueError, r"topk must be in \[0, 16777216\]"),
+        (dict(window_size=2**31 - 1), ValueError, r"window_size must be in \[1, 16777216\]"),
     ],
 )
 def test_combine_validation(change, exc, match):

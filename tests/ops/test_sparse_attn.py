@@ -419,6 +419,13 @@ VALIDATION = {
     "sm_scale str": (dict(sm_scale="0.1"), TypeError, "sm_scale must be a float"),
     "sm_scale bool": (dict(sm_scale=True), TypeError, "sm_scale must be a float"),
     "sm_scale nan": (dict(sm_scale=float("nan")), ValueError, "sm_scale must be finite"),
+    # Finite as Python floats, but inf / 0 in float32 (and so on the device).
+    "sm_scale 1e39": (dict(sm_scale=1e39), ValueError, r"sm_scale must be finite as a float32: 0 or a magnitude in \[2\*\*-126"),
+    "sm_scale -1e39": (dict(sm_scale=-1e39), ValueError, "sm_scale must be finite as a float32"),
+    "sm_scale 1e-50": (dict(sm_scale=1e-50), ValueError, "sm_scale must be finite as a float32"),
+    "sm_scale 2**128": (dict(sm_scale=2**128), ValueError, "sm_scale must be finite as a float32"),
+    "out expanded": (dict(out=torch.empty(1, 3, D_V, dtype=torch.bfloat16).expand(4, 3, D_V)), ValueError,
+                     "out is an output, so its elements must not share memory"),
     "d_v 256": (dict(d_v=256), ValueError, "d_v must be 512"),
     "d_v float": (dict(d_v=512.0), TypeError, "d_v must be an int"),
     "sink shape": (dict(attn_sink=torch.zeros(4)), ValueError, "attn_sink must have shape"),

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import check_int, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
+from sparse_prefill._utils import check_int, check_no_overlap, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
 from sparse_prefill.layout import KVCacheLayout
 from sparse_prefill.ops.cache.kernels import dequantize_k_cache_paged_triton, store_k_cache_triton
 from sparse_prefill.ops.cache.naive import dequantize_k_cache_paged_ref, store_k_cache_ref
+
+INT32_MAX = 2**31 - 1  # token ids are int32 (or int64 below it): a page holds fewer
 
 __all__ = ["dequantize_k_cache", "dequantize_k_cache_paged", "quantize_k_cache", "store_k_cache"]
 
@@ -31,19 +33,24 @@ def _check_layout(layout: object) -> KVCacheLayout:
     return layout
 
 
-def _check_cache(cache: object, page_size: object, layout: KVCacheLayout) -> int:
-    """Check ``cache`` against ``page_size`` and ``layout``; return its capacity in tokens."""
-    check_int("page_size", page_size, lo=1)
-    check_tensor("cache", cache, dtypes=(torch.uint8,), shape=(None, None))
+def check_cache(
+    cache: object, page_size: object, layout: KVCacheLayout, *, name: str = "cache",
+    page_size_name: str = "page_size", device: torch.device | None = None,
+) -> int:
+    """Check ``cache`` (argument ``name``) against ``page_size`` (argument ``page_size_name``) and
+    ``layout``: a contiguous ``[num_pages, layout.page_bytes(page_size)]`` uint8 tensor (on
+    ``device`` if given). Return its capacity in tokens."""
+    check_int(page_size_name, page_size, lo=1, hi=INT32_MAX)
+    check_tensor(name, cache, dtypes=(torch.uint8,), shape=(None, None), device=device)
     if not cache.is_contiguous():
-        raise ValueError(f"cache must be contiguous, got strides {tuple(cache.stride())}")
+        raise ValueError(f"{name} must be contiguous, got strides {tuple(cache.stride())}")
     want = layout.page_bytes(page_size)
     if cache.shape[1] != want:
         fits = layout.page_size_of(cache)
         raise ValueError(
-            f"cache has {cache.shape[1]} bytes per page, but layout {layout.name} with "
-            f"page_size={page_size} needs {want}; page sizes of {layout.name} that fit this cache: "
-            f"{fits if fits else 'none'}"
+            f"{name} has {cache.shape[1]} bytes per page, but layout {layout.name} with "
+            f"{page_size_name}={page_size} needs {want}; page sizes of {layout.name} that fit this "
+            f"{name}: {fits if fits else 'none'}"
         )
     return cache.shape[0] * page_size
 
@@ -143,7 +150,7 @@ def store_k_cache(
     TypeError/ValueError naming the argument.
     """
     layout = _check_layout(layout)
-    capacity = _check_cache(cache, page_size, layout)
+    capacity = check_cache(cache, page_size, layout)
     device = cache.device
     check_tensor("k", k, dtypes=(torch.bfloat16,), shape=(None, layout.dim), device=device)
     check_unit_stride("k", k)
@@ -205,7 +212,8 @@ def dequantize_k_cache_paged(
         page_size: tokens per page, ``>= 1``; must match the cache's page bytes.
         layout: ``KVCacheLayout.V4`` (d = 512) or ``KVCacheLayout.V32`` (d = 576).
         out: optional, [n, 1, layout.dim], bfloat16, unit stride in the last dim, any other
-            strides (e.g. rows of a larger workspace). Written and returned.
+            strides (e.g. rows of a larger workspace) as long as no two elements share memory
+            (no stride 0 / ``expand``). Written and returned.
         impl: "auto", "triton" or "reference" (see ``store_k_cache``).
 
     Returns:
@@ -217,7 +225,7 @@ def dequantize_k_cache_paged(
     TypeError/ValueError naming the argument.
     """
     layout = _check_layout(layout)
-    capacity = _check_cache(cache, page_size, layout)
+    capacity = check_cache(cache, page_size, layout)
     device = cache.device
     token_ids = _check_ids("token_ids", token_ids, None, device)
     n = token_ids.shape[0]
@@ -226,6 +234,7 @@ def dequantize_k_cache_paged(
     else:
         check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(n, 1, layout.dim), device=device)
         check_unit_stride("out", out)
+        check_no_overlap("out", out)
     impl = resolve_impl(impl, device)
     _check_id_values("token_ids", token_ids, capacity, unique=False)
     return _gather(cache, token_ids, page_size, layout, out, impl)
@@ -249,7 +258,7 @@ def dequantize_k_cache(
     Bad arguments raise TypeError/ValueError naming the argument, before any launch.
     """
     layout = _check_layout(layout)
-    capacity = _check_cache(cache, page_size, layout)
+    capacity = check_cache(cache, page_size, layout)
     impl = resolve_impl(impl, cache.device)
     out = torch.empty(capacity, 1, layout.dim, dtype=torch.bfloat16, device=cache.device)
     token_ids = torch.arange(capacity, device=cache.device)

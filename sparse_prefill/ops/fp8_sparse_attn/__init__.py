@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import IMPLS, check_int, check_tensor, resolve_impl
+from sparse_prefill._utils import IMPLS, resolve_impl
 from sparse_prefill.layout import KVCacheLayout
+from sparse_prefill.ops.cache import check_cache
 from sparse_prefill.ops.fp8_sparse_attn.naive import paged_fp8_sparse_attn_fwd_naive
 from sparse_prefill.ops.sparse_attn import (
     D_V,
@@ -34,13 +35,9 @@ def _check_cache(
 ) -> None:
     """``cache`` [num_pages >= 1, layout.page_bytes(page_size)] uint8, contiguous (kernels
     address pages by ``page_bytes``)."""
-    check_int(page_size_name, page_size, lo=1)
-    page_bytes = layout.page_bytes(page_size)
-    check_tensor(name, cache, dtypes=(torch.uint8,), shape=(None, page_bytes), device=device)
+    check_cache(cache, page_size, layout, name=name, page_size_name=page_size_name, device=device)
     if cache.shape[0] < 1:
         raise ValueError(f"{name} must have at least one page, got shape {tuple(cache.shape)}")
-    if not cache.is_contiguous():
-        raise ValueError(f"{name} must be contiguous, got strides {tuple(cache.stride())}")
 
 
 def paged_fp8_sparse_attn_fwd(
@@ -74,7 +71,8 @@ def paged_fp8_sparse_attn_fwd(
             ignored, when it is ``< 0`` or ``>= num_pages * page_size`` (any int32) or its
             position is ``>= topk_length[i]``. A token listed twice counts twice.
         page_size: tokens per page of ``cache``, ``>= 1``.
-        sm_scale: float, finite. Scale applied to ``q @ k`` before the softmax.
+        sm_scale: float, finite as a float32: 0 or a magnitude in ``[2**-126, 2**127]``.
+            Scale applied to ``q @ k`` before the softmax.
         extra_cache, extra_indices, extra_page_size: optional second scope (all three or none),
             like the main one: extra_cache [extra_pages, layout.page_bytes(extra_page_size)]
             uint8, extra_indices [s_q, extra_topk] int32, ids into ``extra_cache``. In DeepSeek-V4
@@ -90,7 +88,8 @@ def paged_fp8_sparse_attn_fwd(
             it 0; ``lse`` and ``max_logits`` are not changed.
         layout: ``KVCacheLayout.V4`` or ``KVCacheLayout.V32``, the byte layout of both caches.
         d_v: value dims, must be 512.
-        out: optional, [s_q, h_q, d_v], bfloat16, preallocated output; written and returned.
+        out: optional, [s_q, h_q, d_v], bfloat16, preallocated output whose elements do not
+            share memory (no stride 0 / ``expand``); written and returned.
         impl: "auto", "gluon", "triton" or "reference". "auto": for CUDA tensors the Gluon kernel
             where it runs (V4 layout, an sm_90 GPU, a Triton version it was validated with: 3.6),
             else the Triton kernel; for CPU tensors the PyTorch reference. "gluon": the
@@ -111,6 +110,10 @@ def paged_fp8_sparse_attn_fwd(
         - max_logits: [s_q, h_q], float32, ``max(P)``; -inf for a row with no valid token.
         - lse: [s_q, h_q], float32, ``logsumexp(P)`` (natural log); +inf for a row with no valid
           token.
+        NaN propagates as in ``sparse_attn_fwd`` (a NaN query head, or a validly listed token
+        that dequantizes to NaN, gives NaN outputs; invalid entries are ignored) on the
+        reference and Triton paths; the Gluon kernel still returns such rows empty (out 0,
+        lse +inf): tests/ops/test_nan_semantics.py marks it.
         ``s_q = 0`` returns empty tensors without launching anything.
     """
     if not isinstance(layout, KVCacheLayout):

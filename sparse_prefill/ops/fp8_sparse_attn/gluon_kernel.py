@@ -217,13 +217,17 @@ if GLUON_IMPORTED:
     @gluon.jit
     def finish_rows(m_i, l_i, sink_ptr, offs_h, mask_h, HAS_SINK: gl.constexpr):
         """Epilogue of the online softmax (``m_i`` log2 units, ``l_i`` the row sums): (output
-        scale, max_logits, lse), natural units. A row with no valid key gets scale 0,
-        max_logits -inf, lse +inf."""
+        scale, max_logits, lse), natural units, as the Triton kernels' ``store_attn_outputs``. A
+        row with no valid key gets scale 0, max_logits -inf, lse +inf; a NaN score made ``l_i``
+        NaN, and the row gets NaN in all three."""
         LN2: gl.constexpr = 0.6931471805599453
-        has_any = l_i > 0.0
+        # l_i is 0 exactly when no valid key was seen; a NaN l_i is not 0 and flows through.
+        has_any = l_i != 0.0
         l_safe = gl.where(has_any, l_i, 1.0)
         lse = gl.where(has_any, (m_i + gl.log2(l_safe)) * LN2, float("inf"))
         max_logits = gl.where(has_any, m_i * LN2, float("-inf"))
+        # max skips NaN on the GPU, so m_i can be finite in a NaN row: take the NaN from l_i.
+        max_logits = gl.where(l_i == l_i, max_logits, l_i)
         scale = 1.0 / l_safe
         if HAS_SINK:
             sink = gl.load(sink_ptr + offs_h, mask=mask_h, other=float("-inf"))

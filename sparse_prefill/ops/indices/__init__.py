@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import check_int, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
+from sparse_prefill._utils import check_int, check_no_overlap, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
 from sparse_prefill.ops.indices.kernels import (
     build_swa_token_ids_triton,
     build_workspace_plan_triton,
@@ -24,6 +24,7 @@ from sparse_prefill.ops.indices.naive import (
 )
 from sparse_prefill.ops.indices.plan import (
     INT32_MAX,
+    MAX_ROW_ENTRIES,
     SwaTokenIds,
     WorkspacePlan,
     check_workspace_rows,
@@ -160,6 +161,37 @@ def check_swa_token_ids(swa: object, num_reqs: int, device: torch.device) -> Swa
     return swa
 
 
+def check_swa_values(seq: list[int], swa: SwaTokenIds) -> None:
+    """Value checks of ``swa`` against the host ``seq_lens`` (one host copy of ``swa``'s
+    vectors): what ``build_swa_token_ids`` returns for these lengths is consistent, i.e.
+    ``0 <= gather_lens <= seq_lens``, ``first_pos = seq_lens - gather_lens``, ``offsets`` the
+    cumulative gather lengths from 0, ending at ``len(token_ids)``."""
+    host = torch.cat([swa.first_pos.long(), swa.gather_lens.long(), swa.offsets]).tolist()
+    n = len(seq)
+    first, gather, offsets = host[:n], host[n : 2 * n], host[2 * n :]
+    for r, s in enumerate(seq):
+        if s < 0:
+            raise ValueError(f"seq_lens[{r}] must be >= 0, got {s}")
+    for r, (s, f, g) in enumerate(zip(seq, first, gather)):
+        if not 0 <= g <= s:
+            raise ValueError(f"swa.gather_lens[{r}] must be in [0, seq_lens[{r}]] = [0, {s}], got {g}")
+        if f != s - g:
+            raise ValueError(
+                f"swa.first_pos[{r}] must be seq_lens[{r}] - swa.gather_lens[{r}] = {s - g}, got {f} "
+                f"(swa must come from build_swa_token_ids with these seq_lens)"
+            )
+    total = 0
+    for r, (g, o) in enumerate(zip(gather, offsets)):
+        if o != total:
+            raise ValueError(f"swa.offsets[{r}] must be sum(swa.gather_lens[:{r}]) = {total}, got {o}")
+        total += g
+    if offsets[-1] != total or total != swa.token_ids.shape[0]:
+        raise ValueError(
+            f"swa.offsets[-1] and len(swa.token_ids) must both be sum(swa.gather_lens) = {total}, "
+            f"got {offsets[-1]} and {swa.token_ids.shape[0]}"
+        )
+
+
 def build_workspace_plan(
     seq_lens: torch.Tensor,
     swa: SwaTokenIds,
@@ -198,6 +230,10 @@ def build_workspace_plan(
         ``WorkspacePlan`` (see its docstring): ``compressed_token_ids [sum(seq_len // c)]`` int32,
         ``swa_token_ids`` (= ``swa.token_ids``), ``compressed_base [R]`` int32, ``swa_base [R]``
         int32, and the row slices. Raises ValueError when the rows exceed ``2**31 - 1``.
+
+    Value checks (when on; one host copy): ``swa`` is what ``build_swa_token_ids`` returns for
+    ``seq_lens`` (gather lengths within ``seq_lens``, ``first_pos``, ``offsets`` and the id count
+    consistent with them) and the table covers every complete entry.
     """
     check_tensor("seq_lens", seq_lens, dtypes=_I32, shape=(None,))
     num_reqs, device = seq_lens.shape[0], seq_lens.device
@@ -215,10 +251,12 @@ def build_workspace_plan(
         check_int("num_compressed", num_compressed, lo=0)
     impl = resolve_impl(impl, device)
 
+    if value_checks_enabled():
+        seq = seq_lens.tolist()
+        check_swa_values(seq, swa)
     if compress_ratio == 1:
         exact = 0
     elif value_checks_enabled():
-        seq = seq_lens.tolist()
         width = compressed_token_table.shape[1]
         check_request_lengths(seq, None, width, "compressed_token_table", compress_ratio)
         exact = sum(s // compress_ratio for s in seq)
@@ -276,8 +314,17 @@ def _check_combine_values(
             f"got {int(qsl[0])} .. {int(qsl[-1])}"
         )
     ext = qsl.diff().long()
+    # Before the per-request checks: a decreasing step would otherwise surface as a wrong
+    # gather length of an earlier request.
+    down = (ext < 0).nonzero()
+    if down.numel():
+        r = int(down[0])
+        raise ValueError(
+            f"query_start_loc must be non-decreasing (cumulative query counts), got "
+            f"query_start_loc[{r + 1}] = {int(qsl[r + 1])} < query_start_loc[{r}] = {int(qsl[r])}"
+        )
     for r, (s, e, g, cb, sb) in enumerate(zip(*(t.tolist() for t in (seq, ext, gather, cbase, sbase)))):
-        if e < 0 or e > s:
+        if e > s:
             raise ValueError(
                 f"query_start_loc[{r + 1}] - query_start_loc[{r}] (extend_len) must be in "
                 f"[0, seq_lens[{r}]] = [0, {s}], got {e}"
@@ -349,11 +396,13 @@ def combine_topk_swa_indices(
         seq_lens: ``[R]`` int32 tokens of each request including the new ones.
         gather_lens: ``[R]`` int32 SWA gather lengths (``SwaTokenIds.gather_lens``).
         compressed_base, swa_base: ``[R]`` int32 workspace rows (``WorkspacePlan``).
-        window_size: ``W >= 1``.
+        window_size: ``W``, ``1 <= W <= 2**24``.
         compress_ratio: ``c >= 1``; ``c == 1`` (SWA only) needs ``topk == 0``.
-        topk: entries per row of ``topk_indices`` (``>= 0``).
-        out_indices: optional ``[num_tokens, width]`` int32 buffer (last dim contiguous),
-            reused per layer; returned filled.
+        topk: entries per row of ``topk_indices``, ``0 <= topk <= 2**24`` (a ratio-128 request
+            of ``2**31`` tokens has ``2**24`` entries; the bound keeps a typo from allocating
+            terabytes of ``[num_tokens, width]`` rows).
+        out_indices: optional ``[num_tokens, width]`` int32 buffer (last dim contiguous, no two
+            elements sharing memory), reused per layer; returned filled.
         out_lens: optional ``[num_tokens]`` int32 contiguous buffer.
         impl: "auto" | "triton" | "reference".
 
@@ -361,12 +410,13 @@ def combine_topk_swa_indices(
         ``(indices [num_tokens, width] int32, lens [num_tokens] int32)``: ``lens[q]`` = number
         of valid entries of row ``q`` (all before the first -1): pass it as ``topk_length``.
 
-    Value checks (when on; one host copy): the lengths are consistent, ``query_pos`` is as
+    Value checks (when on; one host copy): the lengths are consistent (``query_start_loc``
+    non-decreasing from 0), ``query_pos`` is as
     above, rows stay below ``2**31``, and ``topk_indices=None`` covers every entry.
     """
-    check_int("window_size", window_size, lo=1, hi=INT32_MAX)
+    check_int("window_size", window_size, lo=1, hi=MAX_ROW_ENTRIES)
     check_int("compress_ratio", compress_ratio, lo=1, hi=INT32_MAX)
-    check_int("topk", topk, lo=0, hi=INT32_MAX)
+    check_int("topk", topk, lo=0, hi=MAX_ROW_ENTRIES)
     if compress_ratio == 1 and topk != 0:
         raise ValueError(f"compress_ratio 1 (SWA only) needs topk == 0, got {topk}")
     check_tensor("query_pos", query_pos, dtypes=_I32, shape=(None,))
@@ -384,9 +434,10 @@ def combine_topk_swa_indices(
         check_tensor("out_indices", out_indices, dtypes=_I32, shape=(n, width), device=device)
         if n > 0:  # an empty buffer is never addressed
             check_unit_stride("out_indices", out_indices)
+        check_no_overlap("out_indices", out_indices)
     if out_lens is not None:
         check_tensor("out_lens", out_lens, dtypes=_I32, shape=(n,), device=device)
-        check_unit_stride("out_lens", out_lens)
+        check_unit_stride("out_lens", out_lens)  # 1-D: unit stride also rules out overlap
     impl = resolve_impl(impl, device)
     args = (
         topk_indices, query_start_loc, query_pos, seq_lens, gather_lens, compressed_base, swa_base,

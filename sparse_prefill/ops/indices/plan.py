@@ -22,6 +22,11 @@ import torch
 
 INT32_MAX = 2**31 - 1
 
+# The most entries a combined row may take from top-k or from the window: a ratio-128 layer of a
+# request of 2**31 tokens has 2**24 complete entries. Larger values only add padding, and each
+# row of the combined tensor is 4 bytes per entry: a bound, so a typo cannot ask for terabytes.
+MAX_ROW_ENTRIES = 2**24
+
 # flash_mla_sparse_fwd needs topk % 64 (h_q = 64) or % 128 (h_q = 128) == 0: pad to 128.
 COMBINED_ALIGN = 128
 

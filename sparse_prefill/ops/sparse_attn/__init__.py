@@ -6,11 +6,18 @@ The argument checks below are shared with ``paged_fp8_sparse_attn_fwd``
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from sparse_prefill._utils import IMPLS, check_int, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
+from sparse_prefill._utils import (
+    IMPLS,
+    check_float32_scale,
+    check_int,
+    check_no_overlap,
+    check_tensor,
+    check_unit_stride,
+    resolve_impl,
+    value_checks_enabled,
+)
 from sparse_prefill.ops.sparse_attn.naive import sparse_attn_fwd_naive
 
 __all__ = ["sparse_attn_fwd"]
@@ -36,15 +43,13 @@ def check_query(q: object, head_dims: tuple[int, ...]) -> tuple[int, int, int]:
 
 
 def check_scale_and_d_v(sm_scale: object, d_v: object) -> float:
-    """``sm_scale`` must be a finite real number, ``d_v`` 512; return ``sm_scale`` as float."""
-    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
-        raise TypeError(f"sm_scale must be a float, got {type(sm_scale).__name__}")
-    if not math.isfinite(sm_scale):
-        raise ValueError(f"sm_scale must be finite, got {sm_scale}")
+    """``sm_scale`` must be a real number float32 holds (``check_float32_scale``), ``d_v`` 512;
+    return ``sm_scale`` as float."""
+    sm_scale = check_float32_scale("sm_scale", sm_scale)
     check_int("d_v", d_v)
     if d_v != D_V:
         raise ValueError(f"d_v must be {D_V} (the value dims of DeepSeek MLA), got {d_v}")
-    return float(sm_scale)
+    return sm_scale
 
 
 def check_sink(attn_sink: object, h_q: int, device: torch.device) -> torch.Tensor | None:
@@ -91,6 +96,7 @@ def prepare_outputs(
     else:
         check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(s_q, h_q, d_v), device=device)
         check_unit_stride("out", out)
+        check_no_overlap("out", out)
     max_logits = torch.empty(s_q, h_q, dtype=torch.float32, device=device)
     lse = torch.empty(s_q, h_q, dtype=torch.float32, device=device)
     return out, max_logits, lse
@@ -127,7 +133,9 @@ def sparse_attn_fwd(
             token ``i`` attends to. An entry is invalid, and ignored, when it is ``< 0`` or
             ``>= s_kv`` (any int32, INT_MIN and INT_MAX included) or when its position is
             ``>= topk_length[i]``. A valid row listed twice counts twice.
-        sm_scale: float, finite. Scale applied to ``q @ k`` before the softmax.
+        sm_scale: float, finite as a float32: 0 or a magnitude in ``[2**-126, 2**127]``
+            (anything else would overflow to inf or flush to 0 on the device). Scale applied to
+            ``q @ k`` before the softmax.
         d_v: value dims, must be 512.
         attn_sink: optional, [h_q], float32. When given, ``out`` of head ``h`` is multiplied by
             ``exp(lse) / (exp(lse) + exp(attn_sink[h]))``: ``-inf`` leaves it unchanged, ``+inf``
@@ -138,7 +146,8 @@ def sparse_attn_fwd(
             are on (``sparse_prefill.value_checks``); with them off, ``> topk`` acts as ``topk``
             and ``< 0`` as 0 (no position is below it).
         out: optional, [s_q, h_q, d_v], bfloat16, preallocated output (e.g. a slice of a larger
-            buffer); written and returned.
+            buffer) whose elements do not share memory (no stride 0 / ``expand``); written and
+            returned.
         impl: "auto" (Triton for CUDA tensors, the PyTorch reference for CPU tensors), "triton"
             (on CPU needs ``TRITON_INTERPRET=1``) or "reference".
 
@@ -152,6 +161,9 @@ def sparse_attn_fwd(
         - max_logits: [s_q, h_q], float32, ``max(P)``; -inf for a token with no valid entry.
         - lse: [s_q, h_q], float32, ``logsumexp(P)`` (natural log); +inf for a token with no
           valid entry.
+        NaN propagates as in a float computation: a NaN in ``q[i, h]`` makes all three NaN at
+        ``[i, h]`` and a NaN in a KV row that token ``i`` lists validly makes them NaN for every
+        head of ``i``; invalid entries (and a token with none valid) are unaffected by NaN.
         ``s_q = 0`` returns empty tensors without launching anything.
     """
     s_q, h_q, d_qk = check_query(q, (512, 576))

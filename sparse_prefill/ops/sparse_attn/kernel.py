@@ -130,13 +130,18 @@ def store_attn_outputs(out_ptr, max_ptr, lse_ptr, sink_ptr, m_i, l_i, acc, tok, 
                        HAS_SINK: tl.constexpr, UPCAST: tl.constexpr):
     """Epilogue: normalise, apply the sink factor, write out/max_logits/lse (natural units).
 
-    A row with no valid key writes out 0, max_logits -inf, lse +inf.
+    A row with no valid key writes out 0, max_logits -inf, lse +inf. A NaN score (a NaN in the
+    query row or in a valid key) made ``l_i`` NaN: that row writes NaN to all three.
     """
     LN2: tl.constexpr = 0.6931471805599453
-    has_any = l_i > 0.0
+    # l_i is 0 exactly when no valid key was seen (the largest key adds exp2(0) = 1); a NaN
+    # l_i is not 0, so it flows through lse and out.
+    has_any = l_i != 0.0
     l_safe = tl.where(has_any, l_i, 1.0)
     lse = tl.where(has_any, (m_i + tl.math.log2(l_safe)) * LN2, float("inf"))
     max_logits = tl.where(has_any, m_i * LN2, float("-inf"))
+    # tl.max skips NaN on the GPU, so m_i can be finite in a NaN row: take the NaN from l_i.
+    max_logits = tl.where(l_i == l_i, max_logits, l_i)
     scale = 1.0 / l_safe
     if HAS_SINK:
         sink = tl.load(sink_ptr + offs_h, mask=mask_h, other=float("-inf"))

@@ -40,7 +40,8 @@ def attend(
 
     Returns:
         (out [n, h_q, d_v], max_logits [n, h_q], lse [n, h_q]), float32, as ``sparse_attn_fwd``
-        defines them: a row with no valid entry gets out 0, max_logits -inf, lse +inf.
+        defines them: a row with no valid entry gets out 0, max_logits -inf, lse +inf; a NaN
+        in ``q`` or in a valid entry's row propagates (plain float math, nothing masks it).
     """
     kv_rows = kv_rows.float().masked_fill(~valid[..., None], 0.0)
     scores = torch.einsum("nhd,nkd->nhk", q.float(), kv_rows) * sm_scale
