@@ -13,6 +13,8 @@ for step in ${STEPS:-tests bench}; do
              -k "${TEST_K:-gluon}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     bench) timeout "${BENCH_S:-300}" python3 -m sparse_prefill.bench.sparse_attn --op sparse --out "$OUT" \
              ${BENCH_ARGS:-} 2>&1 | tail -40 ;;
+    backend) timeout "${BACKEND_S:-420}" python3 -m sparse_prefill.bench.backend --out "$OUT" ${BACKEND_ARGS:-} 2>&1 \
+             | tail -60 ;;
     suite) timeout "${SUITE_S:-500}" python3 -m pytest -q -p no:cacheprovider -m gpu ${SUITE_PATHS:-tests} 2>&1 \
              | tee "$OUT/gpu_suite.log" | tail -30 ;;
     ncu) for k in ${NCU_KERNELS:-gluon flash_mla}; do
