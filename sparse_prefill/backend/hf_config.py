@@ -3,7 +3,7 @@
 SGLang's DeepSeek-V4 model (``models/deepseek_v4.py``) builds layer ``i`` of the
 ``num_hidden_layers`` with ``compress_ratios[i]`` and shards ``num_attention_heads`` over the
 attention tensor-parallel ranks; the indexer keeps ``index_topk`` entries; the window is
-``window_size`` (128 when absent). ``compress_ratios`` may carry one more entry per MTP (NextN)
+``window_size`` (128 when absent); the softmax scale is ``head_dim ** -0.5``. ``compress_ratios`` may carry one more entry per MTP (NextN)
 layer after the main layers; SGLang ignores it: its NextN draft layer is built with
 ``compress_ratio_override = COMPRESS_RATIO_NEXTN_LAYER = 0`` (``models/deepseek_v4_nextn.py``),
 an SWA-only layer whatever that entry says. ``mtp=True`` gives the config of those layers.
@@ -78,6 +78,7 @@ def hf_config_fields(cfg: Mapping[str, Any], tp_size: int = 1, mtp: bool = False
         compress_ratios=ratios,
         topk=_field(cfg, "index_topk", lo=1),
         window_size=_field(cfg, "window_size", lo=1) if "window_size" in cfg else DEFAULT_WINDOW,
+        sm_scale=FIXED_FIELDS["head_dim"] ** -0.5,  # SGLang's softmax_scale = head_dim ** -0.5, bit for bit
     )
     if 1 in ratios:
         # The file is in SGLang's convention, where ratio 1 is a top-k layer: say so explicitly.
