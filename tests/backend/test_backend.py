@@ -514,3 +514,22 @@ def test_gpu_forward_never_syncs(path):
         finally:
             torch.cuda.set_sync_debug_mode(0)
     check_against_naive(batch, outs, tight=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_heads, topk", [(64, 512), (16, 1024)])
+def test_gpu_v41_stack_sglang_pages(num_heads, topk):
+    """Every V4.1 kind with shared caches and top-k, SGLang's pages (256-token SWA pages; 256,
+    128, 64, 2 entries per compressed page), a chunk after a 16K prefix and one without."""
+    cfg = ModelConfig(num_heads=num_heads, compress_ratios=V41_STACK, topk=topk)
+    assert cfg.swa_page_size == 256 and cfg.compressed_page_size == {1: 256, 2: 128, 4: 64, 128: 2}
+    check_gpu_batch(cfg, [0, 16384, 700], [4096, 2048, 300], layers=tuple(range(len(V41_STACK))), **V41_SOURCES)
+
+
+@pytest.mark.gpu
+def test_gpu_ratio1_short_extend_over_long_history():
+    """A ratio-1 layer sees the whole history: auto takes the regular path (no 64K-row workspace)
+    and both paths agree with the reference."""
+    cfg = ModelConfig(num_heads=64, compress_ratios=(0, 1), topk=512)
+    batch = check_gpu_batch(cfg, [65536], [256], layers=(0, 1))
+    assert SparsePrefillBackend(cfg).path_for(1, batch.metadata) == "regular"
