@@ -147,13 +147,19 @@ def _times_passed(calls, t):
     return sum(c is t for c in calls)
 
 
+def _v41_sparse(monkeypatch, seed, module, name):
+    """The "v41" batch (shared caches and top-k), a sparse-path backend, and the first argument
+    of every call of ``module.name``."""
+    cfg, prefix, extend, kw = BATCHES["v41"]
+    batch = make_synthetic_batch(cfg, prefix, extend, seed=seed, **kw)
+    calls = _count_calls(monkeypatch, module, name)
+    return cfg, batch, calls, SparsePrefillBackend(cfg, "sparse", impl="reference")
+
+
 def test_shared_compressed_cache_dequantized_once_per_forward(monkeypatch):
     from sparse_prefill.backend import backend as backend_module
 
-    cfg, prefix, extend, kw = BATCHES["v41"]
-    batch = make_synthetic_batch(cfg, prefix, extend, seed=21, **kw)
-    calls = _count_calls(monkeypatch, backend_module, "dequantize_k_cache_paged")
-    backend = SparsePrefillBackend(cfg, "sparse", impl="reference")
+    _, batch, calls, backend = _v41_sparse(monkeypatch, 21, backend_module, "dequantize_k_cache_paged")
     outs = run_layers(backend, batch)
     check_against_naive(batch, outs, tight=True)
     for source, reader in ((1, 5), (2, 6), (3, 7), (4, 8)):
@@ -173,10 +179,7 @@ def test_write_between_layers_forces_a_fresh_dequantize(monkeypatch):
     from sparse_prefill.backend import backend as backend_module
     from sparse_prefill.ops.cache import store_k_cache
 
-    cfg, prefix, extend, kw = BATCHES["v41"]
-    batch = make_synthetic_batch(cfg, prefix, extend, seed=22, **kw)
-    calls = _count_calls(monkeypatch, backend_module, "dequantize_k_cache_paged")
-    backend = SparsePrefillBackend(cfg, "sparse", impl="reference")
+    cfg, batch, calls, backend = _v41_sparse(monkeypatch, 22, backend_module, "dequantize_k_cache_paged")
     before = run_layers(backend, batch, layers=(1, 5))[5]
     shared = batch.caches[1].compressed
     assert _times_passed(calls, shared) == 1
@@ -192,10 +195,7 @@ def test_write_between_layers_forces_a_fresh_dequantize(monkeypatch):
 def test_shared_topk_rows_reused_and_rewritten_picks_recombined(monkeypatch):
     from sparse_prefill.backend import chunk_cache as chunk_module
 
-    cfg, prefix, extend, kw = BATCHES["v41"]
-    batch = make_synthetic_batch(cfg, prefix, extend, seed=23, **kw)
-    combines = _count_calls(monkeypatch, chunk_module, "combine")
-    backend = SparsePrefillBackend(cfg, "sparse", impl="reference")
+    _, batch, combines, backend = _v41_sparse(monkeypatch, 23, chunk_module, "combine")
     outs = run_layers(backend, batch)
     check_against_naive(batch, outs, tight=True)
     topk_combines = [t for t in combines if t is not None]  # SWA-only / dense rows pass None
