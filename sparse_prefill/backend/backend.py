@@ -18,7 +18,8 @@ Layer kinds by compress ratio (``layer_kinds.py``): 0 SWA only; 1, 2, 4 top-k; 1
   table, -1 where not complete/causal; dense: every complete entry), the extra scope the SWA
   cache (the query's window, W wide, -1 where clipped at 0). SWA-only layers use the SWA cache
   as the only scope. The layer-independent rows (window ids, dense ids) are built once per
-  forward.
+  forward; a top-k layer passing the previous one's ``topk_indices`` tensor, unwritten, reuses
+  its mapped ids (when the batch fits one block of ``REGULAR_INDEX_ROWS`` rows).
 
 ``routing.py`` decides which path each ratio's layers take. Work is split over query rows where
 ``max_query_rows`` says so; the results do not depend on the split.
@@ -122,6 +123,8 @@ class _ForwardState:
         self.filled: dict[tuple[int, str], object] = {}
         # ratio -> (ids, lengths) of the regular path's layer-independent rows (0: the window).
         self.regular_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # top-k ratio -> (stamp of the picks, their mapped ids) of the regular path's last layer.
+        self.regular_picks: dict[int, tuple[object, torch.Tensor]] = {}
 
 
 class SparsePrefillBackend:
@@ -392,6 +395,19 @@ class SparsePrefillBackend:
             state.regular_rows[ratio] = rows
         return state.regular_rows[ratio]
 
+    def _picked_rows(self, state: _ForwardState, ratio: int, topk_indices: torch.Tensor, a: int, b: int):
+        """``picked_token_ids`` of rows ``a:b``; for the whole batch, kept for a later layer of
+        ``ratio`` that passes the same, unwritten ``topk_indices`` (V4.1's index sharing)."""
+        md = state.metadata
+        if (a, b) != (0, md.num_tokens):
+            return picked_token_ids(md, topk_indices, ratio, a, b)
+        kept = state.regular_picks.get(ratio)
+        if kept is not None and unchanged(kept[0], topk_indices):
+            return kept[1]
+        ids = picked_token_ids(md, topk_indices, ratio, a, b)
+        state.regular_picks[ratio] = (stamp(topk_indices), ids)
+        return ids
+
     def _forward_regular(self, state, ratio, q, caches, topk_indices, attn_sink, out) -> None:
         cfg = self.config
         swa_ids, swa_lens = self._shared_rows(state, SWA_RATIO)
@@ -412,7 +428,7 @@ class SparsePrefillBackend:
                 )
                 continue
             if kind is LayerKind.TOPK:
-                ids, lens = picked_token_ids(md, topk_indices, ratio, a, b), None
+                ids, lens = self._picked_rows(state, ratio, topk_indices, a, b), None
             elif shared_dense:
                 ids, lens = dense_ids[a:b], dense_lens[a:b]
             else:

@@ -212,6 +212,27 @@ def test_shared_topk_rows_reused_and_rewritten_picks_recombined(monkeypatch):
     check_against_naive(batch, outs, tight=True)
 
 
+def test_regular_path_reuses_mapped_picks(monkeypatch):
+    from sparse_prefill.backend import backend as backend_module
+
+    cfg, prefix, extend, kw = BATCHES["v41"]
+    batch = make_synthetic_batch(cfg, prefix, extend, seed=25, **kw)
+    calls = _count_calls(monkeypatch, backend_module, "picked_token_ids")
+    backend = SparsePrefillBackend(cfg, "regular", impl="reference")
+    outs = run_layers(backend, batch)
+    check_against_naive(batch, outs, tight=True)
+    assert len(calls) == 3  # one per index source layer, the readers reuse its ids
+    batch.topk_indices[3].add_(0)  # written: mapped again
+    backend.forward(*batch.layer_inputs(7))
+    assert len(calls) == 4
+    # Blocks of rows (a long batch) map per block and layer instead.
+    monkeypatch.setattr(backend_module, "REGULAR_INDEX_ROWS", 50)
+    calls.clear()
+    blocks = run_layers(SparsePrefillBackend(cfg, "regular", impl="reference"), batch, layers=(3, 7))
+    assert len(calls) == 2 * 4  # 163 rows in blocks of 50, both layers
+    assert torch.equal(blocks[7], outs[7])
+
+
 def test_inference_tensors_are_never_reused(monkeypatch):
     """Tensors made under inference_mode have no version counter: every layer dequantizes."""
     from sparse_prefill.backend import backend as backend_module
