@@ -59,7 +59,7 @@ def check_request_lengths(
     seq: list[int], ext: list[int] | None, table_width: int, table_name: str, ratio: int = 1
 ) -> None:
     """Host-side checks of per-request lengths against a token table of ``table_width`` columns
-    (``ratio`` > 1: a compressed table, one column per complete entry)."""
+    (one column per position, or per complete entry of a compressed table of ``ratio``)."""
     for r, s in enumerate(seq):
         if s < 0:
             raise ValueError(f"seq_lens[{r}] must be >= 0, got {s}")
