@@ -1,8 +1,7 @@
 """The DeepSeek-V4 attention backend: what an engine calls once per attention layer.
 
-Two interchangeable paths compute DESIGN.md's attention table (``naive.py`` is its reference):
-
 Layer kinds by compress ratio (``layer_kinds.py``): 0 SWA only; 1, 2, 4 top-k; 128 dense.
+Two interchangeable paths compute DESIGN.md's attention table (``naive.py`` is its reference):
 
 * **sparse** (DESIGN.md steps 1-5): a :class:`SparsePrefillChunkCache` built at the first
   sparse layer of a forward holds the SWA gather, the workspace plan of each ratio and the
@@ -375,10 +374,9 @@ class SparsePrefillBackend:
             state.filled[(ratio, name)] = None  # being overwritten
             dequantize_k_cache_paged(cache, ids, page_size, cfg.layout, out=ws[rows], impl=self.impl)
             state.filled[(ratio, name)] = stamp(cache)
-        kv = ws
         for a, b in self._row_blocks(q.shape[0]):
             sparse_attn_fwd(
-                q[a:b], kv, indices[a:b, None, :], cfg.sm_scale, cfg.head_dim, attn_sink, lens[a:b],
+                q[a:b], ws, indices[a:b, None, :], cfg.sm_scale, cfg.head_dim, attn_sink, lens[a:b],
                 out=out[a:b], impl=self.impl,
             )
 
