@@ -108,6 +108,9 @@ def test_context_parallel_equals_one_process(world):
     cases = [
         Case(*MIXED, path="sparse", seed=1),
         Case(*MIXED, path="regular", seed=2),
+        # DeepSeek-V4.1's kinds: ratio-1/2 top-k layers see (and store) every new token / pair.
+        Case(*MIXED, path="sparse", ratios=(0, 1, 2, 128), seed=6),
+        Case(*MIXED, path="regular", ratios=(0, 1, 2, 128), seed=7),
         routing_split_case(world),
         DECODE,
         TINY,
