@@ -29,8 +29,10 @@ class SyntheticBatch:
     """One forward's inputs; ``layer_inputs(i)`` gives ``forward``'s arguments for layer ``i``.
 
     q:            per layer ``[num_tokens, h_q, 512]`` bf16 (one shared tensor with ``share_q``).
-    caches:       per layer :class:`LayerCaches` (V4 FP8 paged uint8).
-    topk_indices: per layer ``[num_tokens, topk]`` int32 picks (top-k layers), else None.
+    caches:       per layer :class:`LayerCaches` (V4 FP8 paged uint8); layers that share
+                  (``kv_source_layers``) hold the very same compressed tensor.
+    topk_indices: per layer ``[num_tokens, topk]`` int32 picks (top-k layers), else None;
+                  shared likewise (``index_source_layers``).
     attn_sink:    per layer ``[h_q]`` float32.
     """
 

@@ -554,3 +554,13 @@ def test_gpu_ratio1_short_extend_over_long_history():
     cfg = ModelConfig(num_heads=64, compress_ratios=(0, 1), topk=512)
     batch = check_gpu_batch(cfg, [65536], [256], layers=(0, 1))
     assert SparsePrefillBackend(cfg).path_for(1, batch.metadata) == "regular"
+
+
+def test_synthetic_sources_validation():
+    cfg = v41_config()
+    with pytest.raises(ValueError, match=r"kv_source_layers\[0\] = 0 has ratio 0"):
+        make_synthetic_batch(cfg, [0], [4], kv_source_layers=(0,))
+    with pytest.raises(ValueError, match=r"index_source_layers\[0\] = 4 has ratio 128"):
+        make_synthetic_batch(cfg, [0], [4], index_source_layers=(4,))
+    with pytest.raises(ValueError, match=r"layer 1 \(ratio 1\) has no earlier layer of its ratio in kv_source_layers"):
+        make_synthetic_batch(cfg, [0], [4], kv_source_layers=(5,))
