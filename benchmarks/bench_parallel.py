@@ -1,7 +1,7 @@
 """Prefill across GPUs: context and head parallelism on 1, 2 and 4 GPUs (NCCL).
 
 One prefill chunk of 131072 new tokens (one request, no cached prefix, by default) over the
-10-layer stack of ``bench_backend.py`` (ratios 1, 4, 128, 4, 4, 128, 4, 1, 4, 128; W 128, page
+10-layer stack of ``bench_backend.py`` (ratios 0, 4, 128, 4, 4, 128, 4, 0, 4, 128; W 128, page
 size 64, h_q 128 / topk 1024). Synthetic batch: ``make_synthetic_batch`` (the same seed on every
 rank, so every rank holds the same batch and caches), value checks off.
 
@@ -56,7 +56,7 @@ from sparse_prefill.bench.common import write_outputs  # noqa: E402
 from sparse_prefill.ops.cache import store_k_cache  # noqa: E402
 from sparse_prefill.parallel import ContextParallelPrefill, HeadParallelPrefill, new_slots  # noqa: E402
 
-STACK = (1, 4, 128, 4, 4, 128, 4, 1, 4, 128)
+STACK = (0, 4, 128, 4, 4, 128, 4, 0, 4, 128)
 D = 512
 
 
@@ -135,7 +135,7 @@ def _new_k(cfg, rows: tuple[int, int], entry_rows, device):
     for layer, ratio in enumerate(cfg.compress_ratios):
         k = torch.randn(b - a, D, generator=gen, device=device).to(torch.bfloat16)
         ck = None
-        if ratio > 1:
+        if ratio > 0:
             ea, eb = entry_rows(ratio)
             ck = torch.randn(eb - ea, D, generator=gen, device=device).to(torch.bfloat16)
         out.append((k, ck))
@@ -167,7 +167,7 @@ def _measure(rank: int, world: int, args, device: torch.device) -> dict:
     backend = SparsePrefillBackend(cfg, args.path)
     layers = range(cfg.num_layers)
     # Slots of the chunk's new tokens and, per ratio, of the entries it completes (baseline).
-    swa_slots, comp_slots = new_slots(md, 1), {r: new_slots(md, r) for r in cfg.compressed_ratios}
+    swa_slots, comp_slots = new_slots(md, 0), {r: new_slots(md, r) for r in cfg.compressed_ratios}
     all_k = _new_k(cfg, (0, md.num_tokens), lambda r: (0, comp_slots[r].shape[0]), device)
 
     def store_all(layer):

@@ -15,7 +15,8 @@ import torch
 from sparse_prefill.backend.chunk_cache import SparsePrefillChunkCache, StaleChunkCacheError
 
 W = 128
-RATIOS = (1, 4, 128)
+RATIOS = (0, 1, 2, 4, 128)  # every DeepSeek-V4.1 layer kind
+TOPK_RATIOS = (1, 2, 4)
 
 
 class Metadata:
@@ -34,26 +35,26 @@ def random_batch(num_reqs, max_prefix, max_extend, *, extremes=False):
 def unique_tables(seq, ratios):
     """Token tables with globally distinct ids, so a reached id names exactly one (cache, token)."""
     num_reqs, longest = len(seq), max(seq)
-    ids = torch.randperm(num_reqs * longest * 2)[: num_reqs * longest * 2].int()
+    ids = torch.randperm(num_reqs * longest * 4).int()  # SWA + ratio 1 + 2 + 4 + 128 < 2x
     swa = ids[: num_reqs * longest].view(num_reqs, longest)
     comp, used = {}, num_reqs * longest
     for c in ratios:
-        if c > 1:
+        if c > 0:
             n = max(longest // c, 1)
             comp[c] = ids[used : used + num_reqs * n].view(num_reqs, n)
             used += num_reqs * n
     return swa, comp
 
 
-def random_picks(seq, ext, topk):
+def random_picks(seq, ext, topk, ratio=4):
     """Duplicate-free indexer picks per query, mostly visible entries, some future ones, some -1."""
     rows = []
     for s, e in zip(seq, ext):
         prefix = s - e
         p = torch.arange(prefix, s)[:, None]
-        span = max(s // 4 + 8, topk)
+        span = max(s // ratio + 8, topk)
         score = torch.rand(e, span)
-        score[torch.arange(span)[None, :] >= (p + 1) // 4 + 4] -= 1.0  # prefer visible entries
+        score[torch.arange(span)[None, :] >= (p + 1) // ratio + 4] -= 1.0  # prefer visible entries
         picks = score.topk(topk, dim=1).indices
         picks[torch.rand(e, topk) < 0.05] = -1
         rows.append(picks)
@@ -63,17 +64,16 @@ def random_picks(seq, ext, topk):
 def expected_tokens(seq, ext, swa_table, comp_tables, ratio, picks):
     """DESIGN.md's table, per query row: the set of ("swa" | "c", token id) it attends to."""
     swa_rows = swa_table.tolist()
-    comp_rows = comp_tables[ratio].tolist() if ratio > 1 else None
+    comp_rows = comp_tables[ratio].tolist() if ratio > 0 else None
     picks = picks.tolist() if picks is not None else None
     out, q = [], 0
     for r, (s, e) in enumerate(zip(seq, ext)):
         for p in range(s - e, s):
             want = {("swa", swa_rows[r][x]) for x in range(max(0, p - W + 1), p + 1)}
-            visible = (p + 1) // ratio
-            if ratio == 4:
-                want |= {("c", comp_rows[r][j]) for j in picks[q] if 0 <= j < visible}
-            elif ratio > 1:
-                want |= {("c", comp_rows[r][j]) for j in range(visible)}
+            if ratio in TOPK_RATIOS:
+                want |= {("c", comp_rows[r][j]) for j in picks[q] if 0 <= j < (p + 1) // ratio}
+            elif ratio > 0:  # dense
+                want |= {("c", comp_rows[r][j]) for j in range((p + 1) // ratio)}
             out.append(want)
             q += 1
     return out
@@ -104,20 +104,20 @@ def check_batch(seq, ext, device, impl, topk=512, c4_layers=2):
         window_size=W,
         ratios=RATIOS,
         compressed_token_tables={c: t.to(device) for c, t in comp_tables.items()},
-        c4_topk=topk,
+        topk=topk,
         impl=impl,
     )
     assert cache.num_tokens == sum(ext)
     for c in RATIOS:
         plan = cache.plan(c, key)
         # The workspace is exactly what the requests can see, not R x the longest.
-        n_comp = sum(s // c for s in seq) if c > 1 else 0
+        n_comp = sum(s // c for s in seq) if c > 0 else 0
         assert plan.num_compressed_rows == n_comp
         assert plan.num_rows == n_comp + sum(min(s, e + W - 1) for s, e in zip(seq, ext))
-    for _ in range(c4_layers):  # the second ratio-4 layer reuses the first one's buffers
-        layer_picks = random_picks(seq, ext, topk)
+    for _ in range(c4_layers):  # the second top-k layer of a ratio reuses the first one's buffers
+        layer_picks = {c: random_picks(seq, ext, topk, c) for c in TOPK_RATIOS}
         for c in RATIOS:
-            picks = layer_picks if c == 4 else None
+            picks = layer_picks.get(c)
             layer = cache.layer(c, key, None if picks is None else picks.to(device))
             want = expected_tokens(seq, ext, swa_table, comp_tables, c, picks)
             got = reached_tokens(layer)
@@ -130,12 +130,13 @@ def check_batch(seq, ext, device, impl, topk=512, c4_layers=2):
 
 def assert_caches_equal(a, b, key, picks_a, picks_b):
     """Two caches of one chunk (e.g. kernels and reference) give equal SWA gathers, plans and
-    combined rows for every ratio; ``picks_*``: the ratio-4 layer's top-k on each cache's device."""
+    combined rows for every ratio; ``picks_*``: the top-k layers' picks on each cache's device."""
     assert a.max_workspace_rows == b.max_workspace_rows and a.ratios == b.ratios
     for x, y in zip(a.swa(key), b.swa(key)):
         assert torch.equal(x.cpu(), y.cpu())
     for c in RATIOS:
-        la, lb = a.layer(c, key, picks_a if c == 4 else None), b.layer(c, key, picks_b if c == 4 else None)
+        topk = c in TOPK_RATIOS
+        la, lb = a.layer(c, key, picks_a if topk else None), b.layer(c, key, picks_b if topk else None)
         for x, y in zip(la.plan, lb.plan):
             assert x == y if isinstance(x, int) else torch.equal(x.cpu(), y.cpu())
         assert torch.equal(la.indices.cpu(), lb.indices.cpu()) and torch.equal(la.lens.cpu(), lb.lens.cpu())
@@ -180,11 +181,11 @@ def test_gpu_large_chunk_kernels_equal_reference(topk):
         key=1, seq_lens=torch.tensor(seq, dtype=torch.int32, device=dev),
         extend_lens=torch.tensor(ext, dtype=torch.int32, device=dev), swa_token_table=swa.to(dev),
         window_size=W, ratios=RATIOS, compressed_token_tables={c: t.to(dev) for c, t in comp.items()},
-        c4_topk=topk,
+        topk=topk,
     )
     tri = SparsePrefillChunkCache.build(**kwargs, impl="triton")
     ref = SparsePrefillChunkCache.build(**kwargs, impl="reference")
-    picks = torch.randint(-1, max(seq) // 4 + 10, (sum(ext), topk), dtype=torch.int32, device=dev)
+    picks = torch.randint(-1, max(seq) + 10, (sum(ext), topk), dtype=torch.int32, device=dev)
     assert_caches_equal(tri, ref, 1, picks, picks)
 
 
@@ -200,7 +201,7 @@ def build_small(impl="reference", key=7, **change):
         window_size=16,
         ratios=RATIOS,
         compressed_token_tables=comp,
-        c4_topk=8,
+        topk=8,
         impl=impl,
     )
     kwargs.update(change)
@@ -213,27 +214,48 @@ def test_kernel_cache_equals_reference_cache(device):
     moved["compressed_token_tables"] = {c: t.to(device) for c, t in kwargs["compressed_token_tables"].items()}
     moved["impl"] = "triton"
     tri = SparsePrefillChunkCache.build(**moved)
-    picks = torch.randint(-1, 80, (ref.num_tokens, 8), dtype=torch.int32)
+    picks = torch.randint(-1, 310, (ref.num_tokens, 8), dtype=torch.int32)
     assert_caches_equal(tri, ref, 7, picks.to(device), picks)
 
 
-def test_c4_buffers_are_reused():
+def test_topk_buffers_are_reused():
     cache, _ = build_small()
-    a = cache.combine_c4(torch.zeros(cache.num_tokens, 8, dtype=torch.int32), 7)
-    b = cache.combine_c4(torch.full((cache.num_tokens, 8), -1, dtype=torch.int32), 7)
+    a = cache.combine_topk(4, torch.zeros(cache.num_tokens, 8, dtype=torch.int32), 7)
+    b = cache.combine_topk(4, torch.full((cache.num_tokens, 8), -1, dtype=torch.int32), 7)
     assert a[0] is b[0] and a[1] is b[1]
     # The second layer's picks are all -1: only windows remain.
     positions = [*range(35, 40), *range(0, 9), *range(297, 300)]  # seq [40, 9, 300], ext [5, 9, 3]
     assert b[1].tolist() == [min(p + 1, 16) for p in positions]
+    # Each top-k ratio has its own buffers.
+    c = cache.combine_topk(1, torch.zeros(cache.num_tokens, 8, dtype=torch.int32), 7)
+    assert c[0] is not a[0]
+
+
+def test_same_picks_tensor_reuses_rows_until_written():
+    """V4.1's index sharing: a layer passing the previous combine's topk_indices tensor gets its
+    rows back without a recombine; a write to the tensor (or another tensor) recombines."""
+    cache, _ = build_small()
+    picks = torch.randint(-1, 80, (cache.num_tokens, 8), dtype=torch.int32)
+    indices, lens = cache.combine_topk(2, picks, 7)
+    want = indices.clone(), lens.clone()
+    indices.fill_(-7)  # poison: a reuse returns the buffers as they are
+    assert cache.combine_topk(2, picks, 7)[0].eq(-7).all()
+    assert cache.layer(2, 7, picks[:]).indices.eq(-7).all()  # a view of the same elements too
+    picks.add_(0)  # a write, even one that changes nothing, bumps the version: recombined
+    got = cache.combine_topk(2, picks, 7)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    got[0].fill_(-7)
+    got = cache.combine_topk(2, picks.clone(), 7)  # another tensor: recombined
+    assert torch.equal(got[0], want[0])
 
 
 def test_stale_key_invalidate_and_in_place_change():
     md = Metadata()
     cache, kwargs = build_small(key=md)
     assert cache.is_valid_for(md)
-    cache.layer(1, md)
+    cache.layer(0, md)
     with pytest.raises(StaleChunkCacheError, match="key differs"):
-        cache.layer(1, Metadata())
+        cache.layer(0, Metadata())
     assert not cache.is_valid_for(Metadata()) and not cache.is_valid_for(None)
 
     kwargs["seq_lens"].copy_(kwargs["seq_lens"])  # a CUDA-graph replay's metadata copy
@@ -244,11 +266,11 @@ def test_stale_key_invalidate_and_in_place_change():
     cache, kwargs = build_small(key=md)
     kwargs["compressed_token_tables"][128][0, 0] = 5
     with pytest.raises(StaleChunkCacheError, match="modified in place"):
-        cache.combine_c4(torch.zeros(cache.num_tokens, 8, dtype=torch.int32), md)
+        cache.combine_topk(4, torch.zeros(cache.num_tokens, 8, dtype=torch.int32), md)
 
     cache, _ = build_small(key=md)
     cache.invalidate()
-    for use in (lambda: cache.layer(1, md), lambda: cache.swa(md), lambda: cache.plan(1, md)):
+    for use in (lambda: cache.layer(0, md), lambda: cache.swa(md), lambda: cache.plan(1, md)):
         with pytest.raises(StaleChunkCacheError, match="invalidated"):
             use()
 
@@ -278,12 +300,15 @@ def test_inference_tensors_use_key_and_invalidate():
         (dict(key=None), ValueError, "key"),
         (dict(window_size=0), ValueError, "window_size"),
         (dict(ratios=()), ValueError, "ratios"),
-        (dict(ratios=(1, 4, 4, 128)), ValueError, "distinct"),
-        (dict(ratios=(1, 4.0, 128)), TypeError, "ratios"),
-        (dict(ratios=(1, 4)), ValueError, "compressed_token_tables must have one table per ratio"),
-        (dict(c4_topk=None), TypeError, "c4_topk"),
-        (dict(c4_topk=0), ValueError, "c4_topk"),
-        (dict(ratios=(1, 128), compressed_token_tables=None), ValueError, "compressed_token_tables"),
+        (dict(ratios=(0, 4, 4, 128)), ValueError, "distinct"),
+        (dict(ratios=(0, 4.0, 128)), TypeError, "ratios"),
+        (dict(ratios=(0, 4)), ValueError, "compressed_token_tables must have one table per ratio"),
+        (dict(ratios=(1, 4)), ValueError, "old convention, where 1 meant an SWA-only layer"),
+        (dict(ratios=(0, 8)), ValueError, "no layer kind for ratio 8"),
+        (dict(ratio_kinds={4: "swa"}), ValueError, "ratio 0 is the SWA-only layer"),
+        (dict(topk=None), TypeError, "topk"),
+        (dict(topk=0), ValueError, "topk"),
+        (dict(ratios=(0, 128), compressed_token_tables=None), ValueError, "compressed_token_tables"),
         (dict(extend_lens=torch.tensor([5, 10, 3], dtype=torch.int32)), ValueError, r"extend_lens\[1\]"),
         (dict(extend_lens=torch.tensor([5, 9], dtype=torch.int32)), ValueError, "extend_lens"),
         (dict(seq_lens=torch.tensor([40, 9, 300])), TypeError, "seq_lens"),
@@ -298,19 +323,25 @@ def test_build_validation(change, exc, match):
 
 def test_build_validation_tables_and_layer_use():
     with pytest.raises(ValueError, match=r"compressed_token_tables\[4\] has 2 columns"):
-        build_small(compressed_token_tables={4: torch.zeros(3, 2, dtype=torch.int32),
-                                             128: torch.zeros(3, 2, dtype=torch.int32)})
-    with pytest.raises(ValueError, match="c4_topk is for ratio 4"):
-        build_small(ratios=(1, 128), compressed_token_tables={128: torch.zeros(3, 2, dtype=torch.int32)})
+        build_small(ratios=(0, 4, 128), compressed_token_tables={4: torch.zeros(3, 2, dtype=torch.int32),
+                                                                 128: torch.zeros(3, 2, dtype=torch.int32)})
+    with pytest.raises(ValueError, match="topk is for top-k layers"):
+        build_small(ratios=(0, 128), compressed_token_tables={128: torch.zeros(3, 2, dtype=torch.int32)})
+    # A stack of ratio-1 top-k layers only, stated explicitly.
+    ratio1, _ = build_small(ratios=(1,), compressed_token_tables={1: torch.zeros(3, 300, dtype=torch.int32)},
+                            ratio_kinds={1: "topk"})
+    assert ratio1.ratios == (1,)
     cache, _ = build_small()
     with pytest.raises(ValueError, match="need their indexer"):
         cache.layer(4, 7)
-    with pytest.raises(ValueError, match="only for ratio 4"):
+    with pytest.raises(ValueError, match=r"only for top-k layers, not ratio 128 \(dense\)"):
         cache.layer(128, 7, torch.zeros(cache.num_tokens, 8, dtype=torch.int32))
     with pytest.raises(ValueError, match="topk_indices must have shape"):
-        cache.combine_c4(torch.zeros(cache.num_tokens, 9, dtype=torch.int32), 7)
+        cache.combine_topk(4, torch.zeros(cache.num_tokens, 9, dtype=torch.int32), 7)
+    with pytest.raises(ValueError, match="combine_topk needs a top-k ratio"):
+        cache.combine_topk(128, torch.zeros(cache.num_tokens, 8, dtype=torch.int32), 7)
     with pytest.raises(ValueError, match="ratio must be one of"):
-        cache.plan(2, 7)
+        cache.plan(3, 7)
 
 
 def test_empty_chunk(device):
@@ -319,8 +350,8 @@ def test_empty_chunk(device):
     ext = torch.zeros(2, dtype=torch.int32, device=device)
     table = torch.zeros(2, 5, dtype=torch.int32, device=device)
     cache = SparsePrefillChunkCache.build(
-        key=1, seq_lens=seq, extend_lens=ext, swa_token_table=table, window_size=W, ratios=(1, 4),
-        compressed_token_tables={4: table}, c4_topk=512, impl="triton",
+        key=1, seq_lens=seq, extend_lens=ext, swa_token_table=table, window_size=W, ratios=(0, 4),
+        compressed_token_tables={4: table}, topk=512, impl="triton",
     )
     assert cache.num_tokens == 0 and cache.max_workspace_rows == 1  # request 0's complete entry
     layer = cache.layer(4, 1, torch.zeros(0, 512, dtype=torch.int32, device=device))
@@ -332,7 +363,7 @@ def test_host_lens_skip_the_sync_and_must_match():
     ref, kwargs = build_small()
     host = (kwargs["seq_lens"].tolist(), kwargs["extend_lens"].tolist())
     cache = SparsePrefillChunkCache.build(**kwargs, host_lens=host)
-    picks = torch.randint(-1, 80, (ref.num_tokens, 8), dtype=torch.int32)
+    picks = torch.randint(-1, 310, (ref.num_tokens, 8), dtype=torch.int32)
     assert_caches_equal(cache, ref, 7, picks, picks)
     with pytest.raises(ValueError, match="host_lens' extend_lens .* differ"):
         SparsePrefillChunkCache.build(**kwargs, host_lens=(host[0], [5, 9, 2]))

@@ -46,11 +46,11 @@ def test_demo_prints_path_error_and_time_per_layer():
     out = proc.stdout
     assert "ops:" in out and "batch:" in out and "routing (auto" in out
     # "layer ratio | auto picks ms max|err| | other path ms max|err| | check", one row per layer.
-    row = re.compile(r"^\s*(\d+)\s+(1|4|128) \| (sparse|regular)\s+([\d.]+)\s+([\d.e+-]+) \| "
+    row = re.compile(r"^\s*(\d+)\s+(0|1|2|4|128) \| (sparse|regular)\s+([\d.]+)\s+([\d.e+-]+) \| "
                      r"(sparse|regular)\s+([\d.]+)\s+([\d.e+-]+) \| ok$", re.M)
     rows = row.findall(out)
-    assert [int(r[0]) for r in rows] == list(range(6)), out
-    assert {r[1] for r in rows} == {"1", "4", "128"}
+    assert [int(r[0]) for r in rows] == list(range(8)), out
+    assert {r[1] for r in rows} == {"0", "1", "2", "4", "128"}  # every DeepSeek-V4.1 layer kind
     for _, _, pick, ms, err, other, other_ms, other_err in rows:
         assert {pick, other} == {"sparse", "regular"}
         assert float(ms) > 0 and float(other_ms) > 0

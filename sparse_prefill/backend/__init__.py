@@ -2,6 +2,7 @@
 
 from sparse_prefill.backend.backend import SparsePrefillBackend
 from sparse_prefill.backend.config import ModelConfig
+from sparse_prefill.backend.layer_kinds import LayerKind
 from sparse_prefill.backend.metadata import BatchMetadata, ForwardMode, LayerCaches
 from sparse_prefill.backend.naive import naive_layer_forward
 from sparse_prefill.backend.routing import PathCosts
@@ -11,6 +12,7 @@ __all__ = [
     "BatchMetadata",
     "ForwardMode",
     "LayerCaches",
+    "LayerKind",
     "ModelConfig",
     "PathCosts",
     "SparsePrefillBackend",

@@ -1,18 +1,24 @@
 """The DeepSeek-V4 attention backend: what an engine calls once per attention layer.
 
+Layer kinds by compress ratio (``layer_kinds.py``): 0 SWA only; 1, 2, 4 top-k; 128 dense.
 Two interchangeable paths compute DESIGN.md's attention table (``naive.py`` is its reference):
 
 * **sparse** (DESIGN.md steps 1-5): a :class:`SparsePrefillChunkCache` built at the first
   sparse layer of a forward holds the SWA gather, the workspace plan of each ratio and the
-  ratio-1/128 index rows; each layer dequantizes its own caches by the plan into one reused
-  bf16 workspace, recombines its rows from its top-k (ratio 4 only) and runs
-  ``sparse_attn_fwd`` with ``topk_length``.
+  SWA-only / dense index rows; each layer dequantizes its caches by the plan into its ratio's
+  bf16 workspace (one per ratio, reused by every layer of it), recombines its rows from its
+  top-k (top-k layers only) and runs ``sparse_attn_fwd`` with ``topk_length``. A workspace
+  region is not dequantized again when the layer passes the same cache tensor as the layer that
+  filled it and nothing was written to it since (DeepSeek-V4.1's shared "kv source" caches:
+  once per forward, not per layer), nor are a top-k layer's rows recombined for the same
+  ``topk_indices`` tensor (``reuse.py`` decides both).
 * **regular**: ``paged_fp8_sparse_attn_fwd`` straight from the FP8 caches, no workspace. The
-  main scope is the compressed cache (ratio 4: the top-k picks mapped through the compressed
-  token table, -1 where not complete/causal; ratio 128: every complete entry), the extra scope
-  the SWA cache (the query's window, W wide, -1 where clipped at 0). Ratio-1 layers use the SWA
-  cache as the only scope. The layer-independent rows (window ids, ratio-128 ids) are built once
-  per forward.
+  main scope is the compressed cache (top-k: the picks mapped through the compressed token
+  table, -1 where not complete/causal; dense: every complete entry), the extra scope the SWA
+  cache (the query's window, W wide, -1 where clipped at 0). SWA-only layers use the SWA cache
+  as the only scope. The layer-independent rows (window ids, dense ids) are built once per
+  forward; a top-k layer passing the previous one's ``topk_indices`` tensor, unwritten, reuses
+  its mapped ids (when the batch fits one block of ``REGULAR_INDEX_ROWS`` rows).
 
 ``routing.py`` decides which path each ratio's layers take. Work is split over query rows where
 ``max_query_rows`` says so; the results do not depend on the split.
@@ -26,16 +32,18 @@ from sparse_prefill._utils import IMPLS, check_int, check_no_overlap, check_tens
 from sparse_prefill.backend import routing
 from sparse_prefill.backend.chunk_cache import SparsePrefillChunkCache
 from sparse_prefill.backend.config import ModelConfig
+from sparse_prefill.backend.layer_kinds import SWA_RATIO, LayerKind
 from sparse_prefill.backend.metadata import BatchMetadata, LayerCaches
+from sparse_prefill.backend.reuse import stamp, unchanged
 from sparse_prefill.ops.cache import dequantize_k_cache_paged
 from sparse_prefill.ops.fp8_sparse_attn import paged_fp8_sparse_attn_fwd
 from sparse_prefill.ops.sparse_attn import sparse_attn_fwd
 
 
-# Query rows whose ratio-4 picks the regular path maps at once (int64 transients of
+# Query rows whose top-k picks the regular path maps at once (int64 transients of
 # ~20 bytes per pick: 16384 rows x topk 1024 stay near 350 MB).
 REGULAR_INDEX_ROWS = 16384
-# The regular path keeps a forward's ratio-128 rows for all its layers up to this size; larger
+# The regular path keeps a forward's dense rows for all its layers up to this size; larger
 # ones (very long contexts) are rebuilt per block of REGULAR_INDEX_ROWS rows in each layer.
 REGULAR_SHARED_ROWS_BYTES = 1 << 30
 
@@ -69,7 +77,7 @@ def dense_width(metadata: BatchMetadata, ratio: int) -> int:
 def dense_token_ids(
     metadata: BatchMetadata, ratio: int, start: int = 0, stop: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compressed-cache token ids of every complete entry of query rows ``start:stop`` (ratio-128
+    """Compressed-cache token ids of every complete entry of query rows ``start:stop`` (dense
     layers).
 
     Returns ``(ids [rows, dense_width(metadata, ratio)] int32, lens [rows] int32)``: row ``i``
@@ -85,19 +93,19 @@ def dense_token_ids(
 
 
 def picked_token_ids(
-    metadata: BatchMetadata, topk_indices: torch.Tensor, start: int = 0, stop: int | None = None
+    metadata: BatchMetadata, topk_indices: torch.Tensor, ratio: int, start: int = 0, stop: int | None = None
 ) -> torch.Tensor:
-    """Compressed-cache token ids of the ratio-4 indexer picks of query rows ``start:stop``.
+    """Compressed-cache token ids of a top-k layer's indexer picks of query rows ``start:stop``.
 
     ``topk_indices`` is the layer's ``[num_tokens, topk]`` int32 request-local entry ids. Returns
     ``[stop - start, topk]`` int32: a pick ``j`` of a query at position ``p`` maps through
-    ``metadata.compressed_token_tables[4]`` when complete and causal (``0 <= j < (p + 1) // 4``),
-    else -1 (in place: the row is not compacted).
+    ``metadata.compressed_token_tables[ratio]`` when complete and causal
+    (``0 <= j < (p + 1) // ratio``), else -1 (in place: the row is not compacted).
     """
     md = metadata
     picks = topk_indices[start:stop].long()
-    valid = (picks >= 0) & (picks < ((md.query_pos[start:stop].long() + 1) // 4)[:, None])
-    return _lookup(md.compressed_token_tables[4], md.query_req[start:stop, None], picks, valid)
+    valid = (picks >= 0) & (picks < ((md.query_pos[start:stop].long() + 1) // ratio)[:, None])
+    return _lookup(md.compressed_token_tables[ratio], md.query_req[start:stop, None], picks, valid)
 
 
 class _ForwardState:
@@ -108,9 +116,14 @@ class _ForwardState:
         self.generation = metadata.generation
         self.paths: dict[int, str] = {}
         self.chunk_cache: SparsePrefillChunkCache | None = None
-        self.workspace: torch.Tensor | None = None
-        # ratio -> (ids, lengths) of the regular path's layer-independent rows (1: the window).
+        # ratio -> the sparse path's bf16 workspace of that ratio's layers.
+        self.workspaces: dict[int, torch.Tensor] = {}
+        # (ratio, "compressed" | "swa") -> stamp of the cache that region was dequantized from.
+        self.filled: dict[tuple[int, str], object] = {}
+        # ratio -> (ids, lengths) of the regular path's layer-independent rows (0: the window).
         self.regular_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # top-k ratio -> (stamp of the picks, their mapped ids) of the regular path's last layer.
+        self.regular_picks: dict[int, tuple[object, torch.Tensor]] = {}
 
 
 class SparsePrefillBackend:
@@ -220,11 +233,14 @@ class SparsePrefillBackend:
             caches: the layer's :class:`LayerCaches` ``(swa, compressed)``: V4 FP8 paged uint8
                 ``[num_pages, page_bytes]`` caches with the config's page sizes, holding every
                 token the batch's tables map (the chunk's own K included). ``compressed`` is
-                None for ratio-1 layers.
-            topk_indices: ratio-4 layers: ``[num_tokens, topk]`` int32, the indexer's
-                request-local compressed entry ids per query, duplicate-free per row; entries
-                that are negative or not complete for the query (``j >= (p + 1) // 4``) are
-                ignored. None for ratio 1 and 128.
+                None for SWA-only (ratio-0) layers. Layers may pass the same compressed cache
+                (V4.1's shared caches): the sparse path then dequantizes it once per forward
+                unless it was written in between.
+            topk_indices: top-k layers (ratios 1, 2, 4): ``[num_tokens, topk]`` int32, the
+                indexer's request-local compressed entry ids per query, duplicate-free per row;
+                entries that are negative or not complete for the query
+                (``j >= (p + 1) // ratio``) are ignored. None for SWA-only and dense layers.
+                Layers may pass the same tensor (V4.1's index sharing): its rows are reused.
             attn_sink: ``[h_q]`` float32 per-head sink, or None.
             metadata: the batch; defaults to the one given to ``begin_forward``. Passing a
                 different object (or one refilled by ``copy_``) starts a new forward.
@@ -234,7 +250,7 @@ class SparsePrefillBackend:
         Returns:
             ``[num_tokens, h_q, 512]`` bfloat16: per query at position ``p``, softmax attention
             over the tokens DESIGN.md's table makes visible (window ``max(0, p - W + 1) .. p``
-            plus, ratio 4, its complete picks, ratio 128, every complete entry), with
+            plus, top-k layers, its complete picks, dense layers, every complete entry), with
             ``sm_scale``, times ``exp(lse) / (exp(lse) + exp(attn_sink[h]))``.
 
         Raises TypeError/ValueError naming the argument before any launch.
@@ -249,12 +265,14 @@ class SparsePrefillBackend:
         check_tensor("q", q, dtypes=(torch.bfloat16,), shape=q_shape, device=device)
         check_unit_stride("q", q)  # the ops check it too, but after the sparse path's dequantize
         caches = self._check_caches(caches, ratio, device)
-        if ratio == 4:
+        if cfg.kind_of(ratio) is LayerKind.TOPK:
             check_tensor(
                 "topk_indices", topk_indices, dtypes=(torch.int32,), shape=(md.num_tokens, cfg.topk), device=device
             )
         elif topk_indices is not None:
-            raise ValueError(f"topk_indices is for ratio-4 layers only; layer {layer} has ratio {ratio}")
+            raise ValueError(
+                f"topk_indices is for top-k layers only; layer {layer} has ratio {ratio} ({cfg.kind_of(ratio).value})"
+            )
         if attn_sink is not None:
             check_tensor("attn_sink", attn_sink, dtypes=(torch.float32,), shape=(cfg.num_heads,), device=device)
         if out is None:
@@ -280,9 +298,9 @@ class SparsePrefillBackend:
         md = self._state.metadata
         check_tensor("caches.swa", caches.swa, dtypes=(torch.uint8,), shape=(None, None), device=device)
         scopes = [("caches.swa", caches.swa, self.config.swa_page_size, md.max_swa_id)]
-        if ratio == 1:
+        if ratio == SWA_RATIO:
             if caches.compressed is not None:
-                raise ValueError("caches.compressed must be None for a ratio-1 layer")
+                raise ValueError("caches.compressed must be None for an SWA-only (ratio-0) layer")
         else:
             check_tensor(
                 "caches.compressed", caches.compressed, dtypes=(torch.uint8,), shape=(None, None), device=device
@@ -334,33 +352,37 @@ class SparsePrefillBackend:
                 swa_token_table=md.swa_token_table,
                 window_size=cfg.window_size,
                 ratios=ratios,
-                compressed_token_tables={r: md.compressed_token_tables[r] for r in ratios if r > 1},
-                c4_topk=cfg.topk if 4 in ratios else None,
+                compressed_token_tables={r: md.compressed_token_tables[r] for r in ratios if r > 0},
+                topk=cfg.topk if any(r in cfg.topk_ratios for r in ratios) else None,
+                ratio_kinds=cfg.ratio_kinds,
                 impl=self.impl,
                 host_lens=(md.seq_lens_host, md.extend_lens_host),
             )
-            state.workspace = torch.empty(
-                max(state.chunk_cache.max_workspace_rows, 1), 1, cfg.head_dim, dtype=torch.bfloat16, device=md.device
-            )
+            state.workspaces, state.filled = {}, {}
         return state.chunk_cache
 
     def _forward_sparse(self, state, ratio, q, caches, topk_indices, attn_sink, out) -> None:
         cfg = self.config
         chunk = self.chunk_cache()
         plan, indices, lens = chunk.layer(ratio, state.generation, topk_indices)
-        ws = state.workspace
-        if plan.num_compressed_rows:
-            dequantize_k_cache_paged(
-                caches.compressed, plan.compressed_token_ids, cfg.page_size_of(ratio), cfg.layout,
-                out=ws[plan.compressed_rows], impl=self.impl,
+        if ratio not in state.workspaces:
+            state.workspaces[ratio] = torch.empty(
+                max(plan.num_rows, 1), 1, cfg.head_dim, dtype=torch.bfloat16, device=q.device
             )
-        dequantize_k_cache_paged(
-            caches.swa, plan.swa_token_ids, cfg.swa_page_size, cfg.layout, out=ws[plan.swa_rows], impl=self.impl
-        )
-        kv = ws[: max(plan.num_rows, 1)]
+        ws = state.workspaces[ratio]
+        regions = [("swa", caches.swa, plan.swa_token_ids, cfg.swa_page_size, plan.swa_rows)]
+        if plan.num_compressed_rows:
+            regions.append(("compressed", caches.compressed, plan.compressed_token_ids, cfg.page_size_of(ratio),
+                            plan.compressed_rows))
+        for name, cache, ids, page_size, rows in regions:
+            if unchanged(state.filled.get((ratio, name)), cache):
+                continue  # the region holds this cache's tokens already (a shared cache)
+            state.filled[(ratio, name)] = None  # being overwritten
+            dequantize_k_cache_paged(cache, ids, page_size, cfg.layout, out=ws[rows], impl=self.impl)
+            state.filled[(ratio, name)] = stamp(cache)
         for a, b in self._row_blocks(q.shape[0]):
             sparse_attn_fwd(
-                q[a:b], kv, indices[a:b, None, :], cfg.sm_scale, cfg.head_dim, attn_sink, lens[a:b],
+                q[a:b], ws, indices[a:b, None, :], cfg.sm_scale, cfg.head_dim, attn_sink, lens[a:b],
                 out=out[a:b], impl=self.impl,
             )
 
@@ -368,31 +390,49 @@ class SparsePrefillBackend:
 
     def _shared_rows(self, state: _ForwardState, ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer-independent index rows of the regular path, built once per forward: the window
-        (ratio 1) or every complete entry of a dense ratio."""
+        (ratio 0) or every complete entry of a dense ratio."""
         if ratio not in state.regular_rows:
             md = state.metadata
-            rows = window_token_ids(md, self.config.window_size) if ratio == 1 else dense_token_ids(md, ratio)
+            rows = (
+                window_token_ids(md, self.config.window_size) if ratio == SWA_RATIO else dense_token_ids(md, ratio)
+            )
             state.regular_rows[ratio] = rows
         return state.regular_rows[ratio]
 
+    def _picked_rows(self, state: _ForwardState, ratio: int, topk_indices: torch.Tensor, a: int, b: int):
+        """``picked_token_ids`` of rows ``a:b``; for the whole batch, kept for a later layer of
+        ``ratio`` that passes the same, unwritten ``topk_indices`` (V4.1's index sharing)."""
+        md = state.metadata
+        if (a, b) != (0, md.num_tokens):
+            return picked_token_ids(md, topk_indices, ratio, a, b)
+        kept = state.regular_picks.get(ratio)
+        if kept is not None and unchanged(kept[0], topk_indices):
+            return kept[1]
+        ids = picked_token_ids(md, topk_indices, ratio, a, b)
+        state.regular_picks[ratio] = (stamp(topk_indices), ids)
+        return ids
+
     def _forward_regular(self, state, ratio, q, caches, topk_indices, attn_sink, out) -> None:
         cfg = self.config
-        swa_ids, swa_lens = self._shared_rows(state, 1)
+        swa_ids, swa_lens = self._shared_rows(state, SWA_RATIO)
         md = state.metadata
-        shared_dense = ratio > 4 and md.num_tokens * dense_width(md, ratio) * 4 <= REGULAR_SHARED_ROWS_BYTES
+        kind = cfg.kind_of(ratio)
+        shared_dense = (
+            kind is LayerKind.DENSE and md.num_tokens * dense_width(md, ratio) * 4 <= REGULAR_SHARED_ROWS_BYTES
+        )
         if shared_dense:
             dense_ids, dense_lens = self._shared_rows(state, ratio)
-        # Ratio 4 (and a large ratio 128) maps per block of rows: that bounds the transients.
+        # Top-k picks (and a large dense layer) map per block of rows: that bounds the transients.
         for a, b in self._row_blocks(q.shape[0], REGULAR_INDEX_ROWS):
             common = dict(attn_sink=attn_sink, layout=cfg.layout, d_v=cfg.head_dim, out=out[a:b], impl=self.impl)
-            if ratio == 1:
+            if kind is LayerKind.SWA:
                 paged_fp8_sparse_attn_fwd(
                     q[a:b], caches.swa, swa_ids[a:b], cfg.swa_page_size, cfg.sm_scale,
                     topk_length=swa_lens[a:b], **common,
                 )
                 continue
-            if ratio == 4:
-                ids, lens = picked_token_ids(md, topk_indices, a, b), None
+            if kind is LayerKind.TOPK:
+                ids, lens = self._picked_rows(state, ratio, topk_indices, a, b), None
             elif shared_dense:
                 ids, lens = dense_ids[a:b], dense_lens[a:b]
             else:

@@ -2,8 +2,11 @@
 
 Everything that is the same for every layer of a chunk is built once, at the first sparse
 layer: the SWA gather, the workspace plan of each compress ratio, and the combined index rows
-of the ratio-1 (SWA only) and dense-compressed (e.g. ratio-128) layers. Ratio-4 layers have
-their own indexer top-k, so their rows are recombined per layer into buffers kept here.
+of the SWA-only (ratio 0) and dense (ratio 128) layers. Top-k layers (ratios 1, 2, 4; kinds in
+``layer_kinds.py``) have their indexer's top-k, so their rows are recombined per layer into
+buffers kept here, one pair per ratio; a layer that passes the same ``topk_indices`` tensor as
+the previous combine of its ratio, unwritten since (DeepSeek-V4.1's index-sharing layers), gets
+those rows back without a recombine (``reuse.py``).
 
 Staleness: the cache belongs to one batch-metadata state. ``build`` records the caller's
 ``key`` (the metadata object, or a generation token that changes whenever the metadata is
@@ -17,7 +20,7 @@ The backend's pattern::
     cache = metadata.sparse_prefill_cache
     if cache is None or not cache.is_valid_for(metadata):
         cache = metadata.sparse_prefill_cache = SparsePrefillChunkCache.build(key=metadata, ...)
-    layer = cache.layer(compress_ratio, metadata, topk_indices)  # c4: this layer's top-k
+    layer = cache.layer(compress_ratio, metadata, topk_indices)  # top-k layers: their picks
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from typing import NamedTuple
 import torch
 
 from sparse_prefill._utils import check_int, check_tensor, resolve_impl, value_checks_enabled
+from sparse_prefill.backend.layer_kinds import LayerKind, resolve_ratio_kinds
+from sparse_prefill.backend.reuse import stamp, unchanged
 from sparse_prefill.ops.indices import check_request_lengths, combine, swa_token_ids, workspace_plan
 from sparse_prefill.ops.indices.plan import (
     INT32_MAX,
@@ -38,9 +43,6 @@ from sparse_prefill.ops.indices.plan import (
     combined_width,
     swa_gather_len,
 )
-
-# The compress ratio whose layers pick compressed entries with an indexer (DeepSeek-V4's c4).
-INDEXER_RATIO = 4
 
 _I32 = (torch.int32,)
 
@@ -108,7 +110,8 @@ class SparsePrefillChunkCache:
         seq_lens: torch.Tensor,
         sources: list[torch.Tensor],
         window_size: int,
-        c4_topk: int | None,
+        topk: int | None,
+        kinds: dict[int, LayerKind],
         query_start_loc: torch.Tensor,
         query_pos: torch.Tensor,
         swa: SwaTokenIds,
@@ -122,7 +125,9 @@ class SparsePrefillChunkCache:
         self._valid = True
         self._seq_lens = seq_lens
         self.window_size = window_size
-        self.c4_topk = c4_topk
+        self.topk = topk
+        self._kinds = kinds
+        self._picks_stamp: dict[int, object] = {}  # top-k ratio -> stamp of its rows' picks
         self._query_start_loc = query_start_loc
         self._query_pos = query_pos
         self._swa = swa
@@ -141,7 +146,8 @@ class SparsePrefillChunkCache:
         window_size: int,
         ratios: Collection[int],
         compressed_token_tables: Mapping[int, torch.Tensor] | None = None,
-        c4_topk: int | None = None,
+        topk: int | None = None,
+        ratio_kinds: Mapping[int, object] | None = None,
         impl: str = "auto",
         host_lens: tuple[Sequence[int], Sequence[int]] | None = None,
     ) -> SparsePrefillChunkCache:
@@ -159,13 +165,15 @@ class SparsePrefillChunkCache:
             swa_token_table: ``[R, max_len]`` int32 SWA-cache token id of (request, position),
                 ``max_len >= max(seq_lens)``.
             window_size: the SWA window ``W >= 1``.
-            ratios: the compress ratios of the model's layers (distinct ints >= 1). 1: SWA only;
-                4: top-k picked per layer by the indexer (``combine_c4``); any other: every
-                complete compressed entry (ratio 128).
-            compressed_token_tables: for each ratio > 1 in ``ratios`` (exactly those), ``[R,
+            ratios: the compress ratios of the model's layers (distinct ints >= 0), SGLang's
+                values: 0 SWA only; 1, 2, 4 top-k picked per layer by the indexer
+                (``combine_topk``); 128 every complete compressed entry.
+            compressed_token_tables: for each ratio > 0 in ``ratios`` (exactly those), ``[R,
                 max_entries]`` int32 token id of (request, compressed entry ``j``) in that
                 ratio's compressed cache, ``max_entries >= max(seq_lens // ratio)``.
-            c4_topk: the indexer's top-k (512 or 1024); required iff 4 is in ``ratios``.
+            topk: the indexer's top-k (512 or 1024); required iff a ratio is a top-k one.
+            ratio_kinds: ``{ratio: "topk" | "dense"}`` beyond ``layer_kinds.DEFAULT_RATIO_KINDS``
+                (``ModelConfig.ratio_kinds``); ratios 1 without 0 need it (``layer_kinds.py``).
             impl: "auto" | "triton" | "reference".
             host_lens: ``(seq_lens, extend_lens)`` as host ints, when the caller has them (an
                 engine's scheduler does; ``BatchMetadata`` keeps them). They must equal the
@@ -181,27 +189,29 @@ class SparsePrefillChunkCache:
         if not isinstance(ratios, Collection) or isinstance(ratios, str) or not ratios:
             raise ValueError(f"ratios must be a non-empty collection of ints, got {ratios!r}")
         for c in ratios:
-            check_int("each of ratios", c, lo=1, hi=INT32_MAX)
+            check_int("each of ratios", c, lo=0, hi=INT32_MAX)
         ratio_list = sorted(set(ratios))
         if len(ratio_list) != len(ratios):
             raise ValueError(f"ratios must be distinct, got {ratios!r}")
+        kinds = resolve_ratio_kinds(ratio_list, ratio_kinds)
+        topk_ratios = [c for c in ratio_list if kinds[c] is LayerKind.TOPK]
         check_tensor("seq_lens", seq_lens, dtypes=_I32, shape=(None,))
         num_reqs, device = seq_lens.shape[0], seq_lens.device
         check_tensor("extend_lens", extend_lens, dtypes=_I32, shape=(num_reqs,), device=device)
         table_shape = (num_reqs, None)
         check_tensor("swa_token_table", swa_token_table, dtypes=_I32, shape=table_shape, device=device)
         tables = dict(compressed_token_tables or {})
-        if sorted(tables) != [c for c in ratio_list if c > 1]:
+        if sorted(tables) != [c for c in ratio_list if c > 0]:
             raise ValueError(
-                f"compressed_token_tables must have one table per ratio > 1 of {ratio_list}, "
+                f"compressed_token_tables must have one table per ratio > 0 of {ratio_list}, "
                 f"got ratios {sorted(tables)}"
             )
         for c, t in tables.items():
             check_tensor(f"compressed_token_tables[{c}]", t, dtypes=_I32, shape=table_shape, device=device)
-        if INDEXER_RATIO in ratio_list:
-            check_int("c4_topk", c4_topk, lo=1, hi=INT32_MAX)
-        elif c4_topk is not None:
-            raise ValueError(f"c4_topk is for ratio {INDEXER_RATIO} layers; ratios {ratio_list} have none")
+        if topk_ratios:
+            check_int("topk", topk, lo=1, hi=INT32_MAX)
+        elif topk is not None:
+            raise ValueError(f"topk is for top-k layers; ratios {ratio_list} have none")
         impl = resolve_impl(impl, device)
 
         # Every size below is computed from these host lists.
@@ -216,9 +226,9 @@ class SparsePrefillChunkCache:
         num_swa = sum(swa_gather_len(s, e, window_size) for s, e in zip(seq, ext))
         num_compressed = {}
         for c in ratio_list:
-            if c > 1:
+            if c > 0:
                 check_request_lengths(seq, None, tables[c].shape[1], f"compressed_token_tables[{c}]", c)
-            num_compressed[c] = sum(s // c for s in seq) if c > 1 else 0
+            num_compressed[c] = sum(s // c for s in seq) if c > 0 else 0
             check_workspace_rows(num_compressed[c], num_swa)
 
         query_start_loc = torch.nn.functional.pad(extend_lens.cumsum(0), (1, 0)).to(torch.int32)
@@ -233,25 +243,26 @@ class SparsePrefillChunkCache:
         }
         rows = {}
         for c in ratio_list:
-            if c == INDEXER_RATIO:
-                width = combined_width(c4_topk, window_size)
+            if kinds[c] is LayerKind.TOPK:
+                width = combined_width(topk, window_size)
                 rows[c] = (
                     torch.empty((num_tokens, width), dtype=torch.int32, device=device),
                     torch.empty(num_tokens, dtype=torch.int32, device=device),
                 )
                 continue
-            # Ratio 1 takes no entries; a dense ratio takes all of the longest request's.
-            topk = 0 if c == 1 else max((s // c for s, e in zip(seq, ext) if e), default=0)
+            # SWA-only takes no entries; a dense ratio takes all of the longest request's.
+            entries = 0 if c == 0 else max((s // c for s, e in zip(seq, ext) if e), default=0)
             rows[c] = combine(
                 None, query_start_loc, query_pos, seq_lens, swa.gather_lens, plans[c].compressed_base,
-                plans[c].swa_base, window_size, c, topk, None, None, impl,
+                plans[c].swa_base, window_size, c, entries, None, None, impl,
             )
         return cls(
             key=key,
             seq_lens=seq_lens,
             sources=[seq_lens, extend_lens, swa_token_table, *tables.values()],
             window_size=window_size,
-            c4_topk=c4_topk,
+            topk=topk,
+            kinds=kinds,
             query_start_loc=query_start_loc,
             query_pos=query_pos,
             swa=swa,
@@ -312,52 +323,62 @@ class SparsePrefillChunkCache:
         self.check(key)
         return self._swa
 
-    def combine_c4(self, topk_indices: torch.Tensor, key: object) -> tuple[torch.Tensor, torch.Tensor]:
-        """Recombine one ratio-4 layer's rows from its indexer top-k into the reused buffers.
+    def combine_topk(
+        self, ratio: int, topk_indices: torch.Tensor, key: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of one top-k layer of ``ratio`` from its indexer's picks, in the reused buffers.
 
         Args:
-            topk_indices: ``[num_tokens, c4_topk]`` int32 request-local compressed entry ids
+            ratio: a top-k ratio of the cache (1, 2 or 4 by default).
+            topk_indices: ``[num_tokens, topk]`` int32 request-local compressed entry ids
                 (negative = no pick), the layer's indexer output.
             key: the batch metadata key given to ``build``.
 
         Returns:
-            ``(indices, lens)`` as ``combine_topk_swa_indices``; the same buffers every call, so
-            a layer's rows are overwritten by the next layer's (stream-ordered on the GPU).
+            ``(indices, lens)`` as ``combine_topk_swa_indices``; the same buffers every call of
+            ``ratio``, so a layer's rows are overwritten by the next layer's (stream-ordered on
+            the GPU). When ``topk_indices`` is the tensor of that ratio's previous combine, not
+            written since (``reuse.py``), the rows are returned as they are.
         """
         self.check(key)
-        if INDEXER_RATIO not in self._rows:
-            raise ValueError(f"combine_c4 needs ratio {INDEXER_RATIO}; the cache has ratios {self.ratios}")
-        return self._combine_c4(topk_indices)
+        if self._kinds.get(ratio) is not LayerKind.TOPK:
+            raise ValueError(f"combine_topk needs a top-k ratio of the cache {self.ratios}, got {ratio!r}")
+        return self._combine_topk(ratio, topk_indices)
 
-    def _combine_c4(self, topk_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``combine_c4`` after the key and ratio checks."""
+    def _combine_topk(self, ratio: int, topk_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``combine_topk`` after the key and ratio checks."""
         check_tensor(
-            "topk_indices", topk_indices, dtypes=_I32, shape=(self.num_tokens, self.c4_topk),
+            "topk_indices", topk_indices, dtypes=_I32, shape=(self.num_tokens, self.topk),
             device=self._query_pos.device,
         )
-        plan = self._plans[INDEXER_RATIO]
-        out_indices, out_lens = self._rows[INDEXER_RATIO]
-        return combine(
+        out_indices, out_lens = self._rows[ratio]
+        if unchanged(self._picks_stamp.get(ratio), topk_indices):
+            return out_indices, out_lens
+        plan = self._plans[ratio]
+        self._picks_stamp[ratio] = None  # the buffers are being overwritten
+        combine(
             topk_indices, self._query_start_loc, self._query_pos, self._seq_lens, self._swa.gather_lens,
-            plan.compressed_base, plan.swa_base, self.window_size, INDEXER_RATIO, self.c4_topk,
+            plan.compressed_base, plan.swa_base, self.window_size, ratio, self.topk,
             out_indices, out_lens, self._impl,
         )
+        self._picks_stamp[ratio] = stamp(topk_indices)
+        return out_indices, out_lens
 
     def layer(self, ratio: int, key: object, topk_indices: torch.Tensor | None = None) -> LayerIndices:
         """Plan and combined rows of one layer of ``ratio``.
 
-        ``topk_indices`` (``[num_tokens, c4_topk]`` int32) is required for ratio 4 (recombined
-        into the reused buffers) and must be None otherwise (rows built once per chunk).
+        ``topk_indices`` (``[num_tokens, topk]`` int32) is required for top-k ratios
+        (``combine_topk``) and must be None otherwise (rows built once per chunk).
         """
         plan = self.plan(ratio, key)
-        if ratio == INDEXER_RATIO:
+        if self._kinds[ratio] is LayerKind.TOPK:
             if topk_indices is None:
-                raise ValueError(f"ratio {INDEXER_RATIO} layers need their indexer's topk_indices")
-            indices, lens = self._combine_c4(topk_indices)  # plan() checked the key and ratio
+                raise ValueError(f"ratio-{ratio} layers (top-k) need their indexer's topk_indices")
+            indices, lens = self._combine_topk(ratio, topk_indices)  # plan() checked the key and ratio
         else:
             if topk_indices is not None:
                 raise ValueError(
-                    f"topk_indices is only for ratio {INDEXER_RATIO} layers, not ratio {ratio}"
+                    f"topk_indices is only for top-k layers, not ratio {ratio} ({self._kinds[ratio].value})"
                 )
             indices, lens = self._rows[ratio]
         return LayerIndices(plan, indices, lens)

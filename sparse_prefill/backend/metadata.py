@@ -23,7 +23,8 @@ class LayerCaches(NamedTuple):
     swa:        the layer's SWA cache of raw tokens (page size ``config.swa_page_size``),
                 addressed by ``BatchMetadata.swa_token_table``.
     compressed: the layer's compressed cache (page size ``config.page_size_of(ratio)``),
-                addressed by ``BatchMetadata.compressed_token_tables[ratio]``; None for ratio 1.
+                addressed by ``BatchMetadata.compressed_token_tables[ratio]``; None for SWA-only
+                (ratio-0) layers.
     """
 
     swa: torch.Tensor
@@ -66,7 +67,7 @@ class BatchMetadata:
             positions some query's window reaches must be valid, i.e.
             ``[max(0, seq_len - extend_len - W + 1), seq_len)``; others may hold anything.
             ``max_pos >= max(seq_len)``.
-        compressed_token_tables: ``{ratio: [R, max_entries] int32}`` for every ratio > 1 of
+        compressed_token_tables: ``{ratio: [R, max_entries] int32}`` for every ratio > 0 of
             ``config.compress_ratios``: compressed-cache token id of compressed entry ``j`` of each
             request. Entries ``j < seq_len // ratio`` (the complete ones) must be valid;
             ``max_entries >= max(seq_len // ratio)``.

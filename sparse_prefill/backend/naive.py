@@ -5,11 +5,11 @@ per request, every cache token a query could see is dequantized (the SWA positio
 request's query windows, and all its complete compressed entries), and each query attends, in
 float32, to the subset the table allows for its absolute position ``p``:
 
-| ratio | visible to ``p`` |
+| ratio (kind, ``layer_kinds.py``) | visible to ``p`` |
 | --- | --- |
-| 1 | window positions ``max(0, p - W + 1) .. p`` |
-| 4 | the window, plus the indexer's picks ``j`` that are complete: ``0 <= j < (p + 1) // 4`` |
-| 128 | the window, plus every complete entry ``j < (p + 1) // 128`` |
+| 0 (SWA) | window positions ``max(0, p - W + 1) .. p`` |
+| 1, 2, 4 (top-k) | the window, plus the indexer's picks ``j`` that are complete: ``0 <= j < (p + 1) // ratio`` |
+| 128 (dense) | the window, plus every complete entry ``j < (p + 1) // 128`` |
 
 then the per-head sink scales the output by ``exp(lse) / (exp(lse) + exp(attn_sink[h]))``.
 Picks are a set here (a duplicate pick counts once); the kernels' paths count a duplicate twice,
@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from sparse_prefill.backend.config import ModelConfig
+from sparse_prefill.backend.layer_kinds import LayerKind
 from sparse_prefill.backend.metadata import BatchMetadata, LayerCaches
 from sparse_prefill.ops.cache import dequantize_k_cache_paged
 
@@ -47,15 +48,16 @@ def naive_layer_forward(
         config, metadata: the model and the batch.
         layer: the layer index (its compress ratio comes from ``config``).
         q: ``[num_tokens, h_q, 512]`` bfloat16, the batch's query tokens request by request.
-        caches: the layer's SWA cache and (ratio > 1) compressed cache, V4 FP8 paged uint8.
+        caches: the layer's SWA cache and (ratio > 0) compressed cache, V4 FP8 paged uint8.
         topk_indices: ``[num_tokens, topk]`` int32 request-local compressed entry ids picked
-            for each query (any value; only the complete, causal ones count), ratio 4 only.
+            for each query (any value; only the complete, causal ones count), top-k layers only.
         attn_sink: ``[h_q]`` float32 or None.
 
     Returns:
         ``[num_tokens, h_q, 512]`` bfloat16 (computed in float32, rounded once).
     """
     ratio = config.compress_ratios[layer]
+    kind = config.kind_of(ratio)
     w, h_q = config.window_size, q.shape[1]
     out = torch.empty_like(q)
     for r in range(metadata.num_requests):
@@ -64,7 +66,7 @@ def naive_layer_forward(
         lo = max(0, prefix - w + 1)
         swa_pos = torch.arange(lo, seq, device=q.device)
         kv = _dequant(caches.swa, metadata.swa_token_table[r, lo:seq], config.swa_page_size)
-        n_c = seq // ratio if ratio > 1 else 0
+        n_c = seq // ratio if ratio > 0 else 0
         if n_c:
             table = metadata.compressed_token_tables[ratio][r, :n_c]
             kv = torch.cat([_dequant(caches.compressed, table, config.page_size_of(ratio)), kv])
@@ -75,8 +77,8 @@ def naive_layer_forward(
             b = min(seq - prefix, a + rows)
             pos = torch.arange(prefix + a, prefix + b, device=q.device)[:, None]
             window = (swa_pos <= pos) & (swa_pos > pos - w)
-            complete = entries < (pos + 1) // ratio
-            if ratio == 4:
+            complete = entries < (pos + 1) // max(ratio, 1)  # no entries for ratio 0
+            if kind is LayerKind.TOPK:
                 picks = topk_indices[q0 + a : q0 + b].long()
                 picked = torch.zeros(b - a, n_c + 1, dtype=torch.bool, device=q.device)
                 # Out-of-range picks land in the spare last column, which is dropped.

@@ -3,12 +3,12 @@
 Two paths compute the same attention (``backend.py``):
 
 * **sparse**: dequantize the referenced cache tokens into a bf16 workspace, build combined index
-  rows (ratio 4), run ``sparse_attn_fwd`` on the workspace;
+  rows (top-k layers), run ``sparse_attn_fwd`` on the workspace;
 * **regular**: ``paged_fp8_sparse_attn_fwd`` straight from the FP8 caches, no workspace.
 
 The rule: decode batches always take the regular path; extend batches take the path whose
-estimated time for a layer is lower, per compress ratio (a ratio-1 layer attends to 128 tokens
-per query and is cheap next to its dequantize; a ratio-4 layer attends to ``topk + 128``). The
+estimated time for a layer is lower, per compress ratio (an SWA-only layer attends to 128 tokens
+per query and is cheap next to its dequantize; a top-k layer attends to ``topk + 128``). The
 estimate is a linear cost model, :class:`PathCosts`, whose constants are measured per path:
 
     regular_us = REGULAR_FIXED + flops(regular rows) / REGULAR_TFLOPS
@@ -32,10 +32,19 @@ included, where the sparse path compacts the valid ones (one request's chunk goe
 512 / 128 new tokens at prefix 0 for h_q 64 / 128, and stays regular at prefix 16384).
 Re-measure with ``python -m sparse_prefill.bench.backend`` when a kernel changes.
 
+DeepSeek-V4.1's ratio-1 (and 2) top-k layers see the whole history: the sparse path dequantizes
+``seq_len // ratio`` rows per request, so a short extend over a long prefix would build a
+workspace of the whole history for a few queries. SGLang hard-codes "<= 1024 new tokens over a
+history >= max(32768, 192 x new) -> paged kernel"; here the same decision falls out of the
+costs (``workspace_rows`` grows with the history, the regular path's scan does not), and
+``bench.backend``'s ratio-1 sweep measures where the crossover really is. The estimate charges
+every layer its own dequantize; layers that share a compressed cache pay it once per forward
+(``backend.py``), so for them it overstates the sparse path.
+
 Memory: the sparse path keeps per-forward state that grows with the chunk: the chunk cache's
 combined rows (``num_tokens x ceil((entries + W) / 128) * 128`` int32 per ratio, entries =
-topk for ratio 4, the longest request's complete entries for ratio 128) and the workspace (1 KiB
-per row). Where that would pass ``SPARSE_STATE_BYTES_LIMIT``, auto routes to the regular path,
+topk for top-k layers, the longest request's complete entries for dense ones) and one workspace
+per ratio (1 KiB per row). Where that would pass ``SPARSE_STATE_BYTES_LIMIT``, auto routes to the regular path,
 whose transients are bounded per block of rows. (At 65536 tokens of 4 requests with 16384-token
 prefixes and topk 1024 it is about 0.5 GiB.)
 
@@ -53,6 +62,7 @@ from dataclasses import dataclass
 import torch
 
 from sparse_prefill.backend.config import ModelConfig
+from sparse_prefill.backend.layer_kinds import LayerKind
 from sparse_prefill.backend.metadata import BatchMetadata
 from sparse_prefill.ops.indices.plan import combined_width, swa_gather_lens
 
@@ -102,10 +112,10 @@ DEFAULT_COSTS = PathCosts()
 class LayerWork:
     """What one layer of a compress ratio costs each path for a batch (host arithmetic only).
 
-    ``regular_kv``: kv entries the regular kernel scans, summed over queries (ratio 4 scans all
-    ``topk`` picks, masked ones included); ``sparse_kv``: entries a combined row's
+    ``regular_kv``: kv entries the regular kernel scans, summed over queries (a top-k layer scans
+    all ``topk`` picks, masked ones included); ``sparse_kv``: entries a combined row's
     ``topk_length`` covers (valid picks are compacted); ``workspace_rows``: rows dequantized per
-    layer; ``combined_entries``: index entries combined per layer (ratio 4 only).
+    layer; ``combined_entries``: index entries combined per layer (top-k layers only).
     """
 
     ratio: int
@@ -123,25 +133,26 @@ def _window_sum(positions: torch.Tensor, window: int) -> int:
 
 def workspace_rows(config: ModelConfig, metadata: BatchMetadata, ratio: int) -> int:
     """Rows of the sparse path's workspace for a ratio: every request's SWA gather and (ratio
-    > 1) its complete compressed entries."""
+    > 0) its complete compressed entries."""
     seq, ext = torch.tensor(metadata.seq_lens_host), torch.tensor(metadata.extend_lens_host)  # host copies
     rows = int(swa_gather_lens(seq, ext, config.window_size).sum())
-    return rows + (sum(s // ratio for s in metadata.seq_lens_host) if ratio > 1 else 0)
+    return rows + (sum(s // ratio for s in metadata.seq_lens_host) if ratio > 0 else 0)
 
 
 def layer_work(config: ModelConfig, metadata: BatchMetadata, ratio: int) -> LayerWork:
     """The :class:`LayerWork` of a ratio-``ratio`` layer for ``metadata``'s batch."""
     w, topk = config.window_size, config.topk
+    kind = config.kind_of(ratio)
     regular = sparse = 0
     for prefix, seq in zip(metadata.prefix_lens_host, metadata.seq_lens_host):
         pos = torch.arange(prefix, seq, dtype=torch.int64)
         win = _window_sum(pos, w)
-        if ratio == 1:
+        if kind is LayerKind.SWA:
             regular += win
             sparse += win
             continue
         visible = (pos + 1) // ratio
-        if ratio == 4:
+        if kind is LayerKind.TOPK:
             regular += win + topk * len(pos)
             sparse += win + int(torch.clamp(visible, max=topk).sum())
         else:
@@ -155,19 +166,25 @@ def layer_work(config: ModelConfig, metadata: BatchMetadata, ratio: int) -> Laye
         regular_kv=regular,
         sparse_kv=sparse,
         workspace_rows=workspace_rows(config, metadata, ratio),
-        combined_entries=metadata.num_tokens * width if ratio == 4 else 0,
+        combined_entries=metadata.num_tokens * width if kind is LayerKind.TOPK else 0,
     )
 
 
 def sparse_state_bytes(config: ModelConfig, metadata: BatchMetadata) -> int:
     """Bytes the sparse path holds for a forward: every ratio's combined rows and lengths, plus
-    the largest ratio's workspace (bf16, 1 KiB per row)."""
+    every ratio's workspace (bf16, 1 KiB per row; one per ratio, so that shared caches are
+    dequantized once per forward)."""
     n, w = metadata.num_tokens, config.window_size
     rows_bytes, ws_rows = 0, 0
-    for ratio in set(config.compress_ratios):
-        entries = {1: 0, 4: config.topk}.get(ratio, max(s // ratio for s in metadata.seq_lens_host))
+    for ratio, kind in config.ratio_kinds.items():
+        if kind is LayerKind.SWA:
+            entries = 0
+        elif kind is LayerKind.TOPK:
+            entries = config.topk
+        else:
+            entries = max(s // ratio for s in metadata.seq_lens_host)
         rows_bytes += 4 * n * (combined_width(entries, w) + 1)
-        ws_rows = max(ws_rows, workspace_rows(config, metadata, ratio))
+        ws_rows += workspace_rows(config, metadata, ratio)
     return rows_bytes + ws_rows * 2 * config.head_dim
 
 

@@ -4,16 +4,19 @@
 metadata whose token tables come from a shuffled page allocation (an SWA pool and one
 compressed pool per ratio, each with its own page size), one SWA cache and one compressed cache
 per layer filled with quantized random K, per-layer queries, indexer picks and sinks.
+DeepSeek-V4.1's sharing (only "kv source" layers own a compressed cache, only "index source"
+layers own an indexer) is built with ``kv_source_layers`` / ``index_source_layers``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from sparse_prefill.backend.config import ModelConfig
+from sparse_prefill.backend.layer_kinds import LayerKind
 from sparse_prefill.backend.metadata import BatchMetadata, ForwardMode, LayerCaches
 from sparse_prefill.ops.cache import quantize_k_cache
 
@@ -26,8 +29,10 @@ class SyntheticBatch:
     """One forward's inputs; ``layer_inputs(i)`` gives ``forward``'s arguments for layer ``i``.
 
     q:            per layer ``[num_tokens, h_q, 512]`` bf16 (one shared tensor with ``share_q``).
-    caches:       per layer :class:`LayerCaches` (V4 FP8 paged uint8).
-    topk_indices: per layer ``[num_tokens, topk]`` int32 picks (ratio 4), else None.
+    caches:       per layer :class:`LayerCaches` (V4 FP8 paged uint8); layers that share
+                  (``kv_source_layers``) hold the very same compressed tensor.
+    topk_indices: per layer ``[num_tokens, topk]`` int32 picks (top-k layers), else None;
+                  shared likewise (``index_source_layers``).
     attn_sink:    per layer ``[h_q]`` float32.
     """
 
@@ -66,17 +71,17 @@ def _random_cache(num_pages, page_size, config: ModelConfig, std, mean, device, 
     return quantize_k_cache(k.to(torch.bfloat16), config.layout)
 
 
-def _random_picks(metadata: BatchMetadata, topk: int, invalid_frac: float, gen) -> torch.Tensor:
+def _random_picks(metadata: BatchMetadata, topk: int, ratio: int, invalid_frac: float, gen) -> torch.Tensor:
     """Duplicate-free picks among each query's complete entries; a fraction ``invalid_frac`` of
     the slots then holds -1 or a not-yet-complete (future) entry, which the backend must drop."""
     device = metadata.device
     n = metadata.num_tokens
     out = torch.full((n, topk), -1, dtype=torch.int32, device=device)
-    entries = max(1, max(s // 4 for s in metadata.seq_lens_host))
+    entries = max(1, max(s // ratio for s in metadata.seq_lens_host))
     k = min(topk, entries)
     for a in range(0, n, _PICK_ROWS):
         b = min(n, a + _PICK_ROWS)
-        visible = ((metadata.query_pos[a:b].long() + 1) // 4)[:, None]
+        visible = ((metadata.query_pos[a:b].long() + 1) // ratio)[:, None]
         keys = torch.rand(b - a, entries, generator=gen, device=device)
         keys = keys.masked_fill(torch.arange(entries, device=device) >= visible, -1.0)
         val, idx = keys.topk(k, dim=1)
@@ -109,6 +114,8 @@ def make_synthetic_batch(
     invalid_pick_frac: float = 0.1,
     spare_pages: int = 3,
     evict_outside_window: bool = True,
+    kv_source_layers: Sequence[int] | None = None,
+    index_source_layers: Sequence[int] | None = None,
 ) -> SyntheticBatch:
     """A random batch of ``len(prefix_lens)`` requests and the caches of every layer.
 
@@ -126,10 +133,15 @@ def make_synthetic_batch(
             (1 by default). Kernels round probabilities to bf16 for ``P @ V`` as FlashMLA does;
             its accuracy criteria hold for its test data, ``randn / 10`` plus an offset, i.e.
             a small ``k_std`` and a nonzero ``k_mean``.
-        invalid_pick_frac: fraction of ratio-4 pick slots replaced by -1 or a future entry.
+        invalid_pick_frac: fraction of top-k pick slots replaced by -1 or a future entry.
         spare_pages: unused pages in each pool, so ids do not fill the cache exactly.
         evict_outside_window: set SWA-table positions no query window reaches to -1 (as a
             ring SWA pool would), proving the backend never reads them.
+        kv_source_layers: None (every compressed layer owns its cache) or the layers that own
+            one (V4.1's ``kv_source_layer_ids``): any other layer of ratio > 0 gets the very
+            tensor of the latest earlier source layer of its ratio.
+        index_source_layers: likewise for top-k layers' ``topk_indices`` (V4.1's
+            ``index_source_layer_ids``).
 
     Every request's tables have a few extra columns of -1 past its length. The caches hold
     every position's K (the chunk's K is already stored, as an engine does before attention);
@@ -153,6 +165,10 @@ def make_synthetic_batch(
     n, h = metadata.num_tokens, config.num_heads
     q_list, caches, picks, sinks = [], [], [], []
     shared = None
+    owns_cache = _owners("kv_source_layers", kv_source_layers, config, lambda r: r > 0)
+    owns_picks = _owners("index_source_layers", index_source_layers, config,
+                         lambda r: config.kind_of(r) is LayerKind.TOPK)
+    last_cache, last_picks = {}, {}  # ratio -> the latest source layer's tensor
     for layer, ratio in enumerate(config.compress_ratios):
         if layers is not None and layer not in layers:
             q_list.append(None), caches.append(None), picks.append(None), sinks.append(None)
@@ -161,10 +177,37 @@ def make_synthetic_batch(
             shared = (torch.randn(n, h, config.head_dim, generator=gen, device=device) * q_std).to(torch.bfloat16)
         q_list.append(shared)
         swa = _random_cache(swa_pages, config.swa_page_size, config, k_std, k_mean, device, gen)
-        comp = None
-        if ratio > 1:
-            comp = _random_cache(pool_pages[ratio], config.page_size_of(ratio), config, k_std, k_mean, device, gen)
+        comp = pick = None
+        if ratio > 0:
+            if owns_cache(layer):
+                last_cache[ratio] = _random_cache(
+                    pool_pages[ratio], config.page_size_of(ratio), config, k_std, k_mean, device, gen
+                )
+            comp = _source(last_cache, ratio, layer, "kv_source_layers")
+        if config.kind_of(ratio) is LayerKind.TOPK:
+            if owns_picks(layer):
+                last_picks[ratio] = _random_picks(metadata, config.topk, ratio, invalid_pick_frac, gen)
+            pick = _source(last_picks, ratio, layer, "index_source_layers")
         caches.append(LayerCaches(swa, comp))
-        picks.append(_random_picks(metadata, config.topk, invalid_pick_frac, gen) if ratio == 4 else None)
+        picks.append(pick)
         sinks.append(torch.randn(h, generator=gen, device=device))
     return SyntheticBatch(config, metadata, q_list, caches, picks, sinks)
+
+
+def _owners(name: str, sources: Sequence[int] | None, config: ModelConfig, applies):
+    """``layer -> bool``: whether ``layer`` makes its own tensor (all layers when ``sources`` is None)."""
+    if sources is None:
+        return lambda layer: True
+    chosen = set()
+    for i, layer in enumerate(sources):
+        ratio = config.ratio_of(layer)  # ValueError naming the layer when out of range
+        if not applies(ratio):
+            raise ValueError(f"{name}[{i}] = {layer} has ratio {ratio}, which has no such tensor")
+        chosen.add(layer)
+    return chosen.__contains__
+
+
+def _source(latest: Mapping[int, torch.Tensor], ratio: int, layer: int, name: str) -> torch.Tensor:
+    if ratio not in latest:
+        raise ValueError(f"layer {layer} (ratio {ratio}) has no earlier layer of its ratio in {name}")
+    return latest[ratio]

@@ -2,14 +2,15 @@
 
 One prefill chunk of 8192 and of 32768 new tokens over 4 requests (equal extends), with cached
 prefixes of 0 and of 16384 tokens per request, for the DeepSeek-V4 shapes h_q 64 / topk 512 and
-h_q 128 / topk 1024, over the 10-layer stack ``STACK`` (ratios 1, 4, 128, 4, 4, 128, 4, 1, 4, 128:
+h_q 128 / topk 1024, over the 10-layer stack ``STACK`` (ratios 0, 4, 128, 4, 4, 128, 4, 0, 4, 128:
 5 indexer layers, 3 dense ratio-128 layers, 2 SWA-only layers; W = 128, page size 64 in every
 pool). Synthetic batch: ``sparse_prefill.backend.make_synthetic_batch`` (shuffled pages).
 
 Per case it measures (median of ``triton.testing.do_bench``, value checks off):
 
 * per layer, for each compress ratio: the regular path, the sparse path (dequantize + combine +
-  attention, chunk cache already built) and its parts, and the path ``auto`` routes to;
+  attention, chunk cache already built) and its parts, and the path ``auto`` routes to (timed
+  over two layers of the ratio in turn, so that no layer reuses the previous one's workspace);
 * the whole 10-layer stack of each path including per-forward work (chunk cache, index rows);
 * peak GPU memory of each path's stack forward above the inputs;
 * the "original pipeline" of SGLang's change: every request's ``max_seq_len // ratio``
@@ -19,7 +20,12 @@ Per case it measures (median of ``triton.testing.do_bench``, value checks off):
   FlashMLA's FP8 decode kernel (``flash_mla_with_kvcache``);
 * the regular-path rows of ANCHORS.md (s_q 4096, one query per row, topk + 128 window tokens):
   our FP8 kernel next to ``sparse_attn_fwd`` on a bf16 workspace of the same tokens;
-* the constants of ``routing.PathCosts`` fitted to these measurements (paste into routing.py).
+* the constants of ``routing.PathCosts`` fitted to these measurements (paste into routing.py);
+* a DeepSeek-V4.1-shaped stack ``V41_STACK`` (ratios 0, 1, 2, 4, 128, with shared "kv source"
+  caches and "index source" top-k, SGLang's 256-token pages): the whole stack per path;
+* the ratio-1 sweep: one request's short extend over a long history through a ratio-1 (V4.1
+  top-k) layer, both paths, auto's pick and SGLang's hard-coded rule's ("<= 1024 new tokens over
+  >= max(32768, 192 x new) history -> paged kernel"): where the crossover really is.
 
 Prints markdown; ``--out DIR`` also writes DIR/backend.md and DIR/backend.json. Exits 2 without
 CUDA (``--smoke`` runs tiny shapes on any device, to check the script itself).
@@ -44,6 +50,7 @@ from sparse_prefill import value_checks
 from sparse_prefill.backend import BatchMetadata, ModelConfig, SparsePrefillBackend, make_synthetic_batch
 from sparse_prefill.backend import routing
 from sparse_prefill.backend.backend import dense_token_ids, picked_token_ids, window_token_ids
+from sparse_prefill.backend.layer_kinds import LayerKind
 from sparse_prefill.bench.common import (
     SILENT,
     BenchResult,
@@ -59,7 +66,13 @@ from sparse_prefill.ops.fp8_sparse_attn import paged_fp8_sparse_attn_fwd
 from sparse_prefill.ops.indices import build_swa_token_ids, combine_topk_swa_indices, combined_width
 from sparse_prefill.ops.sparse_attn import sparse_attn_fwd
 
-STACK = (1, 4, 128, 4, 4, 128, 4, 1, 4, 128)
+STACK = (0, 4, 128, 4, 4, 128, 4, 0, 4, 128)
+# DeepSeek-V4.1-shaped: every kind, later layers of a ratio read their source layer's cache/top-k.
+V41_STACK = (0, 1, 2, 4, 128, 1, 2, 4, 128, 0, 1, 4)
+V41_KV_SOURCES = (1, 2, 3, 4, 10)
+V41_INDEX_SOURCES = (1, 2, 3, 7, 10)
+RATIO1_EXTENDS = (64, 256, 1024, 4096)
+RATIO1_HISTORIES = (0, 8192, 32768, 131072)
 SHAPES = ((64, 512), (128, 1024))  # (h_q, topk)
 CHUNKS = (8192, 32768)
 PREFIXES = (0, 16384)
@@ -111,8 +124,8 @@ def flashmla_kernel(q, kv, indices, lens, sink, scale, out):
 
 class OriginalPipeline:
     """SGLang's change: per ratio, ``c_max = max_seq_len // ratio`` workspace slots for every
-    request (``R * c_max`` rows, dequantized whole), the SWA gathers after them; ratio-1 and
-    dense rows combined once per chunk, ratio-4 rows per layer; then the sparse kernel."""
+    request (``R * c_max`` rows, dequantized whole), the SWA gathers after them; SWA-only and
+    dense rows combined once per chunk, top-k rows per layer; then the sparse kernel."""
 
     def __init__(self, batch, kernel):
         self.batch, self.kernel = batch, kernel
@@ -124,12 +137,12 @@ class OriginalPipeline:
         self.swa = build_swa_token_ids(md.seq_lens, md.extend_lens, md.swa_token_table, cfg.window_size)
         self.plan, self.rows = {}, {}
         for ratio in sorted(set(cfg.compress_ratios)):
-            c_max = md.max_seq_len // ratio if ratio > 1 else 0
-            ids = md.compressed_token_tables[ratio][:, :c_max].reshape(-1) if ratio > 1 else None
+            c_max = md.max_seq_len // ratio if ratio > 0 else 0
+            ids = md.compressed_token_tables[ratio][:, :c_max].reshape(-1) if ratio > 0 else None
             cbase = torch.arange(r, dtype=torch.int32, device=md.device) * c_max
             sbase = (r * c_max + self.swa.offsets[:-1]).to(torch.int32)
             self.plan[ratio] = (ids, r * c_max, cbase, sbase)
-            if ratio != 4:
+            if cfg.kind_of(ratio) is not LayerKind.TOPK:
                 self.rows[ratio] = self._combine(ratio, None, c_max)
         rows = max(n + self.swa.token_ids.shape[0] for _, n, _, _ in self.plan.values())
         self.ws = torch.empty(rows, 1, 512, dtype=torch.bfloat16, device=md.device)
@@ -146,12 +159,13 @@ class OriginalPipeline:
         _, q, caches, topk_indices, sink = self.batch.layer_inputs(layer)
         ratio, cfg = self.cfg.compress_ratios[layer], self.cfg
         ids, n_comp, _, _ = self.plan[ratio]
-        if ratio > 1:
+        if ratio > 0:
             dequantize_k_cache_paged(caches.compressed, ids, cfg.page_size_of(ratio), out=self.ws[:n_comp])
         n_swa = self.swa.token_ids.shape[0]
         swa_rows = self.ws[n_comp : n_comp + n_swa]
         dequantize_k_cache_paged(caches.swa, self.swa.token_ids, cfg.swa_page_size, out=swa_rows)
-        indices, lens = self._combine(ratio, topk_indices, cfg.topk) if ratio == 4 else self.rows[ratio]
+        topk = cfg.kind_of(ratio) is LayerKind.TOPK
+        indices, lens = self._combine(ratio, topk_indices, cfg.topk) if topk else self.rows[ratio]
         self.kernel(q, self.ws[: n_comp + n_swa], indices, lens, sink, cfg.sm_scale, out)
 
 
@@ -171,7 +185,7 @@ class ChunkCachePipeline:
     def dequantize(self, layer, plan):
         _, _, caches, _, _ = self.batch.layer_inputs(layer)
         cfg, ratio = self.batch.config, plan.compress_ratio
-        if ratio > 1:
+        if ratio > 0:
             dequantize_k_cache_paged(caches.compressed, plan.compressed_token_ids, cfg.page_size_of(ratio),
                                      out=self.ws[plan.compressed_rows])
         dequantize_k_cache_paged(caches.swa, plan.swa_token_ids, cfg.swa_page_size, out=self.ws[plan.swa_rows])
@@ -205,7 +219,7 @@ class FlashMLARegularPipeline:
     def begin(self):
         md, cfg = self.batch.metadata, self.batch.config
         self.swa_ids, self.swa_lens = window_token_ids(md, cfg.window_size)
-        self.dense = {r: dense_token_ids(md, r) for r in cfg.compressed_ratios if r != 4}
+        self.dense = {r: dense_token_ids(md, r) for r, k in cfg.ratio_kinds.items() if k is LayerKind.DENSE}
         self.sched = {r: flash_mla.get_mla_metadata()[0] for r in set(cfg.compress_ratios)}
 
     def layer(self, layer, out):
@@ -214,14 +228,14 @@ class FlashMLARegularPipeline:
         ratio, n = cfg.compress_ratios[layer], md.num_tokens
         qb = q.view(n, 1, *q.shape[1:])
         swa_cache = self._cache(caches.swa, cfg.swa_page_size)
-        if ratio == 1:
+        if ratio == 0:
             flash_mla.flash_mla_with_kvcache(
                 qb, swa_cache, None, None, 512, self.sched[ratio], softmax_scale=cfg.sm_scale, is_fp8_kvcache=True,
                 indices=self.swa_ids.view(n, 1, -1), attn_sink=sink, topk_length=self.swa_lens,
             )
             return
-        if ratio == 4:
-            ids, lens = picked_token_ids(md, topk_indices), None
+        if cfg.kind_of(ratio) is LayerKind.TOPK:
+            ids, lens = picked_token_ids(md, topk_indices, ratio), None
         else:
             ids, lens = self.dense[ratio]
         flash_mla.flash_mla_with_kvcache(
@@ -263,9 +277,20 @@ def pipeline_factories() -> dict:
 # Cases
 
 
-def first_layers() -> dict[int, int]:
-    """ratio -> first layer of STACK with that ratio (layers of one ratio cost the same)."""
-    return {r: STACK.index(r) for r in sorted(set(STACK))}
+def layer_pairs() -> dict[int, tuple[int, int]]:
+    """ratio -> the first two layers of STACK with that ratio (layers of one ratio cost the same;
+    timing them in turn keeps a layer from reusing the previous one's workspace)."""
+    return {r: tuple(i for i, x in enumerate(STACK) if x == r)[:2] for r in sorted(set(STACK))}
+
+
+def in_turn(fn, args: Sequence):
+    """A function calling ``fn(a)`` for the items of ``args`` in turn, one per call."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] += 1
+        return fn(args[state["i"] % len(args)])
+    return call
 
 
 def run_case(h_q, topk, chunk, prefix, device, measure_memory=True) -> dict:
@@ -291,9 +316,9 @@ def run_case(h_q, topk, chunk, prefix, device, measure_memory=True) -> dict:
             case["peak_mb"][name] = None if not measure_memory else _mb(peak_bytes(stack))
             case["stack_us"][name] = median_us(stack)
             pipe.begin()
-            for ratio, layer in first_layers().items():
-                pipe.layer(layer, out)  # per-forward state built, as for every later layer
-                case["layers"].setdefault(ratio, {})[name] = median_us(lambda: pipe.layer(layer, out))
+            for ratio, pair in layer_pairs().items():
+                pipe.layer(pair[0], out)  # per-forward state built, as for every later layer
+                case["layers"].setdefault(ratio, {})[name] = median_us(in_turn(lambda i: pipe.layer(i, out), pair))
         except Exception as e:  # a failing variant (e.g. FlashMLA's limits) is reported, not fatal
             case["errors"][name] = f"{type(e).__name__}: {e}"[:300]
         del pipe
@@ -303,14 +328,17 @@ def run_case(h_q, topk, chunk, prefix, device, measure_memory=True) -> dict:
     case["chunk_cache_us"] = median_us(parts.begin)
     parts.begin()
     case["parts"], case["work"] = {}, {}
-    for ratio, layer in first_layers().items():
+    for ratio, pair in layer_pairs().items():
+        layer = pair[0]
         _, q, _, topk_indices, sink = batch.layer_inputs(layer)
         plan, indices, lens = parts.chunk.layer(ratio, md.generation, topk_indices)
         kv = parts.ws[: plan.num_rows]
         p = {"dequantize": median_us(lambda: parts.dequantize(layer, plan)),
              "attention": median_us(lambda: ours_kernel(q, kv, indices, lens, sink, cfg.sm_scale, out))}
         if ratio == 4:
-            p["combine"] = median_us(lambda: parts.chunk.combine_c4(topk_indices, md.generation))
+            # Two layers' picks in turn: the same tensor again would reuse the rows.
+            picks = [batch.topk_indices[i] for i in pair]
+            p["combine"] = median_us(in_turn(lambda t: parts.chunk.combine_topk(ratio, t, md.generation), picks))
         case["parts"][ratio] = p
         case["work"][ratio] = dataclasses.asdict(routing.layer_work(cfg, md, ratio))
     return case
@@ -367,18 +395,73 @@ def fit_costs(cases: list[dict], latency: dict) -> dict:
     return fit
 
 
+CROSSOVER_RATIOS = (0, 1, 2, 4, 128)
+
+
+def v41_case(h_q, topk, chunk, prefix, device) -> dict:
+    """The whole V4.1-shaped stack per path (shared caches and top-k, SGLang's page sizes)."""
+    cfg = ModelConfig(num_heads=h_q, compress_ratios=V41_STACK, topk=topk, window_size=WINDOW)
+    extend = chunk // NUM_REQS
+    batch = make_synthetic_batch(cfg, [prefix] * NUM_REQS, [extend] * NUM_REQS, device=device, seed=0,
+                                 share_q=True, k_std=0.1, k_mean=0.05, kv_source_layers=V41_KV_SOURCES,
+                                 index_source_layers=V41_INDEX_SOURCES)
+    out = torch.empty_like(batch.q[0])
+    case = dict(h_q=h_q, topk=topk, chunk=chunk, prefix=prefix, stack_us={}, peak_mb={})
+    case["route"] = {r: SparsePrefillBackend(cfg, "auto").path_for(r, batch.metadata) for r in cfg.ratio_kinds}
+    for path in ("regular", "sparse", "auto"):
+        pipe = BackendPipeline(batch, path)
+
+        def stack(pipe=pipe):
+            pipe.begin()
+            for layer in range(len(V41_STACK)):
+                pipe.layer(layer, out)
+        case["peak_mb"][path] = _mb(peak_bytes(stack))
+        case["stack_us"][path] = median_us(stack)
+    return case
+
+
+def sglang_ratio1_rule(extend: int, history: int) -> str:
+    """SGLang 0.5.23's hard-coded choice for a ratio-1/2 layer of one request."""
+    return routing.REGULAR if extend <= 1024 and history >= max(32768, 192 * extend) else routing.SPARSE
+
+
+def ratio1_sweep(h_q, topk, device, extends=RATIO1_EXTENDS, histories=RATIO1_HISTORIES) -> list[dict]:
+    """One request's ``extend`` new tokens over ``history`` cached ones through a ratio-1 (V4.1
+    top-k) layer: per-layer us of both paths (two layers with their own caches in turn), auto's
+    pick and SGLang's rule's."""
+    cfg = ModelConfig(num_heads=h_q, compress_ratios=(0, 1, 1), topk=topk, window_size=WINDOW)
+    rows = []
+    for history in histories:
+        for extend in extends:
+            batch = make_synthetic_batch(cfg, [history], [extend], device=device, seed=0, share_q=True,
+                                         k_std=0.1, k_mean=0.05, layers=(1, 2))
+            out = torch.empty_like(batch.q[1])
+            row = dict(h_q=h_q, topk=topk, extend=extend, history=history,
+                       auto=SparsePrefillBackend(cfg, "auto").path_for(1, batch.metadata),
+                       sglang=sglang_ratio1_rule(extend, history))
+            for path in (routing.REGULAR, routing.SPARSE):
+                pipe = BackendPipeline(batch, path)
+                pipe.begin()
+                pipe.layer(1, out)
+                row[f"{path}_us"] = median_us(in_turn(lambda i: pipe.layer(i, out), (1, 2)))
+            row["faster"] = min((routing.REGULAR, routing.SPARSE), key=lambda p: row[f"{p}_us"])
+            rows.append(row)
+            del batch
+    return rows
+
+
 def crossovers(costs: routing.PathCosts) -> list[dict]:
     """Per shape, prefix and ratio: the smallest one-request chunk (powers of 2) auto sends to
     the sparse path under ``costs`` (host arithmetic; trivial token tables)."""
     rows = []
     for h, topk in SHAPES:
-        cfg = ModelConfig(num_heads=h, compress_ratios=(1, 4, 128), topk=topk, window_size=WINDOW)
+        cfg = ModelConfig(num_heads=h, compress_ratios=CROSSOVER_RATIOS, topk=topk, window_size=WINDOW)
         for prefix in PREFIXES:
-            for ratio in (1, 4, 128):
+            for ratio in CROSSOVER_RATIOS:
                 found = None
                 for n in (2**i for i in range(17)):
                     seq = prefix + n
-                    tables = {c: torch.zeros(1, seq // c + 1, dtype=torch.int32) for c in (4, 128)}
+                    tables = {c: torch.zeros(1, seq // c + 1, dtype=torch.int32) for c in cfg.compressed_ratios}
                     md = BatchMetadata(cfg, [prefix], [n], torch.zeros(1, seq, dtype=torch.int32), tables)
                     if routing.choose_path("auto", cfg, md, ratio, costs) == routing.SPARSE:
                         found = n
@@ -432,12 +515,29 @@ def markdown(result: dict) -> str:
     lines += ["", "### Fitted routing constants (paste into routing.PathCosts)", "", "```python",
               "PathCosts(" + ", ".join(f"{k}={v:.4g}" for k, v in fit.items()) + ")", "```", "",
               "Crossovers under them: one request's chunk goes sparse from this many new tokens.", "",
-              "| h_q/topk | prefix | ratio 1 | ratio 4 | ratio 128 |", "| --- | --- | --- | --- | --- |"]
+              "| h_q/topk | prefix | " + " | ".join(f"ratio {r}" for r in CROSSOVER_RATIOS) + " |",
+              "|" + " --- |" * (len(CROSSOVER_RATIOS) + 2)]
     by_key = {(c["h_q"], c["prefix"], c["ratio"]): c["sparse_from"] for c in result["crossovers"]}
     for h, topk in SHAPES:
         for prefix in PREFIXES:
-            cells = [str(by_key.get((h, prefix, r)) or "never") for r in (1, 4, 128)]
+            cells = [str(by_key.get((h, prefix, r)) or "never") for r in CROSSOVER_RATIOS]
             lines.append(f"| {h}/{topk} | {prefix} | " + " | ".join(cells) + " |")
+    lines += ["", f"### DeepSeek-V4.1-shaped stack {V41_STACK} (kv sources {V41_KV_SOURCES}, index sources "
+              f"{V41_INDEX_SOURCES}; SGLang's pages): whole stack (us) and peak memory (MiB)", "",
+              "| h_q/topk | chunk | prefix | regular | sparse | auto | peak regular | peak sparse | peak auto | routed |",
+              "|" + " --- |" * 10]
+    for c in result["v41"]:
+        route = ", ".join(f"{r}: {p}" for r, p in sorted(c["route"].items()))
+        lines.append(f"| {c['h_q']}/{c['topk']} | {c['chunk']} | {c['prefix']} | "
+                     + " | ".join(fmt(c["stack_us"].get(p)) for p in ("regular", "sparse", "auto")) + " | "
+                     + " | ".join(fmt(c["peak_mb"].get(p), ".1f") for p in ("regular", "sparse", "auto"))
+                     + f" | {route} |")
+    lines += ["", "### Ratio-1 (V4.1 top-k) layer, one request: short extends over long histories (us per layer)", "",
+              "| h_q/topk | history | new tokens | regular | sparse | faster | auto picks | SGLang's rule |",
+              "|" + " --- |" * 8]
+    for r in result["ratio1"]:
+        lines.append(f"| {r['h_q']}/{r['topk']} | {r['history']} | {r['extend']} | {fmt(r['regular_us'])} | "
+                     f"{fmt(r['sparse_us'])} | {r['faster']} | {r['auto']} | {r['sglang']} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -453,10 +553,13 @@ def run(
     anchors = [(h, k, t, ANCHOR_ROWS) for h, k in SHAPES for t in ANCHOR_TOKENS]
     if quick:
         shapes, chunks, anchors = shapes[:1], chunks[:1], anchors[:1]
+    ratio1 = dict(extends=RATIO1_EXTENDS, histories=RATIO1_HISTORIES)
     if smoke:
         shapes, chunks, prefixes, anchors = [(4, 16)], [64], [0, 300], [(4, 16, 256, 16)]
+        ratio1 = dict(extends=(8,), histories=(0, 600))
 
-    progress.section("backend", len(shapes) * len(chunks) * len(prefixes) + 1 + len(anchors))
+    cases_n = len(shapes) * len(chunks) * len(prefixes)
+    progress.section("backend", 2 * cases_n + 1 + len(anchors) + len(shapes))
     with value_checks(False):
         cases = []
         for h, k in shapes:
@@ -470,8 +573,17 @@ def run(
         for a in anchors:
             progress.step(f"ANCHORS regular-path row h_q {a[0]} topk {a[1]} tokens {a[2]}")
             anchor.append(anchor_rows(*a, device))
+        v41, sweep = [], []
+        for h, k in shapes:
+            for c in chunks:
+                for p in prefixes:
+                    progress.step(f"V4.1 stack h_q {h} topk {k}, chunk {c}, prefix {p}")
+                    v41.append(v41_case(h, k, c, p, device))
+            progress.step(f"ratio-1 sweep h_q {h} topk {k}")
+            sweep += ratio1_sweep(h, k, device, **ratio1)
     result = dict(
-        stack=STACK, cases=cases, latency=latency, anchors=anchor, fitted_costs=fit_costs(cases, latency),
+        stack=STACK, cases=cases, latency=latency, anchors=anchor, v41=v41, ratio1=sweep,
+        fitted_costs=fit_costs(cases, latency),
         current_costs=dataclasses.asdict(routing.DEFAULT_COSTS),
     )
     fitted = dataclasses.replace(routing.DEFAULT_COSTS, **result["fitted_costs"])

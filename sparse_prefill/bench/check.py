@@ -181,16 +181,16 @@ def check_indices(rng: random.Random, device: torch.device, sz: Sizes) -> Round:
     reference, bit for bit (outputs poisoned)."""
     num_reqs = rng.randint(1, sz.requests)
     window = rng.choice(sz.windows)
-    ratio = rng.choice([1, 4, 128, rng.randint(2, 9)])
+    ratio = rng.choice([0, 1, 2, 4, 128, rng.randint(3, 9)])
     prefix = [rng.choice([0, rng.randint(0, sz.prefix)]) for _ in range(num_reqs)]
     extend = [rng.choice([0, 1, rng.randint(0, sz.extend)]) for _ in range(num_reqs)]
     seq = [p + e for p, e in zip(prefix, extend)]
     i32 = dict(dtype=torch.int32, device=device)
     seq_lens, extend_lens = torch.tensor(seq, **i32), torch.tensor(extend, **i32)
     table = torch.randint(INT_MIN, INT_MAX, (num_reqs, max(seq) + rng.randint(0, 3)), **i32)
-    entries = max(s // ratio for s in seq) if ratio > 1 else 0
-    comp_table = torch.randint(INT_MIN, INT_MAX, (num_reqs, entries + rng.randint(0, 2)), **i32) if ratio > 1 else None
-    if ratio == 1:
+    entries = max(s // ratio for s in seq) if ratio > 0 else 0
+    comp_table = torch.randint(INT_MIN, INT_MAX, (num_reqs, entries + rng.randint(0, 2)), **i32) if ratio > 0 else None
+    if ratio == 0:
         topk, picks = 0, None
     elif ratio == 128 and rng.random() < 0.5:
         topk, picks = entries, None  # every complete entry, as ratio-128 layers take them
@@ -198,7 +198,7 @@ def check_indices(rng: random.Random, device: torch.device, sz: Sizes) -> Round:
         topk = rng.choice(sz.topk)
         picks = _ids((sum(extend), topk), entries + 3, entries + 3, 0.1, device)
     rnd = Round(f"{num_reqs} requests, prefixes {prefix[:4]}.., new tokens {extend[:4]}.., W {window}, "
-                f"ratio {ratio}, topk {topk}{' (all entries)' if picks is None and ratio > 1 else ''}")
+                f"ratio {ratio}, topk {topk}{' (all entries)' if picks is None and ratio > 0 else ''}")
 
     qsl = torch.tensor([0, *itertools.accumulate(extend)], **i32)
     pos = torch.cat([torch.arange(p, s, **i32) for p, s in zip(prefix, seq)])
@@ -269,17 +269,18 @@ def check_fp8_sparse_attn(rng: random.Random, device: torch.device, sz: Sizes) -
 
 def check_backend(rng: random.Random, device: torch.device, sz: Sizes) -> Round:
     """SparsePrefillBackend.forward (Triton, one path) of one random layer vs naive_layer_forward."""
-    ratio, path = rng.choice([1, 4, 128]), rng.choice(["sparse", "regular"])
+    ratio, path = rng.choice([0, 1, 2, 4, 128]), rng.choice(["sparse", "regular"])
     cfg = ModelConfig(
         num_heads=rng.choice(sz.backend_heads), compress_ratios=(ratio,), topk=rng.choice(sz.backend_topk),
         window_size=rng.choice(sz.windows[2:]), swa_page_size=rng.randint(1, sz.page),
         compressed_page_size=rng.randint(1, sz.page),
+        ratio_kinds={1: "topk"},  # a one-layer stack of ratio 1 has no ratio 0 to tell it apart
     )
     num_reqs = rng.randint(1, sz.requests)
     prefix = [rng.choice([0, rng.randint(0, sz.prefix)]) for _ in range(num_reqs)]
     extend = [rng.randint(1, max(1, sz.extend // 8)) for _ in range(num_reqs)]
     rnd = Round(f"{path} path, ratio {ratio}, h_q {cfg.num_heads}, topk {cfg.topk}, W {cfg.window_size}, "
-                f"pages {cfg.swa_page_size}/{cfg.page_size_of(ratio) if ratio > 1 else '-'}, "
+                f"pages {cfg.swa_page_size}/{cfg.page_size_of(ratio) if ratio > 0 else '-'}, "
                 f"prefixes {prefix}, new tokens {extend}")
     # Logits spread about 1 on FlashMLA's test data.
     batch = make_synthetic_batch(cfg, prefix, extend, device=device, seed=rng.randrange(2**31),

@@ -1,9 +1,9 @@
 """``sparse-prefill demo``: one synthetic DeepSeek-V4 prefill through the backend, checked.
 
 A batch of requests, each a chunk of new tokens after a cached prefix, goes through a small
-layer stack of compress ratios 1, 4 and 128 with :class:`SparsePrefillBackend` as an engine
-would run it (``path="auto"``: the routing rule picks a path per ratio), and each layer again
-through the other path, forced. Every output is compared with ``naive_layer_forward`` (the
+layer stack of compress ratios 0, 1, 2, 4 and 128 (every DeepSeek-V4.1 layer kind) with
+:class:`SparsePrefillBackend` as an engine would run it (``path="auto"``: the routing rule picks
+a path per ratio), and each layer again through the other path, forced. Every output is compared with ``naive_layer_forward`` (the
 float32 reference of DESIGN.md's attention table) under FlashMLA's tolerances.
 
 On a CUDA GPU the ops are the Triton kernels, on real DeepSeek-V4 head shapes; on CPU they are
@@ -24,7 +24,7 @@ from sparse_prefill.backend import ModelConfig, SparsePrefillBackend, SyntheticB
 from sparse_prefill.backend import naive_layer_forward, routing
 from sparse_prefill.bench.accuracy import OUT_TOL, TOLERANCE_TEXT, compare
 
-STACK = (1, 4, 128, 4, 128, 1)
+STACK = (0, 4, 128, 1, 2, 4, 128, 0)
 OTHER = {routing.SPARSE: routing.REGULAR, routing.REGULAR: routing.SPARSE}
 
 

@@ -2,7 +2,7 @@
 
 For one prefill chunk (default 32768 new tokens over 4 requests after cached prefixes), measures
 building ``SparsePrefillChunkCache`` (once per chunk: SWA gather, workspace plans of ratios
-1/4/128, ratio-1 and ratio-128 rows; includes its one host sync) and recombining one ratio-4
+0/4/128, SWA-only and ratio-128 rows; includes its one host sync) and recombining one ratio-4
 layer's rows from its top-k (once per c4 layer), for the DeepSeek-V4 shapes h_q 64 / topk 512 and
 h_q 128 / topk 1024 (h_q does not change this work; it names the attention shape to compare
 with). Median of ``triton.testing.do_bench``.
@@ -34,7 +34,7 @@ from sparse_prefill.ops.indices import combined_width
 
 SHAPES = ((64, 512), (128, 1024))  # (h_q, topk)
 WINDOW = 128
-RATIOS = (1, 4, 128)
+RATIOS = (0, 4, 128)
 TOKENS = 32768
 PREFIXES = (0, 8192, 16384, 32768)
 
@@ -50,7 +50,7 @@ def make_chunk(tokens: int, prefixes: list[int], device: torch.device):
     comp = {
         c: torch.randint(0, 2 * num_reqs * longest // c, (num_reqs, longest // c), dtype=torch.int32)
         for c in RATIOS
-        if c > 1
+        if c > 0
     }
     return dict(
         seq_lens=seq.to(device),
@@ -86,11 +86,12 @@ def run(
     progress.section("indices", len(SHAPES))
     for h_q, topk in SHAPES:
         progress.step(f"h_q {h_q}, topk {topk}")
-        kwargs = dict(chunk, key=1, c4_topk=topk)
+        kwargs = dict(chunk, key=1, topk=topk)
         build_us = median_us(lambda: SparsePrefillChunkCache.build(**kwargs))
         cache = SparsePrefillChunkCache.build(**kwargs)
-        picks = indexer_picks(seq, ext, topk, device)
-        combine_us = median_us(lambda: cache.combine_c4(picks, 1))
+        # Two pick tensors in turn: the same tensor again would reuse the rows (V4.1 sharing).
+        picks = [indexer_picks(seq, ext, topk, device) for _ in range(2)]
+        combine_us = median_us(lambda: cache.combine_topk(4, picks.reverse() or picks[0], 1))
         plan = cache.plan(4, 1)
         width = combined_width(topk, WINDOW)
         rows.append(

@@ -131,6 +131,7 @@ def _fingerprint(config: ModelConfig, metadata: BatchMetadata) -> int:
     cfg = (
         config.num_heads, config.compress_ratios, config.topk, config.window_size, config.swa_page_size,
         tuple(sorted(config.compressed_page_size.items())), config.sm_scale,
+        config.topk_ratios,  # with compress_ratios it fixes every layer's kind (ints: no str hash)
     )
     batch = (metadata.prefix_lens_host, metadata.extend_lens_host, metadata.is_decode)
     return hash((cfg, batch)) & _FP_MASK

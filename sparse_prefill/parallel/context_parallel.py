@@ -35,6 +35,7 @@ import torch
 
 from sparse_prefill._utils import check_int, check_tensor, resolve_impl
 from sparse_prefill.backend import BatchMetadata, LayerCaches, ModelConfig, SparsePrefillBackend
+from sparse_prefill.backend.layer_kinds import SWA_RATIO, LayerKind
 from sparse_prefill.ops.cache import store_k_cache
 from sparse_prefill.parallel.common import (
     LocalBackends,
@@ -51,8 +52,8 @@ def row_costs(config: ModelConfig, metadata: BatchMetadata) -> torch.Tensor:
 
     Returns ``[num_tokens]`` int64 on the CPU: for the row at absolute position ``p``, the keys
     it attends to, summed over ``config.compress_ratios``: the window ``min(p + 1, W)`` per
-    layer, plus ``min((p + 1) // 4, topk)`` per ratio-4 layer and ``(p + 1) // ratio`` per
-    ratio-128 layer. Rows near the start of a request cost less.
+    layer, plus ``min((p + 1) // ratio, topk)`` per top-k layer and ``(p + 1) // ratio`` per
+    dense layer. Rows near the start of a request cost less.
     """
     pos = torch.cat([
         torch.arange(p, s, dtype=torch.int64) for p, s in zip(metadata.prefix_lens_host, metadata.seq_lens_host)
@@ -61,9 +62,10 @@ def row_costs(config: ModelConfig, metadata: BatchMetadata) -> torch.Tensor:
     cost = torch.zeros_like(pos)
     for ratio, layers in Counter(config.compress_ratios).items():
         keys = torch.clamp(pos + 1, max=w)
-        if ratio == 4:
-            keys = keys + torch.clamp((pos + 1) // 4, max=config.topk)
-        elif ratio > 1:
+        kind = config.kind_of(ratio)
+        if kind is LayerKind.TOPK:
+            keys = keys + torch.clamp((pos + 1) // ratio, max=config.topk)
+        elif kind is LayerKind.DENSE:
             keys = keys + (pos + 1) // ratio
         cost += layers * keys
     return cost
@@ -177,15 +179,15 @@ def new_slots(metadata: BatchMetadata, ratio: int) -> torch.Tensor:
     """Cache slots of what the chunk adds to the caches of compress ratio ``ratio``.
 
     Returns:
-        ratio 1: ``[num_tokens]`` int32 on the metadata's device, the SWA-cache slot
+        ratio 0: ``[num_tokens]`` int32 on the metadata's device, the SWA-cache slot
         ``swa_token_table[request, position]`` of each query row's token (engine order).
-        ratio > 1: ``[E]`` int32 on that device, the compressed-cache slot
+        ratio > 0: ``[E]`` int32 on that device, the compressed-cache slot
         ``compressed_token_tables[ratio][request, entry]`` of each entry of
         :func:`new_entries` (same order).
 
-    Raises ValueError naming the ratio unless it is 1 or a ratio of ``metadata.config``.
+    Raises ValueError naming the ratio unless it is 0 or a compressed ratio of ``metadata.config``.
     """
-    if ratio == 1:
+    if ratio == SWA_RATIO:
         return metadata.swa_token_table[metadata.query_req, metadata.query_pos.long()]
     metadata.config.page_size_of(ratio)  # ValueError unless some layer uses ratio
     return _entry_slots(metadata, ratio, *new_entries(metadata, ratio))
@@ -230,12 +232,12 @@ class _State:
         self._scopes: dict[int, tuple[tuple[RowRange, ...], torch.Tensor]] = {}
 
     def scope(self, ratio: int) -> tuple[tuple[RowRange, ...], torch.Tensor]:
-        """Per-rank ranges of the new tokens (ratio 1: the SWA cache's raw tokens, one per row)
+        """Per-rank ranges of the new tokens (ratio 0: the SWA cache's raw tokens, one per row)
         or new compressed entries of ``ratio``, and the slot of each in its cache."""
         if ratio not in self._scopes:
             md = self.metadata
-            if ratio == 1:
-                ranges, slots = self.ranges, new_slots(md, 1)
+            if ratio == SWA_RATIO:
+                ranges, slots = self.ranges, new_slots(md, SWA_RATIO)
             else:
                 found = new_entries(md, ratio)  # (row, request, entry)
                 bounds = torch.searchsorted(found[0], torch.tensor([a for a, _ in self.ranges] + [md.num_tokens]))
@@ -320,10 +322,10 @@ class ContextParallelPrefill(ParallelLayer):
                 modified in place.
             k: ``[stop - start, 512]`` bfloat16: K of the raw tokens of this rank's rows
                 (``rows``), stored at their SWA-cache slots (``swa_token_table[req, pos]``).
-            compressed_k: ratio > 1 layers: ``[e_stop - e_start, 512]`` bfloat16, K of the
+            compressed_k: ratio > 0 layers: ``[e_stop - e_start, 512]`` bfloat16, K of the
                 compressed entries this rank's rows complete (``entry_rows(ratio)``: the row at
                 position ``ratio * (j + 1) - 1`` completes entry ``j``), stored at their
-                compressed-cache slots. None for ratio-1 layers.
+                compressed-cache slots. None for SWA-only (ratio-0) layers.
             metadata: the batch; defaults to the current forward's.
 
         Afterwards every rank's caches hold the chunk's new tokens and entries exactly as one
@@ -335,10 +337,10 @@ class ContextParallelPrefill(ParallelLayer):
         if not isinstance(caches, tuple) or len(caches) != 2:
             raise TypeError(f"caches must be a LayerCaches(swa, compressed) pair, got {type(caches).__name__}")
         caches = LayerCaches(*caches)
-        scopes = [(1, caches.swa, "caches.swa", k, "k", self.config.swa_page_size)]
-        if ratio == 1:
+        scopes = [(SWA_RATIO, caches.swa, "caches.swa", k, "k", self.config.swa_page_size)]
+        if ratio == SWA_RATIO:
             if compressed_k is not None:
-                raise ValueError(f"compressed_k is for ratio > 1 layers; layer {layer} has ratio 1")
+                raise ValueError(f"compressed_k is for ratio > 0 layers; layer {layer} has ratio 0 (SWA only)")
         else:
             scopes.append((ratio, caches.compressed, "caches.compressed", compressed_k, "compressed_k",
                            self.config.page_size_of(ratio)))
@@ -379,7 +381,7 @@ class ContextParallelPrefill(ParallelLayer):
                 (``rows``), at their absolute positions in their requests.
             caches: this rank's copy of the layer's caches, holding every token the rows reach
                 (after ``store_kv`` of this chunk on every rank).
-            topk_indices: ratio-4 layers: ``[stop - start, topk]`` int32, the indexer's
+            topk_indices: top-k layers: ``[stop - start, topk]`` int32, the indexer's
                 request-local picks of this rank's rows (as ``SparsePrefillBackend.forward``).
             attn_sink: ``[h_q]`` float32 or None.
             metadata: the whole batch; defaults to the current forward's.
@@ -400,7 +402,7 @@ class ContextParallelPrefill(ParallelLayer):
         n, h, d = stop - start, cfg.num_heads, cfg.head_dim
         device = st.metadata.device
         check_tensor("q", q, dtypes=(torch.bfloat16,), shape=(n, h, d), device=device)
-        if ratio == 4:
+        if cfg.kind_of(ratio) is LayerKind.TOPK:
             check_tensor("topk_indices", topk_indices, dtypes=(torch.int32,), shape=(n, cfg.topk), device=device)
         out = output_buffer(out, (st.metadata.num_tokens if gather else n, h, d), device)
         mine = out[start:stop] if gather else out

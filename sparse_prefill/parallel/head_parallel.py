@@ -109,7 +109,7 @@ class HeadParallelPrefill(ParallelLayer):
                 or ``[num_tokens, h_q, 512]``, of which the rank takes its heads (a view, no
                 copy). Unit stride in the last dim.
             caches: the layer's caches (the same on every rank).
-            topk_indices: ratio-4 layers: ``[num_tokens, topk]`` int32 (shared by all heads).
+            topk_indices: top-k layers: ``[num_tokens, topk]`` int32 (shared by all heads).
             attn_sink: ``[h_q]`` float32 (the rank takes its slice) or ``[h_q / world_size]``
                 (already sliced), or None.
             metadata: the batch, built with the whole model's config; defaults to the current.

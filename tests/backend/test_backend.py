@@ -26,7 +26,10 @@ from sparse_prefill.backend import (
 )
 from tests.tolerance import OUT_TOL, assert_close
 
-STACK = (1, 4, 128, 4, 1)
+STACK = (0, 4, 128, 4, 0)
+# DeepSeek-V4.1's layer kinds: later layers of a ratio read their source's cache and top-k.
+V41_STACK = (0, 1, 2, 4, 128, 1, 2, 4, 128, 0)
+V41_SOURCES = dict(kv_source_layers=(1, 2, 3, 4), index_source_layers=(1, 2, 3))
 
 
 def small_config(**kw):
@@ -35,6 +38,12 @@ def small_config(**kw):
         compressed_page_size={4: 3, 128: 2},
     )
     return ModelConfig(**{**base, **kw})
+
+
+def v41_config(**kw):
+    """V4.1's kinds at small shapes with SGLang's default pages (256-token SWA pages, 256 / r
+    entries per compressed page: 256, 128, 64 and 2)."""
+    return ModelConfig(**{**dict(num_heads=2, compress_ratios=V41_STACK, topk=16, window_size=8), **kw})
 
 
 def assert_within_one_step(name, ans, ref):
@@ -65,21 +74,26 @@ def check_against_naive(batch, outs, *, tight):
 
 BATCHES = {
     # mixed: no prefix, prefix crossing a ratio-128 boundary, short prefix + long extend
-    "mixed": (small_config(), [0, 300, 17], [40, 30, 90]),
+    "mixed": (small_config(), [0, 300, 17], [40, 30, 90], {}),
     # odd heads and page sizes, window 16, prefixes that are and are not multiples of 4
     "odd": (
         small_config(num_heads=3, topk=24, window_size=16, swa_page_size=5, compressed_page_size={4: 1, 128: 4}),
-        [0, 3, 4, 255, 511], [1, 9, 60, 2, 40],
+        [0, 3, 4, 255, 511], [1, 9, 60, 2, 40], {},
     ),
     # single head, one long request: queries see more compressed entries than topk
-    "one": (small_config(num_heads=1, topk=8, window_size=5), [129], [140]),
+    "one": (small_config(num_heads=1, topk=8, window_size=5), [129], [140], {}),
+    # every V4.1 kind with shared caches and top-k, SGLang's pages; requests crossing pages of
+    # 256 tokens (SWA, ratio 1) and of 2 ratio-128 entries
+    "v41": (v41_config(), [0, 300, 511, 1], [40, 30, 3, 90], V41_SOURCES),
+    # the same stack, every layer its own cache and picks; page size 2 everywhere
+    "v41 pages 2": (v41_config(num_heads=3, swa_page_size=2, compressed_page_size=2), [0, 257, 9], [20, 12, 40], {}),
 }
 
 
 @pytest.mark.parametrize("name", sorted(BATCHES))
 def test_paths_match_reference(name):
-    cfg, prefix, extend = BATCHES[name]
-    batch = make_synthetic_batch(cfg, prefix, extend, seed=len(name))
+    cfg, prefix, extend, kw = BATCHES[name]
+    batch = make_synthetic_batch(cfg, prefix, extend, seed=len(name), **kw)
     outs = {}
     for path in ("sparse", "regular"):
         backend = SparsePrefillBackend(cfg, path, impl="reference")
@@ -93,22 +107,157 @@ def test_paths_match_reference(name):
 def test_kernels_under_interpreter_or_gpu(device):
     """The same through the Triton kernels (interpreter on CPU: a few tokens, enough keys per
     query for bf16 probabilities to meet the tolerance)."""
-    cfg = small_config(num_heads=2, compress_ratios=(1, 4, 128), topk=8, window_size=64, compressed_page_size=2)
+    # Every kind, SGLang's default pages (256-token SWA pages; 256, 128, 64, 2 entries per
+    # compressed page), one shared cache and top-k (layer 5 reads layer 1's).
+    cfg = v41_config(compress_ratios=(0, 1, 2, 4, 128, 1), topk=8, window_size=64)
     # FlashMLA's test data (randn / 10 plus an offset) with logits spread about 1.
-    batch = make_synthetic_batch(cfg, [70, 300], [4, 2], device=device, seed=3, q_std=10, k_std=0.1, k_mean=0.05)
+    batch = make_synthetic_batch(cfg, [70, 300], [4, 2], device=device, seed=3, q_std=10, k_std=0.1, k_mean=0.05,
+                                 kv_source_layers=(1, 2, 3, 4), index_source_layers=(1, 2, 3))
     for path in ("sparse", "regular"):
         outs = run_layers(SparsePrefillBackend(cfg, path, impl="triton"), batch)
         check_against_naive(batch, outs, tight=False)
 
 
 def test_auto_path_and_debug_log(caplog):
-    cfg, prefix, extend = BATCHES["mixed"]
+    cfg, prefix, extend, _ = BATCHES["mixed"]
     batch = make_synthetic_batch(cfg, prefix, extend, seed=5, layers=(1,))
     backend = SparsePrefillBackend(cfg)  # auto
     with caplog.at_level(logging.DEBUG, logger="sparse_prefill.backend.routing"):
         outs = run_layers(backend, batch, layers=(1,))
     assert f"take the {backend.path_for(4)} path" in caplog.text
     check_against_naive(batch, outs, tight=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared caches and top-k (DeepSeek-V4.1): dequantized / combined once per forward
+
+
+def _count_calls(monkeypatch, module, name):
+    """Wrap ``module.name``; return the list of the first positional argument of every call."""
+    calls, real = [], getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def _times_passed(calls, t):
+    return sum(c is t for c in calls)
+
+
+def _v41_sparse(monkeypatch, seed, module, name):
+    """The "v41" batch (shared caches and top-k), a sparse-path backend, and the first argument
+    of every call of ``module.name``."""
+    cfg, prefix, extend, kw = BATCHES["v41"]
+    batch = make_synthetic_batch(cfg, prefix, extend, seed=seed, **kw)
+    calls = _count_calls(monkeypatch, module, name)
+    return cfg, batch, calls, SparsePrefillBackend(cfg, "sparse", impl="reference")
+
+
+def test_shared_compressed_cache_dequantized_once_per_forward(monkeypatch):
+    from sparse_prefill.backend import backend as backend_module
+
+    _, batch, calls, backend = _v41_sparse(monkeypatch, 21, backend_module, "dequantize_k_cache_paged")
+    outs = run_layers(backend, batch)
+    check_against_naive(batch, outs, tight=True)
+    for source, reader in ((1, 5), (2, 6), (3, 7), (4, 8)):
+        shared = batch.caches[source].compressed
+        assert batch.caches[reader].compressed is shared
+        assert _times_passed(calls, shared) == 1, f"layers {source} and {reader}'s shared cache"
+    # Every layer's own SWA cache is dequantized once, each by its layer.
+    assert all(_times_passed(calls, c.swa) == 1 for c in batch.caches)
+
+    # A second forward over the same metadata dequantizes again (the state is per forward).
+    calls.clear()
+    run_layers(backend, batch, layers=(1, 5))
+    assert _times_passed(calls, batch.caches[1].compressed) == 1
+
+
+def test_write_between_layers_forces_a_fresh_dequantize(monkeypatch):
+    from sparse_prefill.backend import backend as backend_module
+    from sparse_prefill.ops.cache import store_k_cache
+
+    cfg, batch, calls, backend = _v41_sparse(monkeypatch, 22, backend_module, "dequantize_k_cache_paged")
+    before = run_layers(backend, batch, layers=(1, 5))[5]
+    shared = batch.caches[1].compressed
+    assert _times_passed(calls, shared) == 1
+    # Overwrite the entries request 0's queries may pick (ratio 1: entry j is position j).
+    slots = batch.metadata.compressed_token_tables[1][0, :40]
+    store_k_cache(shared, torch.randn(40, 512).bfloat16() * 3, slots, cfg.page_size_of(1))
+    out = backend.forward(*batch.layer_inputs(5))
+    assert _times_passed(calls, shared) == 2
+    assert not torch.equal(out[:40], before[:40])
+    check_against_naive(batch, {5: out}, tight=True)  # the reference reads the written cache
+
+
+def test_shared_topk_rows_reused_and_rewritten_picks_recombined(monkeypatch):
+    from sparse_prefill.backend import chunk_cache as chunk_module
+
+    _, batch, combines, backend = _v41_sparse(monkeypatch, 23, chunk_module, "combine")
+    outs = run_layers(backend, batch)
+    check_against_naive(batch, outs, tight=True)
+    topk_combines = [t for t in combines if t is not None]  # SWA-only / dense rows pass None
+    for source, reader in ((1, 5), (2, 6), (3, 7)):
+        assert batch.topk_indices[reader] is batch.topk_indices[source]
+        assert _times_passed(topk_combines, batch.topk_indices[source]) == 1
+    assert len(topk_combines) == 3
+
+    # New picks written into the same tensor (an engine's reused indexer buffer): recombined.
+    picks = batch.topk_indices[3]
+    picks.copy_(torch.where(picks >= 0, torch.flip(picks, dims=(1,)), -1))
+    outs = {7: backend.forward(*batch.layer_inputs(7))}
+    assert _times_passed([t for t in combines if t is not None], picks) == 2
+    check_against_naive(batch, outs, tight=True)
+
+
+def test_regular_path_reuses_mapped_picks(monkeypatch):
+    from sparse_prefill.backend import backend as backend_module
+
+    cfg, prefix, extend, kw = BATCHES["v41"]
+    batch = make_synthetic_batch(cfg, prefix, extend, seed=25, **kw)
+    calls = _count_calls(monkeypatch, backend_module, "picked_token_ids")
+    backend = SparsePrefillBackend(cfg, "regular", impl="reference")
+    outs = run_layers(backend, batch)
+    check_against_naive(batch, outs, tight=True)
+    assert len(calls) == 3  # one per index source layer, the readers reuse its ids
+    batch.topk_indices[3].add_(0)  # written: mapped again
+    backend.forward(*batch.layer_inputs(7))
+    assert len(calls) == 4
+    # Blocks of rows (a long batch) map per block and layer instead.
+    monkeypatch.setattr(backend_module, "REGULAR_INDEX_ROWS", 50)
+    calls.clear()
+    blocks = run_layers(SparsePrefillBackend(cfg, "regular", impl="reference"), batch, layers=(3, 7))
+    assert len(calls) == 2 * 4  # 163 rows in blocks of 50, both layers
+    assert torch.equal(blocks[7], outs[7])
+
+
+def test_inference_tensors_are_never_reused(monkeypatch):
+    """Tensors made under inference_mode have no version counter: every layer dequantizes."""
+    from sparse_prefill.backend import backend as backend_module
+
+    cfg, prefix, extend, kw = BATCHES["v41"]
+    with torch.inference_mode():
+        batch = make_synthetic_batch(cfg, prefix, extend, seed=24, **kw)
+        calls = _count_calls(monkeypatch, backend_module, "dequantize_k_cache_paged")
+        outs = run_layers(SparsePrefillBackend(cfg, "sparse", impl="reference"), batch, layers=(1, 5))
+    assert _times_passed(calls, batch.caches[1].compressed) == 2
+    check_against_naive(batch, outs, tight=True)
+
+
+def test_reuse_stamp():
+    from sparse_prefill.backend.reuse import stamp, unchanged
+
+    t = torch.zeros(4, 3)
+    s = stamp(t)
+    assert unchanged(s, t) and unchanged(s, t[:])  # a view of the same elements
+    assert not unchanged(s, t[1:]) and not unchanged(s, t.clone()) and not unchanged(None, t)
+    t[0, 0] = 1
+    assert not unchanged(s, t)
+    assert unchanged(stamp(t), t)
+    with torch.inference_mode():
+        assert stamp(torch.zeros(2)) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +309,7 @@ def test_refilled_metadata_never_uses_stale_state(path):
 
 @pytest.mark.parametrize("path", ["sparse", "regular"])
 def test_query_split_is_invisible(path):
-    cfg, prefix, extend = BATCHES["mixed"]
+    cfg, prefix, extend, _ = BATCHES["mixed"]
     batch = make_synthetic_batch(cfg, prefix, extend, seed=7, layers=(0, 1, 2))
     whole = run_layers(SparsePrefillBackend(cfg, path, impl="reference"), batch, layers=(0, 1, 2))
     split = run_layers(SparsePrefillBackend(cfg, path, impl="reference", max_query_rows=23), batch, layers=(0, 1, 2))
@@ -172,7 +321,7 @@ def test_regular_rows_per_block_are_invisible(monkeypatch):
     """Large ratio-128 rows are rebuilt per block of rows instead of once per forward."""
     from sparse_prefill.backend import backend as backend_module
 
-    cfg, prefix, extend = BATCHES["mixed"]
+    cfg, prefix, extend, _ = BATCHES["mixed"]
     batch = make_synthetic_batch(cfg, prefix, extend, seed=9, layers=(1, 2))
     whole = run_layers(SparsePrefillBackend(cfg, "regular", impl="reference"), batch, layers=(1, 2))
     monkeypatch.setattr(backend_module, "REGULAR_SHARED_ROWS_BYTES", 0)
@@ -189,7 +338,7 @@ def test_decode_batch_takes_regular_path():
     batch = make_synthetic_batch(cfg, [0, 5, 130, 700], [1, 1, 1, 1], seed=4, forward_mode=ForwardMode.DECODE)
     backend = SparsePrefillBackend(cfg, "sparse", impl="reference")
     outs = run_layers(backend, batch)
-    assert all(backend.path_for(r) == "regular" for r in (1, 4, 128))
+    assert all(backend.path_for(r) == "regular" for r in (0, 4, 128))
     assert backend._state.chunk_cache is None  # nothing of the sparse path was built
     check_against_naive(batch, outs, tight=True)
 
@@ -245,11 +394,14 @@ BAD_FORWARD = {
     "topk int64": (1, dict(topk_indices=lambda a: a["topk_indices"].long()), TypeError, "topk_indices"),
     "topk width": (1, dict(topk_indices=lambda a: a["topk_indices"][:, :4]), ValueError,
                    "topk_indices must have shape"),
-    "topk on ratio 1": (0, dict(topk_indices=torch.zeros(8, 16, dtype=torch.int32)), ValueError, "ratio-4 layers only"),
+    "topk on ratio 0": (0, dict(topk_indices=torch.zeros(8, 16, dtype=torch.int32)), ValueError,
+                        r"top-k layers only; layer 0 has ratio 0 \(swa\)"),
+    "topk on ratio 128": (2, dict(topk_indices=torch.zeros(8, 16, dtype=torch.int32)), ValueError,
+                          r"layer 2 has ratio 128 \(dense\)"),
     "caches type": (1, dict(caches=lambda a: a["caches"].swa), TypeError, "caches must be a LayerCaches"),
     "no compressed": (1, dict(caches=lambda a: LayerCaches(a["caches"].swa)), TypeError, "caches.compressed"),
-    "compressed on ratio 1": (0, dict(caches=lambda a: LayerCaches(a["caches"].swa, a["caches"].swa)), ValueError,
-                              "must be None for a ratio-1 layer"),
+    "compressed on ratio 0": (0, dict(caches=lambda a: LayerCaches(a["caches"].swa, a["caches"].swa)), ValueError,
+                              r"must be None for an SWA-only \(ratio-0\) layer"),
     "swa page bytes": (0, dict(caches=lambda a: LayerCaches(a["caches"].swa[:, :-576])), ValueError,
                        "caches.swa must have"),
     "swa too small": (0, dict(caches=lambda a: LayerCaches(a["caches"].swa[:1])), ValueError, "capacity"),
@@ -319,7 +471,7 @@ def test_backend_validation(tiny):
 # ---------------------------------------------------------------------------------------------
 # GPU: long chunks, DeepSeek-V4 shapes, caches beyond 2**31 bytes
 
-V4_STACK = (1, 4, 128)
+V4_STACK = (0, 4, 128)
 
 
 def v4_config(num_heads, topk):
@@ -394,3 +546,32 @@ def test_gpu_forward_never_syncs(path):
         finally:
             torch.cuda.set_sync_debug_mode(0)
     check_against_naive(batch, outs, tight=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_heads, topk", [(64, 512), (16, 1024)])
+def test_gpu_v41_stack_sglang_pages(num_heads, topk):
+    """Every V4.1 kind with shared caches and top-k, SGLang's pages (256-token SWA pages; 256,
+    128, 64, 2 entries per compressed page), a chunk after a 16K prefix and one without."""
+    cfg = ModelConfig(num_heads=num_heads, compress_ratios=V41_STACK, topk=topk)
+    assert cfg.swa_page_size == 256 and cfg.compressed_page_size == {1: 256, 2: 128, 4: 64, 128: 2}
+    check_gpu_batch(cfg, [0, 16384, 700], [4096, 2048, 300], layers=tuple(range(len(V41_STACK))), **V41_SOURCES)
+
+
+@pytest.mark.gpu
+def test_gpu_ratio1_short_extend_over_long_history():
+    """A ratio-1 layer sees the whole history: auto takes the regular path (no 64K-row workspace)
+    and both paths agree with the reference."""
+    cfg = ModelConfig(num_heads=64, compress_ratios=(0, 1), topk=512)
+    batch = check_gpu_batch(cfg, [65536], [256], layers=(0, 1))
+    assert SparsePrefillBackend(cfg).path_for(1, batch.metadata) == "regular"
+
+
+def test_synthetic_sources_validation():
+    cfg = v41_config()
+    with pytest.raises(ValueError, match=r"kv_source_layers\[0\] = 0 has ratio 0"):
+        make_synthetic_batch(cfg, [0], [4], kv_source_layers=(0,))
+    with pytest.raises(ValueError, match=r"index_source_layers\[0\] = 4 has ratio 128"):
+        make_synthetic_batch(cfg, [0], [4], index_source_layers=(4,))
+    with pytest.raises(ValueError, match=r"layer 1 \(ratio 1\) has no earlier layer of its ratio in kv_source_layers"):
+        make_synthetic_batch(cfg, [0], [4], kv_source_layers=(5,))

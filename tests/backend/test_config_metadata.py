@@ -9,21 +9,67 @@ import torch
 
 from sparse_prefill import value_checks
 from sparse_prefill.backend import BatchMetadata, ForwardMode, ModelConfig
+from sparse_prefill.backend.layer_kinds import DEFAULT_RATIO_KINDS, LayerKind
 
 # ---------------------------------------------------------------------------------------------
 # ModelConfig
 
 
 def test_config_defaults_and_normalisation():
-    cfg = ModelConfig(num_heads=8, compress_ratios=[1, 4, 128, 4], topk=512)
-    assert cfg.compress_ratios == (1, 4, 128, 4)
+    cfg = ModelConfig(num_heads=8, compress_ratios=[0, 4, 128, 4], topk=512)
+    assert cfg.compress_ratios == (0, 4, 128, 4)
     assert cfg.num_layers == 4
     assert cfg.window_size == 128 and cfg.head_dim == 512
-    assert cfg.compressed_page_size == {4: 64, 128: 64}
+    # SGLang's pages: 256 tokens per SWA page, 256 / r entries per compressed page.
+    assert cfg.swa_page_size == 256 and cfg.compressed_page_size == {4: 64, 128: 2}
     assert cfg.compressed_ratios == (4, 128)
     assert cfg.sm_scale == 1 / math.sqrt(512)
     assert cfg.ratio_of(2) == 128 and cfg.page_size_of(4) == 64
-    assert hash(cfg) == hash(ModelConfig(num_heads=8, compress_ratios=(1, 4, 128, 4), topk=512))
+    assert cfg.ratio_kinds == {0: LayerKind.SWA, 4: LayerKind.TOPK, 128: LayerKind.DENSE}
+    assert cfg.topk_ratios == (4,)
+    assert hash(cfg) == hash(ModelConfig(num_heads=8, compress_ratios=(0, 4, 128, 4), topk=512))
+
+
+def test_config_v41_kinds_and_default_pages():
+    cfg = ModelConfig(num_heads=16, compress_ratios=(0, 1, 2, 4, 128, 1), topk=1024)
+    assert cfg.compressed_page_size == {1: 256, 2: 128, 4: 64, 128: 2}
+    assert cfg.topk_ratios == (1, 2, 4) and cfg.compressed_ratios == (1, 2, 4, 128)
+    assert cfg.kind_of(0) is LayerKind.SWA and cfg.kind_of(1) is LayerKind.TOPK and cfg.kind_of(128) is LayerKind.DENSE
+    with pytest.raises(ValueError, match="no layer uses compress ratio 8"):
+        cfg.kind_of(8)
+    assert dict(DEFAULT_RATIO_KINDS) == {0: "swa", 1: "topk", 2: "topk", 4: "topk", 128: "dense"}
+
+
+def test_config_ratio_kinds_override():
+    # A model with other ratios states their kinds; defaults may be replaced too.
+    cfg = ModelConfig(num_heads=8, compress_ratios=(0, 8, 4, 16), topk=64, ratio_kinds={8: "topk", 16: "dense", 4: "dense"})
+    assert cfg.ratio_kinds == {0: LayerKind.SWA, 4: LayerKind.DENSE, 8: LayerKind.TOPK, 16: LayerKind.DENSE}
+    assert cfg.topk_ratios == (8,) and cfg.compressed_page_size == {4: 64, 8: 32, 16: 16}
+    with pytest.raises(ValueError, match=r"compress_ratios\[1\] = 8: no layer kind for ratio 8"):
+        ModelConfig(num_heads=8, compress_ratios=(0, 8), topk=64)
+    with pytest.raises(ValueError, match=r"compress_ratios\[1\] = 3: no default compressed page size"):
+        ModelConfig(num_heads=8, compress_ratios=(0, 3), topk=64, ratio_kinds={3: "topk"})
+    assert ModelConfig(num_heads=8, compress_ratios=(0, 3), topk=64, ratio_kinds={3: "topk"},
+                       compressed_page_size=5).page_size_of(3) == 5
+    with pytest.raises(ValueError, match=r"ratio_kinds\[0\]: ratio 0 is the SWA-only layer"):
+        ModelConfig(num_heads=8, compress_ratios=(0, 4), topk=64, ratio_kinds={0: "dense"})
+    with pytest.raises(ValueError, match=r"ratio_kinds\[4\]: ratio 0 is the SWA-only layer and only it"):
+        ModelConfig(num_heads=8, compress_ratios=(0, 4), topk=64, ratio_kinds={4: "swa"})
+    with pytest.raises(ValueError, match=r"ratio_kinds\[4\] must be one of"):
+        ModelConfig(num_heads=8, compress_ratios=(0, 4), topk=64, ratio_kinds={4: "sparse"})
+    with pytest.raises(TypeError, match="ratio_kinds must be a mapping"):
+        ModelConfig(num_heads=8, compress_ratios=(0, 4), topk=64, ratio_kinds=[4])
+
+
+@pytest.mark.parametrize("ratios", [(1, 4, 128), (1, 1), (4, 1)])
+def test_config_rejects_the_old_ratio_1(ratios):
+    """Ratio 1 used to mean SWA only; under SGLang's convention it is a top-k layer. A list with 1
+    and no 0 is what an old config looks like: a clear error, never a silent reinterpretation."""
+    with pytest.raises(ValueError, match=r"old convention, where 1 meant an SWA-only layer.*Write 0"):
+        ModelConfig(num_heads=8, compress_ratios=ratios, topk=64)
+    # Stated explicitly, a stack of top-k ratio-1 layers without SWA-only layers is fine.
+    cfg = ModelConfig(num_heads=8, compress_ratios=ratios, topk=64, ratio_kinds={1: "topk"})
+    assert cfg.kind_of(1) is LayerKind.TOPK and 1 in cfg.compressed_ratios
 
 
 def test_config_page_size_per_ratio_and_scale():
@@ -32,7 +78,7 @@ def test_config_page_size_per_ratio_and_scale():
         compressed_page_size={128: 2, 4: 1}, sm_scale=0.25,
     )
     assert cfg.page_size_of(4) == 1 and cfg.page_size_of(128) == 2 and cfg.sm_scale == 0.25
-    swa_only = ModelConfig(num_heads=128, compress_ratios=(1, 1), topk=1)
+    swa_only = ModelConfig(num_heads=128, compress_ratios=(0, 0), topk=1)
     assert swa_only.compressed_ratios == () and swa_only.compressed_page_size == {}
     with pytest.raises(ValueError, match="no layer uses compress ratio 4"):
         swa_only.page_size_of(4)
@@ -40,7 +86,7 @@ def test_config_page_size_per_ratio_and_scale():
         swa_only.ratio_of(2)
 
 
-BASE = dict(num_heads=8, compress_ratios=(1, 4, 128), topk=64)
+BASE = dict(num_heads=8, compress_ratios=(0, 4, 128), topk=64)
 
 
 @pytest.mark.parametrize(
@@ -52,8 +98,9 @@ BASE = dict(num_heads=8, compress_ratios=(1, 4, 128), topk=64)
         (dict(num_heads=True), TypeError, "num_heads"),
         (dict(head_dim=576), ValueError, "head_dim must be 512"),
         (dict(compress_ratios=()), ValueError, "compress_ratios"),
-        (dict(compress_ratios=(1, 2)), ValueError, r"compress_ratios\[1\]"),
-        (dict(compress_ratios=(1, 4.0)), TypeError, r"compress_ratios\[1\]"),
+        (dict(compress_ratios=(0, 5)), ValueError, r"compress_ratios\[1\] = 5: no layer kind"),
+        (dict(compress_ratios=(0, -4)), ValueError, r"compress_ratios\[1\] must be in"),
+        (dict(compress_ratios=(0, 4.0)), TypeError, r"compress_ratios\[1\]"),
         (dict(compress_ratios="14"), TypeError, "compress_ratios"),
         (dict(compress_ratios=4), TypeError, "compress_ratios"),
         (dict(compress_ratios={1: 0, 4: 0, 128: 0}), TypeError, "compress_ratios must be a sequence of ints, got dict"),
@@ -87,7 +134,7 @@ def test_config_validation(change, exc, match):
 # ---------------------------------------------------------------------------------------------
 # BatchMetadata
 
-SMALL = dict(num_heads=2, compress_ratios=(1, 4, 128), topk=8, swa_page_size=2, compressed_page_size=1)
+SMALL = dict(num_heads=2, compress_ratios=(0, 4, 128), topk=8, swa_page_size=2, compressed_page_size=1)
 CFG = ModelConfig(**SMALL, window_size=4)
 PREFIX, EXTEND = [0, 5, 130], [3, 1, 2]
 SEQ = [3, 6, 132]

@@ -11,7 +11,7 @@ from sparse_prefill import value_checks
 from sparse_prefill.backend import BatchMetadata, ForwardMode, ModelConfig, PathCosts, SparsePrefillBackend
 from sparse_prefill.backend import routing
 
-CFG = ModelConfig(num_heads=64, compress_ratios=(1, 4, 128), topk=512)
+CFG = ModelConfig(num_heads=64, compress_ratios=(0, 1, 2, 4, 128), topk=512)
 
 
 def metadata(prefix, extend, cfg=CFG, mode=ForwardMode.EXTEND):
@@ -41,12 +41,17 @@ def test_path_setting(monkeypatch):
 
 
 def test_layer_work_counts():
-    cfg = ModelConfig(num_heads=8, compress_ratios=(1, 4, 128), topk=2, window_size=4)
+    cfg = ModelConfig(num_heads=8, compress_ratios=(0, 1, 4, 128), topk=2, window_size=4)
     md = metadata([0, 130], [3, 2], cfg)  # positions 0, 1, 2 and 130, 131
     win = 1 + 2 + 3 + 4 + 4
+    w0 = routing.layer_work(cfg, md, 0)
+    assert (w0.regular_kv, w0.sparse_kv, w0.combined_entries) == (win, win, 0)
+    assert w0.workspace_rows == 3 + 5  # min(seq, extend + W - 1) per request
     w1 = routing.layer_work(cfg, md, 1)
-    assert (w1.regular_kv, w1.sparse_kv, w1.combined_entries) == (win, win, 0)
-    assert w1.workspace_rows == 3 + 5  # min(seq, extend + W - 1) per request
+    # Ratio 1 (top-k): visible entries p + 1 = 1, 2, 3, 131, 132, capped at topk 2 when sparse;
+    # the workspace holds the whole history (3 + 132 entries).
+    assert w1.regular_kv == win + 2 * 5 and w1.sparse_kv == win + 1 + 2 + 2 + 2 + 2
+    assert w1.workspace_rows == 8 + 3 + 132 and w1.combined_entries == 5 * 128
     w4 = routing.layer_work(cfg, md, 4)
     # Visible entries (p + 1) // 4: 0, 0, 0, 32, 33, capped at topk 2 for the sparse rows.
     assert w4.regular_kv == win + 2 * 5 and w4.sparse_kv == win + 4
@@ -68,7 +73,7 @@ def test_auto_rule_picks_by_estimate(caplog):
         assert routing.choose_path("auto", CFG, short, 4) == routing.SPARSE
     assert "ratio-4 layers" in caplog.text and "sparse path" in caplog.text and "estimated" in caplog.text
     assert routing.choose_path("auto", CFG, long, 4) == routing.REGULAR
-    for ratio in (1, 4, 128):
+    for ratio in (0, 1, 2, 4, 128):
         work = routing.layer_work(CFG, tiny, ratio)
         assert routing.estimate_us("sparse", work) > routing.estimate_us("regular", work)
         assert routing.choose_path("auto", CFG, tiny, ratio) == routing.REGULAR
@@ -81,17 +86,33 @@ def test_auto_rule_picks_by_estimate(caplog):
 
 
 def test_sparse_state_limit(monkeypatch, caplog):
-    cfg = ModelConfig(num_heads=8, compress_ratios=(1, 4, 128), topk=2, window_size=4)
+    cfg = ModelConfig(num_heads=8, compress_ratios=(0, 4, 128), topk=2, window_size=4)
     md = metadata([0, 130], [3, 2], cfg)
-    # Rows of widths 128 (ratio 1), 128 (ratio 4: 2 + 4), 128 (ratio 128: 1 + 4), each plus a
-    # length, for 5 tokens; the largest workspace is ratio 4's 41 rows of 1 KiB.
-    assert routing.sparse_state_bytes(cfg, md) == 3 * 4 * 5 * 129 + 41 * 1024
+    # Rows of widths 128 (ratio 0), 128 (ratio 4: 2 + 4), 128 (ratio 128: 1 + 4), each plus a
+    # length, for 5 tokens; one workspace per ratio: 8 + 41 + 9 rows of 1 KiB.
+    assert routing.sparse_state_bytes(cfg, md) == 3 * 4 * 5 * 129 + (8 + 41 + 9) * 1024
     big = metadata([0, 16384, 0, 16384], [4096] * 4)
     monkeypatch.setattr(routing, "SPARSE_STATE_BYTES_LIMIT", routing.sparse_state_bytes(CFG, big) - 1)
     with caplog.at_level(logging.DEBUG, logger="sparse_prefill.backend.routing"):
         assert routing.choose_path("auto", CFG, big, 4) == routing.REGULAR
     assert "sparse state" in caplog.text
     assert routing.choose_path("sparse", CFG, big, 4) == routing.SPARSE  # forced still goes
+
+
+@pytest.mark.parametrize("ratio", [1, 2])
+@pytest.mark.parametrize("extend", [1, 64, 256, 1024])
+def test_short_extend_over_long_history_goes_regular(ratio, extend):
+    """V4.1's ratio-1/2 top-k layers see the whole history: SGLang hard-codes "<= 1024 new tokens
+    over >= max(32768, 192 x new) history -> paged kernel". Here the costs decide, and they agree
+    on that region: the sparse path's workspace grows with the history."""
+    for history in (max(32768, 192 * extend), 131072):
+        md = metadata([history], [extend])
+        work = routing.layer_work(CFG, md, ratio)
+        assert work.workspace_rows >= (history + extend) // ratio
+        assert routing.choose_path("auto", CFG, md, ratio) == routing.REGULAR, history
+    # It is the costs, not a hard-coded rule: a free dequantize sends the same batch sparse.
+    free = PathCosts(dequant_ns_per_row=0.0, sparse_fixed_us=0.0, sparse_tflops_h64=1e4)
+    assert routing.choose_path("auto", CFG, metadata([131072], [extend]), ratio, free) == routing.SPARSE
 
 
 def test_forced_and_decode():

@@ -171,7 +171,8 @@ def test_dequantize_every_fp8_byte(layout, device):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(
-    "page_size,id_dtype", [(1, torch.int64), (5, torch.int32), (64, torch.int64), (256, torch.int32)]
+    "page_size,id_dtype",
+    [(1, torch.int64), (2, torch.int32), (5, torch.int32), (64, torch.int64), (128, torch.int64), (256, torch.int32)]
 )
 def test_store_and_gather_match_reference(layout, page_size, id_dtype, device):
     num_pages = max(2, 320 // page_size)
@@ -208,7 +209,7 @@ def test_store_and_gather_match_reference(layout, page_size, id_dtype, device):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("page_size", [1, 3, 64])
+@pytest.mark.parametrize("page_size", [1, 2, 3, 64, 256])
 def test_quantize_and_dequantize_whole_cache(layout, page_size, device):
     num_pages = max(1, 130 // page_size)
     k = random_k(num_pages * page_size, layout).view(num_pages, page_size, 1, layout.dim)
@@ -443,7 +444,7 @@ def test_value_checks_off_skips_capacity_check(layout, device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("page_size", [64, 256])
+@pytest.mark.parametrize("page_size", [2, 64, 256])
 def test_gpu_large_random_store_and_gather(layout, page_size):
     num_pages = 4096 * 64 // page_size  # 262144 tokens
     capacity = num_pages * page_size

@@ -162,12 +162,14 @@ def run_launcher(case: Fp8Case, kernel: str = "triton") -> tuple:
 
 
 # (page_size, num_pages, width) of the main and the extra scope: page sizes 1, odd and 64,
-# widths below, at and across a key block.
+# widths below, at and across a key block; the last: SGLang's pages (a ratio-128 cache of 2
+# entries per page as the main scope, the 256-token SWA pages as the extra one).
 SCOPES = [
     ((64, 3, 7), None),
     ((5, 20, 33), (16, 4, 9)),
     ((1, 150, 64), (2, 50, 1)),
     ((7, 10, 130), (64, 2, 128)),
+    ((2, 90, 70), (256, 2, 128)),
 ]
 
 
@@ -218,6 +220,7 @@ KERNEL_CASES = [
     (4, 16, V4, SCOPES[2]),
     (4, 128, V4, SCOPES[3]),
     (4, 8, V32, SCOPES[1]),
+    (4, 8, V4, SCOPES[4]),
 ]
 
 
@@ -418,6 +421,16 @@ def test_gpu_real_sizes(h_q, topk, compressed_tokens, kernel):
     """The regular-path rows of ANCHORS.md: s_q 4096, top-k ids into a compressed cache plus
     128 window ids into an SWA cache, V4, page size 64."""
     case = make_fp8_case(4096, h_q, V4, (64, compressed_tokens // 64, topk), (64, 66, 128), "cuda", invalid=0.05)
+    assert_attn_close(run_launcher(case, kernel), case.reference())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("main_page", [1, 2, 64, 128, 256])
+def test_gpu_sglang_page_sizes(main_page, kernel):
+    """SGLang's pools: compressed caches of 256 / r entries per page (r = 256, 128, 4, 2, 1) as
+    the main scope, the 256-token SWA pages as the extra one; s_q 1024, h_q 64, topk 512."""
+    case = make_fp8_case(1024, 64, V4, (main_page, 16384 // main_page, 512), (256, 5, 128), "cuda", invalid=0.05)
     assert_attn_close(run_launcher(case, kernel), case.reference())
 
 

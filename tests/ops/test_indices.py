@@ -79,23 +79,23 @@ def test_swa_token_ids_known_total_and_no_queries(device):
         assert out.first_pos.tolist() == [0, 5] and out.offsets.tolist() == [0, 0, 0]
 
 
-@pytest.mark.parametrize("ratio", [1, 3, 4, 128])
+@pytest.mark.parametrize("ratio", [0, 1, 2, 3, 4, 128])
 def test_workspace_plan_kernel_matches_reference(device, ratio):
     seq, ext = make_lens(6, 2000, 300)
     seq[1] = 0
     ext[1] = 0
     table = token_table(6, int(seq.max()) + 1, device)
     swa = build_swa_token_ids(seq.to(device), ext.to(device), table, 128)
-    ctable = None if ratio == 1 else token_table(6, int(seq.max()) // ratio + 2, device, transposed=True)
+    ctable = None if ratio == 0 else token_table(6, int(seq.max()) // ratio + 2, device, transposed=True)
     got = build_workspace_plan(seq.to(device), swa, ratio, ctable, impl="triton")
     want = build_workspace_plan(seq, SwaTokenIds(*cpu(*swa)), ratio, *cpu(ctable), impl="reference")
     assert_same(got, want)
-    entries = (seq // ratio).tolist() if ratio > 1 else [0] * 6
+    entries = (seq // ratio).tolist() if ratio > 0 else [0] * 6
     assert got.num_compressed_rows == sum(entries)
     assert got.num_rows == sum(entries) + swa.token_ids.numel()
     assert want.compressed_base.tolist() == [sum(entries[:r]) for r in range(6)]
     assert want.swa_base.tolist() == [sum(entries) + int(o) for o in swa.offsets[:-1]]
-    if ratio > 1:
+    if ratio > 0:
         r = 2
         rows = want.compressed_token_ids[want.compressed_base[r] : want.compressed_base[r] + entries[r]]
         assert torch.equal(rows, ctable[r, : entries[r]].cpu())
@@ -143,7 +143,8 @@ def combine_both(device, topk_indices, seq, ext, window, ratio, topk, gather_ext
 
 @pytest.mark.parametrize(
     "num_reqs,window,ratio,topk",
-    [(1, 128, 4, 512), (3, 128, 128, 64), (2, 128, 1, 0), (8, 5, 4, 24), (4, 1, 3, 40), (5, 200, 4, 130)],
+    [(1, 128, 4, 512), (3, 128, 128, 64), (2, 128, 0, 0), (3, 16, 1, 24), (3, 16, 2, 40), (8, 5, 4, 24),
+     (4, 1, 3, 40), (5, 200, 4, 130)],
 )
 def test_combine_kernel_matches_reference(device, num_reqs, window, ratio, topk):
     seq, ext = make_lens(num_reqs, 600, 60 if device.type == "cuda" else 6)
@@ -152,7 +153,7 @@ def test_combine_kernel_matches_reference(device, num_reqs, window, ratio, topk)
         ext[1] = 0  # a request without queries between others
     if ratio == 128:
         seq[0] = ext[0] + 1000  # a long prefix: several complete entries
-    picks = None if ratio in (1, 128) else random_topk(seq, ext, ratio, topk, device)
+    picks = None if ratio in (0, 128) else random_topk(seq, ext, ratio, topk, device)
     if ratio == 128:
         topk = int(seq.max()) // ratio
     got, want = combine_both(device, picks, seq, ext, window, ratio, topk)
@@ -306,12 +307,17 @@ def test_workspace_plan_validation():
     seq = a["seq_lens"]
     with pytest.raises(ValueError, match="compressed_token_table has 1 columns"):
         build_workspace_plan(seq, swa, 4, token_table(2, 1, "cpu"))
-    with pytest.raises(ValueError, match="must be None for compress_ratio 1"):
-        build_workspace_plan(seq, swa, 1, token_table(2, 1, "cpu"))
-    with pytest.raises(TypeError, match="compressed_token_table"):
+    with pytest.raises(ValueError, match=r"must be None for compress_ratio 0 \(SWA only\)"):
+        build_workspace_plan(seq, swa, 0, token_table(2, 1, "cpu"))
+    # Ratio 1 is a compressed cache now (V4.1), not the SWA-only layer: the old call is refused.
+    with pytest.raises(ValueError, match="required for compress_ratio 1; the SWA-only layer is compress_ratio 0"):
+        build_workspace_plan(seq, swa, 1, None)
+    with pytest.raises(ValueError, match="compressed_token_table is required for compress_ratio 4"):
         build_workspace_plan(seq, swa, 4, None)
+    with pytest.raises(TypeError, match="compressed_token_table"):
+        build_workspace_plan(seq, swa, 4, token_table(2, 3, "cpu").long())
     with pytest.raises(ValueError, match="compress_ratio"):
-        build_workspace_plan(seq, swa, 0, None)
+        build_workspace_plan(seq, swa, -1, None)
     with pytest.raises(ValueError, match="num_compressed must be"):
         build_workspace_plan(seq, swa, 4, token_table(2, 3, "cpu"), num_compressed=5)
     with pytest.raises(TypeError, match="SwaTokenIds"):
@@ -380,8 +386,9 @@ def _combine_args():
         (dict(topk=9), ValueError, "topk_indices must have shape"),
         (dict(topk_indices=torch.zeros(5, 8, dtype=torch.int64)), TypeError, "topk_indices"),
         (dict(topk_indices=torch.zeros(4, 8, dtype=torch.int32)), ValueError, "topk_indices"),
-        (dict(compress_ratio=1, topk=0, topk_indices=None), None, None),
-        (dict(compress_ratio=1), ValueError, "needs topk == 0"),
+        (dict(compress_ratio=0, topk=0, topk_indices=None), None, None),
+        (dict(compress_ratio=0), ValueError, r"compress_ratio 0 \(SWA only\) needs topk == 0"),
+        (dict(compress_ratio=1), None, None),  # ratio 1 is a top-k layer (V4.1)
         (dict(window_size=0), ValueError, "window_size"),
         (dict(topk=-1), ValueError, "topk"),
         (dict(query_pos=torch.tensor([8, 9, 3, 4, 6], dtype=torch.int32)), ValueError, r"query_pos\[4\] must be"),
@@ -461,7 +468,7 @@ def test_gpu_combine_output_beyond_int32_elements():
     pos = torch.arange(n, dtype=torch.int32, device=dev)
     zero = torch.zeros(1, dtype=torch.int32, device=dev)
     with value_checks(False):
-        ind, lens = combine_topk_swa_indices(None, qsl, pos, seq, seq, zero, zero, 128, 1, 0)
+        ind, lens = combine_topk_swa_indices(None, qsl, pos, seq, seq, zero, zero, 128, 0, 0)
     tail = torch.arange(n - 3000, n, device=dev)
     want = (tail[:, None] - 127 + torch.arange(128, device=dev)).int()
     assert torch.equal(ind[-3000:], want)

@@ -26,7 +26,7 @@ class Case:
     extend: tuple[int, ...]
     path: str = "auto"
     num_heads: int = 8
-    ratios: tuple[int, ...] = (1, 4, 128)
+    ratios: tuple[int, ...] = (0, 4, 128)
     mode: ForwardMode = ForwardMode.EXTEND
     seed: int = 0
     costs: PathCosts = field(default_factory=PathCosts)
@@ -39,7 +39,7 @@ class Case:
 
     @property
     def config(self) -> ModelConfig:
-        pages = {r: max(1, self.page_size // (4 if r == 4 else 8)) for r in self.ratios if r > 1}
+        pages = {r: max(1, self.page_size // (4 if r == 4 else 8)) for r in self.ratios if r > 0}
         return ModelConfig(
             num_heads=self.num_heads, compress_ratios=self.ratios, topk=self.topk, window_size=self.window,
             swa_page_size=self.page_size, compressed_page_size=pages,
@@ -87,7 +87,7 @@ def build(case: Case):
     for ratio in cfg.compress_ratios:
         k = torch.randn(batch.metadata.num_tokens, D, generator=gen, device=dev).to(torch.bfloat16)
         ck = None
-        if ratio > 1:
+        if ratio > 0:
             n = len(new_entry_slots(batch.metadata, ratio))
             ck = torch.randn(n, D, generator=gen, device=dev).to(torch.bfloat16)
         new_k.append((k, ck))

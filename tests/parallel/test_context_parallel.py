@@ -1,6 +1,6 @@
 """Context parallelism over gloo (2 and 4 spawned CPU processes) equals one process bit for bit:
 the caches after the K exchange, the sharded and the gathered outputs, for mixed batches, every
-ratio (a 1, 4, 128 layer stack) and both paths; plus the partition and sub-batch helpers."""
+ratio (a 0, 4, 128 layer stack) and both paths; plus the partition and sub-batch helpers."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _metadata(case: Case):
 
 
 def routing_split_case(world: int) -> Case:
-    """MIXED on the "auto" path, with costs under which the whole batch routes its ratio-1 layer
+    """MIXED on the "auto" path, with costs under which the whole batch routes its SWA-only layer
     to the sparse path while some rank's rows alone would route it to the regular one."""
     base = Case(*MIXED, seed=5)
     costs = routing.PathCosts(
@@ -46,13 +46,13 @@ def routing_split_case(world: int) -> Case:
     md, cfg = _metadata(base), base.config
 
     def gap(m):  # regular minus sparse without fixed costs: sparse wins iff its fixed cost is below
-        w = routing.layer_work(cfg, m, 1)
+        w = routing.layer_work(cfg, m, 0)
         return routing.estimate_us(routing.REGULAR, w, costs) - routing.estimate_us(routing.SPARSE, w, costs)
 
     shards = [shard_metadata(md, a, b) for a, b in partition_rows(cfg, md, world)]
     fixed = (gap(md) + min(gap(m) for m in shards)) / 2
     case = dataclasses.replace(base, costs=dataclasses.replace(costs, sparse_fixed_us=fixed))
-    chosen = [routing.choose_path("auto", cfg, m, 1, case.costs) for m in (md, *shards)]
+    chosen = [routing.choose_path("auto", cfg, m, 0, case.costs) for m in (md, *shards)]
     assert chosen[0] == routing.SPARSE and routing.REGULAR in chosen[1:], chosen
     return case
 
@@ -79,7 +79,7 @@ def cp_worker(rank: int, world: int, cases: list[Case], truths: list[dict] | Non
             tag = f"{case.path} {case.mode.value} rank {rank}/{world} layer {layer} (ratio {ratio})"
             k, ck = new_k[layer]
             kv_bytes = cp.stats.kv_bytes
-            if ratio > 1:
+            if ratio > 0:
                 ea, eb = cp.entry_rows(ratio)
                 cp.store_kv(layer, caches[layer], k[a:b], ck[ea:eb])
             else:
@@ -108,6 +108,9 @@ def test_context_parallel_equals_one_process(world):
     cases = [
         Case(*MIXED, path="sparse", seed=1),
         Case(*MIXED, path="regular", seed=2),
+        # DeepSeek-V4.1's kinds: ratio-1/2 top-k layers see (and store) every new token / pair.
+        Case(*MIXED, path="sparse", ratios=(0, 1, 2, 128), seed=6),
+        Case(*MIXED, path="regular", ratios=(0, 1, 2, 128), seed=7),
         routing_split_case(world),
         DECODE,
         TINY,
@@ -144,7 +147,7 @@ def errors_worker(rank: int, world: int) -> None:
         cp.forward(1, q, caches, topk, sink)  # all rows, not this rank's
     with pytest.raises(ValueError, match="topk_indices must have shape"):
         cp.forward(1, q[a:b], caches, topk, sink)
-    with pytest.raises(ValueError, match="compressed_k is for ratio > 1"):
+    with pytest.raises(ValueError, match=r"compressed_k is for ratio > 0 layers; layer 0 has ratio 0 \(SWA only\)"):
         cp.store_kv(0, batch.caches[0], new_k[0][0][a:b], new_k[1][1])
     with pytest.raises(ValueError, match="compressed_k must have shape"):
         cp.store_kv(1, batch.caches[1], new_k[1][0][a:b], new_k[1][1])
@@ -197,15 +200,15 @@ def test_without_process_group_is_a_value_error():
 
 
 def test_row_costs_count_the_keys_each_row_reaches():
-    case = Case(prefix=(0, 130, 1000), extend=(40, 5, 3), ratios=(1, 4, 4, 128))
+    case = Case(prefix=(0, 130, 1000), extend=(40, 5, 3), ratios=(0, 1, 2, 4, 4, 128))
     cfg, md = case.config, _metadata(case)
     want = []
     for p0, s in zip(md.prefix_lens_host, md.seq_lens_host):
         for p in range(p0, s):
             window = len(range(max(0, p - cfg.window_size + 1), p + 1))
-            c4 = min(len(range((p + 1) // 4)), cfg.topk)
+            c1, c2, c4 = (min(len(range((p + 1) // r)), cfg.topk) for r in (1, 2, 4))
             c128 = len(range((p + 1) // 128))
-            want.append(window + (window + c4) * 2 + window + c128)
+            want.append(window + (window + c1) + (window + c2) + (window + c4) * 2 + window + c128)
     got = row_costs(cfg, md)
     assert got.dtype == torch.int64 and got.tolist() == want
 
@@ -267,9 +270,9 @@ def test_shard_metadata_keeps_absolute_positions(anchor):
 
 
 def test_new_entries_and_slots_are_those_the_chunk_completes():
-    case = Case(prefix=(0, 130, 5, 300, 127, 3), extend=(37, 20, 141, 9, 1, 1))
+    case = Case(prefix=(0, 130, 5, 300, 127, 3), extend=(37, 20, 141, 9, 1, 1), ratios=(0, 1, 2, 4, 128))
     md = _metadata(case)
-    for ratio in (4, 128):
+    for ratio in (1, 2, 4, 128):
         rows, reqs, entries = new_entries(md, ratio)
         assert rows.dtype == reqs.dtype == entries.dtype == torch.int64
         table = md.compressed_token_tables[ratio]
@@ -278,6 +281,6 @@ def test_new_entries_and_slots_are_those_the_chunk_completes():
         slots = new_slots(md, ratio)
         assert slots.dtype == torch.int32 and slots.tolist() == [s for _, s in got]
     rows = zip(md.query_req.tolist(), md.query_pos.tolist())
-    assert new_slots(md, 1).tolist() == [int(md.swa_token_table[q, p]) for q, p in rows]
+    assert new_slots(md, 0).tolist() == [int(md.swa_token_table[q, p]) for q, p in rows]
     with pytest.raises(ValueError, match="no layer uses compress ratio 64"):
         new_slots(md, 64)

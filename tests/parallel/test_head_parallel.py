@@ -1,6 +1,6 @@
 """Head parallelism over gloo (2 and 4 spawned CPU processes) equals one process bit for bit:
 each rank's heads (given all heads or only its own) and the outputs gathered along heads, for
-mixed batches, every ratio (a 1, 4, 128 layer stack) and both paths."""
+mixed batches, every ratio (a 0, 4, 128 layer stack) and both paths."""
 
 from __future__ import annotations
 

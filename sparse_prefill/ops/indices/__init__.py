@@ -60,7 +60,7 @@ def check_request_lengths(
     seq: list[int], ext: list[int] | None, table_width: int, table_name: str, ratio: int = 1
 ) -> None:
     """Host-side checks of per-request lengths against a token table of ``table_width`` columns
-    (``ratio`` > 1: a compressed table, one column per complete entry)."""
+    (one column per position, or per complete entry of a compressed table of ``ratio``)."""
     for r, s in enumerate(seq):
         if s < 0:
             raise ValueError(f"seq_lens[{r}] must be >= 0, got {s}")
@@ -218,10 +218,11 @@ def build_workspace_plan(
         seq_lens: ``[R]`` int32, tokens of each request (the ``seq_lens`` given to
             ``build_swa_token_ids``).
         swa: the chunk's ``build_swa_token_ids`` result.
-        compress_ratio: ``c >= 1``; 1 is an SWA-only layer: no compressed region.
+        compress_ratio: ``c >= 0``; 0 is an SWA-only layer: no compressed region (SGLang's
+            convention; 1 is a compressed cache of one entry per token, DeepSeek-V4.1).
         compressed_token_table: ``[R, max_entries]`` int32, ``[r, j]`` = token id of compressed
             entry ``j`` of request ``r`` in this ratio's compressed cache; needs ``max_entries >=
-            seq_len // c``. Required for ``c > 1``, must be None for ``c == 1``. Any strides.
+            seq_len // c``. Required for ``c >= 1``, must be None for ``c == 0``. Any strides.
         num_compressed: ``sum(seq_lens // c)`` if known (exact; checked when value checks are
             on); otherwise computed (one host sync on CUDA, free when value checks are on).
         impl: "auto" | "triton" | "reference".
@@ -238,11 +239,16 @@ def build_workspace_plan(
     check_tensor("seq_lens", seq_lens, dtypes=_I32, shape=(None,))
     num_reqs, device = seq_lens.shape[0], seq_lens.device
     check_swa_token_ids(swa, num_reqs, device)
-    check_int("compress_ratio", compress_ratio, lo=1, hi=INT32_MAX)
-    if compress_ratio == 1:
+    check_int("compress_ratio", compress_ratio, lo=0, hi=INT32_MAX)
+    if compress_ratio == 0:
         if compressed_token_table is not None:
-            raise ValueError("compressed_token_table must be None for compress_ratio 1 (SWA only)")
+            raise ValueError("compressed_token_table must be None for compress_ratio 0 (SWA only)")
     else:
+        if compressed_token_table is None:
+            raise ValueError(
+                f"compressed_token_table is required for compress_ratio {compress_ratio}; the SWA-only "
+                "layer is compress_ratio 0 (ratio 1 is a compressed cache of one entry per token)"
+            )
         check_tensor(
             "compressed_token_table", compressed_token_table, dtypes=_I32, shape=(num_reqs, None),
             device=device,
@@ -254,7 +260,7 @@ def build_workspace_plan(
     if value_checks_enabled():
         seq = seq_lens.tolist()
         check_swa_values(seq, swa)
-    if compress_ratio == 1:
+    if compress_ratio == 0:
         exact = 0
     elif value_checks_enabled():
         width = compressed_token_table.shape[1]
@@ -265,7 +271,7 @@ def build_workspace_plan(
     else:
         exact = num_compressed
     if num_compressed is not None and num_compressed != exact:
-        want = f"sum(seq_lens // {compress_ratio})" if compress_ratio > 1 else "0 for compress_ratio 1"
+        want = f"sum(seq_lens // {compress_ratio})" if compress_ratio > 0 else "0 for compress_ratio 0"
         raise ValueError(f"num_compressed must be {want} = {exact}, got {num_compressed}")
     check_workspace_rows(exact, swa.token_ids.shape[0])
     return workspace_plan(seq_lens, swa, compress_ratio, compressed_token_table, exact, impl)
@@ -287,7 +293,8 @@ def combine(
     if out_lens is None:
         out_lens = torch.empty(n, dtype=torch.int32, device=device)
     vectors = (query_start_loc, query_pos, seq_lens, gather_lens, compressed_base, swa_base)
-    sizes = (window_size, compress_ratio, topk)
+    # Ratio 0 (SWA only) takes no entries (topk 0): ratio 1 gives the same rows, no division by 0.
+    sizes = (window_size, max(compress_ratio, 1), topk)
     if impl == "reference":
         indices, lens = combine_topk_swa_indices_ref(topk_indices, *vectors, *sizes)
         out_indices.copy_(indices)
@@ -336,10 +343,10 @@ def _check_combine_values(
             )
         if e and (sb < 0 or sb + g > INT32_MAX):
             raise ValueError(f"swa_base[{r}] = {sb} puts rows outside [0, 2**31 - 1]")
-        entries = s // compress_ratio if topk > 0 else 0
+        entries = s // compress_ratio if topk > 0 else 0  # topk > 0 implies compress_ratio >= 1
         if e and entries and (cb < 0 or cb + entries > INT32_MAX):
             raise ValueError(f"compressed_base[{r}] = {cb} puts rows outside [0, 2**31 - 1]")
-        if e and topk_indices is None and compress_ratio > 1 and topk < entries:
+        if e and topk_indices is None and compress_ratio > 0 and topk < entries:
             raise ValueError(
                 f"topk_indices=None takes entries 0..topk-1, but request {r} sees {entries} "
                 f"(seq_len {s} // {compress_ratio}) > topk = {topk}"
@@ -397,7 +404,7 @@ def combine_topk_swa_indices(
         gather_lens: ``[R]`` int32 SWA gather lengths (``SwaTokenIds.gather_lens``).
         compressed_base, swa_base: ``[R]`` int32 workspace rows (``WorkspacePlan``).
         window_size: ``W``, ``1 <= W <= 2**24``.
-        compress_ratio: ``c >= 1``; ``c == 1`` (SWA only) needs ``topk == 0``.
+        compress_ratio: ``c >= 0``; ``c == 0`` (SWA only) needs ``topk == 0``.
         topk: entries per row of ``topk_indices``, ``0 <= topk <= 2**24`` (a ratio-128 request
             of ``2**31`` tokens has ``2**24`` entries; the bound keeps a typo from allocating
             terabytes of ``[num_tokens, width]`` rows).
@@ -415,10 +422,10 @@ def combine_topk_swa_indices(
     above, rows stay below ``2**31``, and ``topk_indices=None`` covers every entry.
     """
     check_int("window_size", window_size, lo=1, hi=MAX_ROW_ENTRIES)
-    check_int("compress_ratio", compress_ratio, lo=1, hi=INT32_MAX)
+    check_int("compress_ratio", compress_ratio, lo=0, hi=INT32_MAX)
     check_int("topk", topk, lo=0, hi=MAX_ROW_ENTRIES)
-    if compress_ratio == 1 and topk != 0:
-        raise ValueError(f"compress_ratio 1 (SWA only) needs topk == 0, got {topk}")
+    if compress_ratio == 0 and topk != 0:
+        raise ValueError(f"compress_ratio 0 (SWA only) needs topk == 0, got {topk}")
     check_tensor("query_pos", query_pos, dtypes=_I32, shape=(None,))
     n, device = query_pos.shape[0], query_pos.device
     check_tensor("seq_lens", seq_lens, dtypes=_I32, shape=(None,), device=device)

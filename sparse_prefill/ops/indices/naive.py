@@ -41,7 +41,7 @@ def build_workspace_plan_ref(
 ) -> WorkspacePlan:
     """``build_workspace_plan`` on validated inputs (same arguments and result)."""
     seq = seq_lens.tolist()
-    entries = [s // compress_ratio for s in seq] if compress_ratio > 1 else [0] * len(seq)
+    entries = [s // compress_ratio for s in seq] if compress_ratio > 0 else [0] * len(seq)
     compressed_base = []
     rows = 0
     for n in entries:

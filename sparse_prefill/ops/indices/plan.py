@@ -74,7 +74,7 @@ class WorkspacePlan(NamedTuple):
     at row ``compressed_base[r] + j``), dequantized from ``compressed_token_ids`` of the layer's
     compressed cache; rows ``swa_rows`` hold every request's SWA gather (position ``pos`` of
     request ``r`` at row ``swa_base[r] + pos - first_pos[r]``), dequantized from
-    ``swa_token_ids`` of the layer's SWA cache. Ratio 1 has no compressed region.
+    ``swa_token_ids`` of the layer's SWA cache. Ratio 0 (SWA only) has no compressed region.
 
     compress_ratio:       the ratio this plan is for.
     compressed_token_ids: ``[num_compressed_rows]`` int32 token ids of the ratio's compressed cache.
