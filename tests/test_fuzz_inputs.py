@@ -144,7 +144,7 @@ def fp8_args(device) -> dict:
 
 # -- the backend: the config, a batch, a layer --------------------------------------------
 
-CONFIG = dict(num_heads=4, compress_ratios=(1, 4, 128), topk=16, window_size=8, swa_page_size=4,
+CONFIG = dict(num_heads=4, compress_ratios=(0, 4, 128), topk=16, window_size=8, swa_page_size=4,
               compressed_page_size=4, sm_scale=None)
 
 
@@ -209,7 +209,7 @@ ENTRIES = {
         lambda a: sp.paged_fp8_sparse_attn_fwd(**a, impl="gluon"), fp8_args, outputs=("out",), scales=("sm_scale",),
         optional=("topk_length", "extra_topk_length", "attn_sink", "out")),
     "ModelConfig": Entry(lambda a: sp.ModelConfig(**a), lambda d: dict(CONFIG), scales=("sm_scale",),
-                         optional=("sm_scale",)),
+                         optional=("sm_scale", "compressed_page_size")),
     "BatchMetadata": Entry(call_metadata, metadata_args),
     "backend.forward ratio 1": Entry(call_forward, lambda d: forward_args(d, 0), outputs=("out",),
                                      optional=("caches.compressed", "topk_indices", "attn_sink", "out")),
