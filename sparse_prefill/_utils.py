@@ -22,7 +22,18 @@ IMPLS = ("auto", "triton", "reference")
 # Read once, like triton.jit does at decoration time, so the two never disagree.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-_VALUE_CHECKS = os.environ.get("SPARSE_PREFILL_VALUE_CHECKS", "1") != "0"
+# "off" | "on" | "strict" (see value_checks).
+_VALUE_CHECK_MODES = {"0": "off", "1": "on", "strict": "strict"}
+
+
+def _mode_from_env() -> str:
+    value = os.environ.get("SPARSE_PREFILL_VALUE_CHECKS", "1").strip().lower()
+    if value not in _VALUE_CHECK_MODES:
+        raise ValueError(f"SPARSE_PREFILL_VALUE_CHECKS must be one of {tuple(_VALUE_CHECK_MODES)}, got {value!r}")
+    return _VALUE_CHECK_MODES[value]
+
+
+_VALUE_CHECKS = _mode_from_env()
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
@@ -46,22 +57,58 @@ def cdiv(a: int, b: int) -> int:
 
 
 def value_checks_enabled() -> bool:
-    """Whether checks that read tensor *values* run (on CUDA each costs a device sync)."""
-    return _VALUE_CHECKS
+    """Whether checks that read tensor *values* run (see ``value_checks``)."""
+    return _VALUE_CHECKS != "off"
+
+
+def value_check_site(device: torch.device) -> str | None:
+    """Where a value check of tensors on ``device`` runs now: "host" (read the values, raise
+    ValueError: CPU tensors, or CUDA tensors in strict mode), "device" (``device_assert``, no
+    sync: CUDA tensors by default, meta tensors, and any tensor while ``torch.compile`` traces)
+    or None (value checks off)."""
+    if _VALUE_CHECKS == "off":
+        return None
+    if torch.compiler.is_compiling() or device.type == "meta":
+        return "device"
+    if device.type == "cpu" or _VALUE_CHECKS == "strict":
+        return "host"
+    return "device"
+
+
+def values_readable(device: torch.device) -> bool:
+    """Whether tensor values on ``device`` can be read on the host now: not on meta tensors, not
+    while ``torch.compile`` traces (a read would break the graph)."""
+    return device.type != "meta" and not torch.compiler.is_compiling()
+
+
+def device_assert(ok: torch.Tensor, message: str) -> None:
+    """Assert the bool tensor ``ok`` is all true without a host sync (``torch._assert_async``):
+    on CUDA a violation fails the stream with a device-side assert carrying ``message``."""
+    torch._assert_async(ok.all(), message)
 
 
 @contextlib.contextmanager
-def value_checks(enabled: bool) -> Iterator[None]:
-    """Switch value checks on or off inside a ``with`` block.
+def value_checks(enabled: bool | str) -> Iterator[None]:
+    """Set how checks of tensor *values* run inside a ``with`` block.
 
     Shape, dtype and device checks are free and always run. Checks of values (an id beyond a
-    cache's capacity, a length out of range) need the data on the host, which on CUDA is a
-    device sync. Engines that validate their metadata once switch them off in hot loops with
-    ``with sparse_prefill.value_checks(False): ...`` or process-wide with the environment
-    variable ``SPARSE_PREFILL_VALUE_CHECKS=0``.
+    cache's capacity, a length out of range) need the data:
+
+    - ``True`` (the default, ``SPARSE_PREFILL_VALUE_CHECKS=1``): CPU tensors are checked on the
+      host (ValueError naming the argument); CUDA tensors on the device with
+      ``torch._assert_async`` (no host sync: a violation fails the stream with a device-side
+      assert, before the op's kernel reads anything), as is everything inside ``torch.compile``.
+      Ops whose output sizes follow from the values (the index ops) still read them on the host.
+    - ``"strict"`` (``SPARSE_PREFILL_VALUE_CHECKS=strict``): CUDA tensors are checked on the
+      host too, with the ValueError messages; each check costs a device sync.
+    - ``False`` (``SPARSE_PREFILL_VALUE_CHECKS=0``): no value checks, for engines that validate
+      their metadata once.
     """
+    if enabled not in (True, False, "strict"):
+        raise ValueError(f"value_checks takes True, False or 'strict', got {enabled!r}")
     global _VALUE_CHECKS
-    previous, _VALUE_CHECKS = _VALUE_CHECKS, bool(enabled)
+    previous = _VALUE_CHECKS
+    _VALUE_CHECKS = "strict" if enabled == "strict" else ("on" if enabled else "off")
     try:
         yield
     finally:

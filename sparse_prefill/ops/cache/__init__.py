@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import check_int, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
+from sparse_prefill._utils import check_int, check_tensor, check_unit_stride, device_assert, resolve_impl, value_check_site
 from sparse_prefill.layout import KVCacheLayout
-from sparse_prefill.ops.cache.kernels import dequantize_k_cache_paged_triton, store_k_cache_triton
-from sparse_prefill.ops.cache.naive import dequantize_k_cache_paged_ref, store_k_cache_ref
+from sparse_prefill.ops.cache.library import dequantize_k_cache_paged_op, store_k_cache_op
 
 __all__ = ["dequantize_k_cache", "dequantize_k_cache_paged", "quantize_k_cache", "store_k_cache"]
 
@@ -55,12 +54,20 @@ def _check_ids(name: str, ids: object, n: int | None, device: torch.device) -> t
 
 
 def _check_id_values(name: str, ids: torch.Tensor, capacity: int, *, unique: bool) -> None:
-    """Value checks (one device sync on CUDA): ids < capacity; with ``unique``, no non-negative
-    id twice."""
-    if not value_checks_enabled() or ids.numel() == 0:
+    """Value checks: ids < capacity; with ``unique``, no non-negative id twice. On the host or
+    the device (no sync) as ``value_check_site`` says."""
+    site = value_check_site(ids.device)
+    if site is None or ids.numel() == 0:
         return
     if unique:
         ids = ids.sort().values
+    if site == "device":
+        device_assert(ids < capacity, f"{name} holds an id beyond the cache's capacity of {capacity} tokens")
+        if unique:
+            no_dup = (ids[1:] != ids[:-1]) | (ids[1:] < 0)
+            device_assert(no_dup, f"{name} holds a non-negative slot more than once")
+        return
+    if unique:
         dup = ((ids[1:] == ids[:-1]) & (ids[1:] >= 0)).any().to(ids.dtype)
         top, has_dup = torch.stack([ids[-1], dup]).tolist()
     else:
@@ -82,10 +89,7 @@ def _store(
     layout: KVCacheLayout,
     impl: str,
 ) -> None:
-    if impl == "reference":
-        store_k_cache_ref(cache, k, slot_ids, page_size, layout)
-    else:
-        store_k_cache_triton(cache, k, slot_ids, page_size, layout)
+    store_k_cache_op(cache, k, slot_ids, page_size, layout.name, impl)
 
 
 def _gather(
@@ -97,10 +101,7 @@ def _gather(
     impl: str,
 ) -> torch.Tensor:
     """Write the dequantized tokens into ``out`` [n, 1, d] and return it."""
-    if impl == "reference":
-        out[:, 0].copy_(dequantize_k_cache_paged_ref(cache, token_ids, page_size, layout))
-    else:
-        dequantize_k_cache_paged_triton(cache, token_ids, page_size, layout, out[:, 0])
+    dequantize_k_cache_paged_op(cache, token_ids, page_size, layout.name, out, impl)
     return out
 
 

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import check_int, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
-from sparse_prefill.ops.indices.kernels import (
-    build_swa_token_ids_triton,
-    build_workspace_plan_triton,
-    combine_topk_swa_indices_triton,
+from sparse_prefill._utils import (
+    check_int,
+    check_tensor,
+    check_unit_stride,
+    resolve_impl,
+    value_checks_enabled,
+    values_readable,
 )
-from sparse_prefill.ops.indices.naive import (
-    build_swa_token_ids_ref,
-    build_workspace_plan_ref,
-    combine_topk_swa_indices_ref,
+from sparse_prefill.ops.indices.library import (
+    build_swa_token_ids_op,
+    build_workspace_plan_op,
+    combine_topk_swa_indices_op,
 )
 from sparse_prefill.ops.indices.plan import (
     INT32_MAX,
@@ -70,15 +72,20 @@ def check_request_lengths(
             raise ValueError(f"{table_name} has {table_width} columns, request {r} needs {need}")
 
 
+def _need_size_without_values(name: str, size: int | None, device: torch.device) -> None:
+    """Meta tensors hold no lengths: a size computed from them must be given (under
+    ``torch.compile`` a missing one becomes a data-dependent size)."""
+    if size is None and device.type == "meta":
+        raise ValueError(f"meta tensors hold no lengths to size the result with: pass {name}")
+
+
 # ---------------------------------------------------------------------------------------------
 # build_swa_token_ids
 
 
 def swa_token_ids(seq_lens, extend_lens, req_token_table, swa_window, total, impl) -> SwaTokenIds:
     """Dispatch without validation (``impl`` resolved, ``total`` exact)."""
-    if impl == "reference":
-        return build_swa_token_ids_ref(seq_lens, extend_lens, req_token_table, swa_window)
-    return build_swa_token_ids_triton(seq_lens, extend_lens, req_token_table, swa_window, total)
+    return SwaTokenIds(*build_swa_token_ids_op(seq_lens, extend_lens, req_token_table, swa_window, total, impl))
 
 
 def build_swa_token_ids(
@@ -126,7 +133,9 @@ def build_swa_token_ids(
         check_int("total", total, lo=0)
     impl = resolve_impl(impl, device)
 
-    if value_checks_enabled():
+    if not values_readable(device):
+        _need_size_without_values("total", total, device)
+    elif value_checks_enabled():
         seq, ext = torch.stack([seq_lens, extend_lens]).tolist()
         check_request_lengths(seq, ext, req_token_table.shape[1], "req_token_table")
         exact = sum(swa_gather_len(s, e, swa_window) for s, e in zip(seq, ext))
@@ -135,7 +144,8 @@ def build_swa_token_ids(
         total = exact
     elif total is None:
         total = int(swa_gather_lens(seq_lens, extend_lens, swa_window).sum())
-    check_workspace_rows(0, total)
+    if total is not None:
+        check_workspace_rows(0, total)
     return swa_token_ids(seq_lens, extend_lens, req_token_table, swa_window, total, impl)
 
 
@@ -145,9 +155,10 @@ def build_swa_token_ids(
 
 def workspace_plan(seq_lens, swa, compress_ratio, table, num_compressed, impl) -> WorkspacePlan:
     """Dispatch without validation (``impl`` resolved, ``num_compressed`` exact)."""
-    if impl == "reference":
-        return build_workspace_plan_ref(seq_lens, swa, compress_ratio, table)
-    return build_workspace_plan_triton(seq_lens, swa, compress_ratio, table, num_compressed)
+    compressed_ids, compressed_base, swa_base = build_workspace_plan_op(
+        seq_lens, *swa, compress_ratio, table, num_compressed, impl
+    )
+    return WorkspacePlan(compress_ratio, compressed_ids, swa.token_ids, compressed_base, swa_base)
 
 
 def check_swa_token_ids(swa: object, num_reqs: int, device: torch.device) -> SwaTokenIds:
@@ -217,6 +228,9 @@ def build_workspace_plan(
 
     if compress_ratio == 1:
         exact = 0
+    elif not values_readable(device):
+        _need_size_without_values("num_compressed", num_compressed, device)
+        exact = num_compressed
     elif value_checks_enabled():
         seq = seq_lens.tolist()
         width = compressed_token_table.shape[1]
@@ -229,7 +243,8 @@ def build_workspace_plan(
     if num_compressed is not None and num_compressed != exact:
         want = f"sum(seq_lens // {compress_ratio})" if compress_ratio > 1 else "0 for compress_ratio 1"
         raise ValueError(f"num_compressed must be {want} = {exact}, got {num_compressed}")
-    check_workspace_rows(exact, swa.token_ids.shape[0])
+    if exact is not None:
+        check_workspace_rows(exact, swa.token_ids.shape[0])
     return workspace_plan(seq_lens, swa, compress_ratio, compressed_token_table, exact, impl)
 
 
@@ -248,15 +263,10 @@ def combine(
         out_indices = torch.empty((n, width), dtype=torch.int32, device=device)
     if out_lens is None:
         out_lens = torch.empty(n, dtype=torch.int32, device=device)
-    vectors = (query_start_loc, query_pos, seq_lens, gather_lens, compressed_base, swa_base)
-    sizes = (window_size, compress_ratio, topk)
-    if impl == "reference":
-        indices, lens = combine_topk_swa_indices_ref(topk_indices, *vectors, *sizes)
-        out_indices.copy_(indices)
-        out_lens.copy_(lens)
-    else:
-        vectors = (v.contiguous() for v in vectors)
-        combine_topk_swa_indices_triton(topk_indices, *vectors, *sizes, out_indices, out_lens)
+    combine_topk_swa_indices_op(
+        topk_indices, query_start_loc, query_pos, seq_lens, gather_lens, compressed_base, swa_base,
+        window_size, compress_ratio, topk, out_indices, out_lens, impl,
+    )
     return out_indices, out_lens
 
 
@@ -392,6 +402,6 @@ def combine_topk_swa_indices(
         topk_indices, query_start_loc, query_pos, seq_lens, gather_lens, compressed_base, swa_base,
         window_size, compress_ratio, topk,
     )
-    if value_checks_enabled():
+    if value_checks_enabled() and values_readable(device):
         _check_combine_values(*args)
     return combine(*args, out_indices, out_lens, impl)

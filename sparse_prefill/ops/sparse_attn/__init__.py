@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from sparse_prefill._utils import check_int, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
-from sparse_prefill.ops.sparse_attn.naive import sparse_attn_fwd_naive
+from sparse_prefill._utils import check_int, check_tensor, check_unit_stride, device_assert, resolve_impl, value_check_site
+from sparse_prefill.ops.sparse_attn.library import sparse_attn_fwd_op
 
 __all__ = ["sparse_attn_fwd"]
 
@@ -57,13 +57,17 @@ def check_sink(attn_sink: object, h_q: int, device: torch.device) -> torch.Tenso
 def check_lengths(
     name: str, lengths: object, s_q: int, width: int, device: torch.device
 ) -> torch.Tensor | None:
-    """``lengths`` is None or [s_q] int32 with values in [0, width] (a value check); returned
-    contiguous (kernels read it densely)."""
+    """``lengths`` is None or [s_q] int32 with values in [0, width] (a value check, on the host
+    or the device as ``value_check_site`` says); returned contiguous (kernels read it densely)."""
     if lengths is None:
         return None
     check_tensor(name, lengths, dtypes=(torch.int32,), shape=(s_q,), device=device)
-    if value_checks_enabled() and s_q > 0:
-        lo, hi = torch.stack(torch.aminmax(lengths)).tolist()  # one device sync
+    site = value_check_site(device)
+    if site == "device" and s_q > 0:
+        in_range = (lengths >= 0) & (lengths <= width)
+        device_assert(in_range, f"{name} values must be in [0, {width}] (the width of its index rows)")
+    elif site == "host" and s_q > 0:
+        lo, hi = torch.stack(torch.aminmax(lengths)).tolist()
         if lo < 0 or hi > width:
             raise ValueError(
                 f"{name} values must be in [0, {width}] (the width of its index rows), "
@@ -92,13 +96,6 @@ def prepare_outputs(
         check_unit_stride("out", out)
     max_logits = torch.empty(s_q, h_q, dtype=torch.float32, device=device)
     lse = torch.empty(s_q, h_q, dtype=torch.float32, device=device)
-    return out, max_logits, lse
-
-
-def write_reference(reference: AttnOutputs, out: torch.Tensor) -> AttnOutputs:
-    """Store a float32 reference result: out in bf16 (into the caller's buffer), the rest as is."""
-    ref_out, max_logits, lse = reference
-    out.copy_(ref_out)
     return out, max_logits, lse
 
 
@@ -170,13 +167,5 @@ def sparse_attn_fwd(
     if s_q == 0:
         return out, max_logits, lse
 
-    if impl == "reference":
-        reference = sparse_attn_fwd_naive(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
-        return write_reference(reference, out)
-
-    from sparse_prefill.ops.sparse_attn.kernel import sparse_attn_fwd_triton
-
-    sparse_attn_fwd_triton(
-        q, kv[:, 0], indices[:, 0], sm_scale, d_v, attn_sink, topk_length, out, max_logits, lse
-    )
+    sparse_attn_fwd_op(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, out, max_logits, lse, impl)
     return out, max_logits, lse

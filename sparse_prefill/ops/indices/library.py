@@ -1,0 +1,104 @@
+"""The index ops as registered torch ops (``torch.ops.sparse_prefill.*``), with fake
+(shape-only) implementations, so ``torch.compile`` traces through them and meta tensors run
+them. They take validated arguments (``ops/indices/__init__.py`` checks them) and the resolved
+``impl``. An output whose size depends on length values (the SWA gather, the compressed rows)
+has the exact size the caller passes, or, when it passes None, a data-dependent size under
+``torch.compile`` (the eager op reads the lengths: one host sync on CUDA)."""
+
+from __future__ import annotations
+
+import torch
+
+from sparse_prefill.ops.indices.kernels import (
+    build_swa_token_ids_triton,
+    build_workspace_plan_triton,
+    combine_topk_swa_indices_triton,
+)
+from sparse_prefill.ops.indices.naive import (
+    build_swa_token_ids_ref,
+    build_workspace_plan_ref,
+    combine_topk_swa_indices_ref,
+)
+from sparse_prefill.ops.indices.plan import SwaTokenIds, swa_gather_lens
+
+_I32 = dict(dtype=torch.int32)
+
+
+def _size(known: int | None):
+    """``known``, or under fake tensors a fresh data-dependent size."""
+    return known if known is not None else torch.library.get_ctx().new_dynamic_size()
+
+
+@torch.library.custom_op("sparse_prefill::build_swa_token_ids", mutates_args=())
+def build_swa_token_ids_op(
+    seq_lens: torch.Tensor, extend_lens: torch.Tensor, req_token_table: torch.Tensor, swa_window: int,
+    total: int | None, impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``SwaTokenIds`` fields (token_ids, first_pos, gather_lens, offsets); see ``build_swa_token_ids``."""
+    if impl == "reference":
+        return tuple(build_swa_token_ids_ref(seq_lens, extend_lens, req_token_table, swa_window))
+    if total is None:
+        total = int(swa_gather_lens(seq_lens, extend_lens, swa_window).sum())
+    return tuple(build_swa_token_ids_triton(seq_lens, extend_lens, req_token_table, swa_window, total))
+
+
+@build_swa_token_ids_op.register_fake
+def _(seq_lens, extend_lens, req_token_table, swa_window, total, impl):
+    num_reqs, device = seq_lens.shape[0], seq_lens.device
+    return (
+        seq_lens.new_empty(_size(total)),
+        seq_lens.new_empty(num_reqs),
+        seq_lens.new_empty(num_reqs),
+        torch.empty(num_reqs + 1, dtype=torch.int64, device=device),
+    )
+
+
+@torch.library.custom_op("sparse_prefill::build_workspace_plan", mutates_args=())
+def build_workspace_plan_op(
+    seq_lens: torch.Tensor, swa_token_ids: torch.Tensor, swa_first_pos: torch.Tensor,
+    swa_gather_lens: torch.Tensor, swa_offsets: torch.Tensor, compress_ratio: int,
+    compressed_token_table: torch.Tensor | None, num_compressed: int | None, impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``WorkspacePlan`` tensors (compressed_token_ids, compressed_base, swa_base); see
+    ``build_workspace_plan``."""
+    swa = SwaTokenIds(swa_token_ids, swa_first_pos, swa_gather_lens, swa_offsets)
+    if impl == "reference":
+        plan = build_workspace_plan_ref(seq_lens, swa, compress_ratio, compressed_token_table)
+    else:
+        if num_compressed is None:
+            num_compressed = int((seq_lens // compress_ratio).sum()) if compress_ratio > 1 else 0
+        plan = build_workspace_plan_triton(seq_lens, swa, compress_ratio, compressed_token_table, num_compressed)
+    return plan.compressed_token_ids, plan.compressed_base, plan.swa_base
+
+
+@build_workspace_plan_op.register_fake
+def _(seq_lens, swa_token_ids, swa_first_pos, swa_gather_lens, swa_offsets, compress_ratio,
+      compressed_token_table, num_compressed, impl):
+    rows = 0 if compressed_token_table is None else _size(num_compressed)
+    num_reqs = seq_lens.shape[0]
+    return seq_lens.new_empty(rows), seq_lens.new_empty(num_reqs), seq_lens.new_empty(num_reqs)
+
+
+@torch.library.custom_op("sparse_prefill::combine_topk_swa_indices", mutates_args=("out_indices", "out_lens"))
+def combine_topk_swa_indices_op(
+    topk_indices: torch.Tensor | None, query_start_loc: torch.Tensor, query_pos: torch.Tensor,
+    seq_lens: torch.Tensor, gather_lens: torch.Tensor, compressed_base: torch.Tensor, swa_base: torch.Tensor,
+    window_size: int, compress_ratio: int, topk: int, out_indices: torch.Tensor, out_lens: torch.Tensor,
+    impl: str,
+) -> None:
+    """Write the combined rows into ``out_indices`` / ``out_lens``; see ``combine_topk_swa_indices``."""
+    vectors = (query_start_loc, query_pos, seq_lens, gather_lens, compressed_base, swa_base)
+    sizes = (window_size, compress_ratio, topk)
+    if impl == "reference":
+        indices, lens = combine_topk_swa_indices_ref(topk_indices, *vectors, *sizes)
+        out_indices.copy_(indices)
+        out_lens.copy_(lens)
+    else:
+        vectors = (v.contiguous() for v in vectors)
+        combine_topk_swa_indices_triton(topk_indices, *vectors, *sizes, out_indices, out_lens)
+
+
+@combine_topk_swa_indices_op.register_fake
+def _(topk_indices, query_start_loc, query_pos, seq_lens, gather_lens, compressed_base, swa_base,
+      window_size, compress_ratio, topk, out_indices, out_lens, impl) -> None:
+    return None

@@ -1,0 +1,49 @@
+"""``sparse_attn_fwd`` as a registered torch op (``torch.ops.sparse_prefill.sparse_attn_fwd``),
+with a fake (shape-only) implementation, so ``torch.compile`` traces through it and meta tensors
+run it. It takes validated arguments (``ops/sparse_attn/__init__.py`` checks them), the
+resolved ``impl`` and the preallocated outputs, which it writes (declared mutated)."""
+
+from __future__ import annotations
+
+import torch
+
+from sparse_prefill.ops.sparse_attn.naive import sparse_attn_fwd_naive
+
+ATTN_OUTPUTS = ("out", "max_logits", "lse")
+
+
+def write_reference(reference: tuple[torch.Tensor, ...], out: torch.Tensor, max_logits: torch.Tensor,
+                    lse: torch.Tensor) -> None:
+    """Store a float32 reference result into the output buffers (out rounded to bf16)."""
+    for buffer, value in zip((out, max_logits, lse), reference):
+        buffer.copy_(value)
+
+
+@torch.library.custom_op("sparse_prefill::sparse_attn_fwd", mutates_args=ATTN_OUTPUTS)
+def sparse_attn_fwd_op(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    d_v: int,
+    attn_sink: torch.Tensor | None,
+    topk_length: torch.Tensor | None,
+    out: torch.Tensor,
+    max_logits: torch.Tensor,
+    lse: torch.Tensor,
+    impl: str,
+) -> None:
+    if impl == "reference":
+        reference = sparse_attn_fwd_naive(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+        write_reference(reference, out, max_logits, lse)
+        return
+    from sparse_prefill.ops.sparse_attn.kernel import sparse_attn_fwd_triton
+
+    sparse_attn_fwd_triton(
+        q, kv[:, 0], indices[:, 0], sm_scale, d_v, attn_sink, topk_length, out, max_logits, lse
+    )
+
+
+@sparse_attn_fwd_op.register_fake
+def _(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, out, max_logits, lse, impl) -> None:
+    return None
