@@ -164,9 +164,22 @@ class SparsePrefillBackend:
     # -- per-forward state -------------------------------------------------------------------
 
     def begin_forward(self, metadata: BatchMetadata) -> None:
-        """Start a forward over ``metadata``'s batch (drops all state of the previous one)."""
+        """Start a forward over ``metadata``'s batch (drops all state of the previous one) and
+        build its per-forward state: the path of every ratio, the sparse path's chunk cache and
+        workspace, the regular path's shared index rows. That is all the host work of a forward
+        (no device sync), so the per-layer ``forward`` calls only queue device work: call this
+        outside a ``torch.compile``-d layer stack or a captured CUDA graph."""
         self._check_metadata(metadata)
-        self._state = _ForwardState(metadata)
+        self._state = state = _ForwardState(metadata)
+        ratios = sorted(set(self.config.compress_ratios))
+        paths = {r: self.path_for(r) for r in ratios}
+        if routing.SPARSE in paths.values():
+            self.chunk_cache()
+        if routing.REGULAR in paths.values():
+            self._shared_rows(state, 1)
+        for r in ratios:
+            if paths[r] == routing.REGULAR and self._shares_dense_rows(metadata, r):
+                self._shared_rows(state, r)
 
     def _check_metadata(self, metadata: object) -> None:
         if not isinstance(metadata, BatchMetadata):
@@ -369,11 +382,16 @@ class SparsePrefillBackend:
             state.regular_rows[ratio] = rows
         return state.regular_rows[ratio]
 
+    @staticmethod
+    def _shares_dense_rows(md: BatchMetadata, ratio: int) -> bool:
+        """Whether the regular path keeps ratio ``ratio``'s rows for all its layers."""
+        return ratio > 4 and md.num_tokens * dense_width(md, ratio) * 4 <= REGULAR_SHARED_ROWS_BYTES
+
     def _forward_regular(self, state, ratio, q, caches, topk_indices, attn_sink, out) -> None:
         cfg = self.config
         swa_ids, swa_lens = self._shared_rows(state, 1)
         md = state.metadata
-        shared_dense = ratio > 4 and md.num_tokens * dense_width(md, ratio) * 4 <= REGULAR_SHARED_ROWS_BYTES
+        shared_dense = self._shares_dense_rows(md, ratio)
         if shared_dense:
             dense_ids, dense_lens = self._shared_rows(state, ratio)
         # Ratio 4 (and a large ratio 128) maps per block of rows: that bounds the transients.

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from sparse_prefill._utils import check_int, check_tensor, resolve_impl, value_checks_enabled
+from sparse_prefill._utils import check_int, check_tensor, device_assert, resolve_impl, value_check_site
 from sparse_prefill.ops.indices import check_request_lengths, combine, swa_token_ids, workspace_plan
 from sparse_prefill.ops.indices.plan import (
     INT32_MAX,
@@ -90,7 +90,11 @@ def _host_lens(
         if len(values) != t.shape[0]:
             raise ValueError(f"host_lens' {name} has {len(values)} entries, the {name} tensor {t.shape[0]}")
         lists.append(values)
-    if value_checks_enabled():
+    site = value_check_site(seq_lens.device)
+    if site == "device":  # the host lists travel to the device: no sync
+        host = torch.tensor(lists).to(seq_lens.device, non_blocking=True)
+        device_assert(host == torch.stack([seq_lens, extend_lens]), "host_lens differ from seq_lens / extend_lens")
+    elif site == "host":
         on_device = torch.stack([seq_lens, extend_lens]).tolist()  # one sync for both
         for name, values, actual in zip(names, lists, on_device):
             if values != actual:
@@ -271,7 +275,9 @@ class SparsePrefillChunkCache:
             return "it was invalidated"
         if not _same_key(self._key(), key):
             return "it was built for other batch metadata (key differs)"
-        if any(t._version != v for t, v in self._versions):
+        # Version counters are host state Dynamo cannot read: while torch.compile traces, the
+        # key and invalidate() are the checks (the backend bumps the key on metadata.copy_).
+        if not torch.compiler.is_compiling() and any(t._version != v for t, v in self._versions):
             return "a tensor it was built from was modified in place"
         return None
 
