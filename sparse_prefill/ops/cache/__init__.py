@@ -6,9 +6,10 @@ quantization (power-of-two scales, round-to-nearest-even e4m3, rope stored as bf
 in ``naive.py``; the Triton kernels reproduce it bit for bit.
 
 Checks of shapes, dtypes and devices are free and always run, before any launch. Checks of
-index *values* (an id beyond the cache's capacity, duplicate store slots) read the ids on the
-host, which on CUDA costs a device sync; engines switch them off in hot loops with
-``sparse_prefill.value_checks(False)`` or ``SPARSE_PREFILL_VALUE_CHECKS=0``.
+index *values* (an id beyond the cache's capacity, duplicate store slots) raise ValueError for
+CPU tensors; for CUDA tensors they run on the device without a sync (a device-side assert) unless
+``sparse_prefill.value_checks("strict")`` asks for host checks; ``value_checks(False)`` or
+``SPARSE_PREFILL_VALUE_CHECKS=0`` switches them off.
 """
 
 from __future__ import annotations
@@ -136,9 +137,10 @@ def store_k_cache(
     ``max|x| <= 448 * 2**k``, at least -13; the fp8 byte is e4m3fn of ``x * 2**-k`` rounded to
     nearest even (never saturates); rope dims are stored as their bf16 bytes.
 
-    Value checks (slots in range, no duplicates) read ``slot_ids`` on the host: on CUDA one
-    device sync per call. Switch them off in hot loops with
-    ``with sparse_prefill.value_checks(False):`` (or ``SPARSE_PREFILL_VALUE_CHECKS=0``); then an
+    Value checks (slots in range, no duplicates): ValueError for CPU tensors (and CUDA ones in
+    ``value_checks("strict")`` mode, one device sync); by default a device-side assert for CUDA
+    tensors. Switch them off with ``with sparse_prefill.value_checks(False):`` (or
+    ``SPARSE_PREFILL_VALUE_CHECKS=0``); then an
     out-of-range slot writes out of bounds and duplicate slots leave the slot's bytes undefined
     (possibly a mix of the tokens). All other checks run always, before any launch, and raise
     TypeError/ValueError naming the argument.
@@ -201,7 +203,7 @@ def dequantize_k_cache_paged(
         cache: [num_pages, layout.page_bytes(page_size)], uint8, contiguous.
         token_ids: [n], int32 or int64. Row ``i`` is token ``token_ids[i]``; a negative id is
             padding and yields a zero row. An id ``>= num_pages * page_size`` raises ValueError
-            (a value check: on CUDA one device sync; off under
+            (a value check, see ``store_k_cache``; off under
             ``sparse_prefill.value_checks(False)``, and then such an id reads out of bounds).
         page_size: tokens per page, ``>= 1``; must match the cache's page bytes.
         layout: ``KVCacheLayout.V4`` (d = 512) or ``KVCacheLayout.V32`` (d = 576).

@@ -82,7 +82,8 @@ def paged_fp8_sparse_attn_fwd(
             ``indices[i, :topk_length[i]]`` (later entries are ignored, whatever they point at).
         extra_topk_length: optional, [s_q], int32, values in ``[0, extra_topk]``, the same for
             ``extra_indices``; needs the extra scope. Length values outside their range raise
-            ValueError while value checks are on (``sparse_prefill.value_checks``); with them off
+            ValueError while value checks are on (``sparse_prefill.value_checks``; for CUDA tensors
+            by default a device-side assert, no sync); with them off
             a value past the width acts as the width and a negative one as 0.
         attn_sink: optional, [h_q], float32. ``out`` of head ``h`` is multiplied by
             ``exp(lse) / (exp(lse) + exp(attn_sink[h]))``; -inf leaves it unchanged, +inf makes

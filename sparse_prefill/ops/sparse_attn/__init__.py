@@ -131,7 +131,8 @@ def sparse_attn_fwd(
         topk_length: optional, [s_q], int32, values in ``[0, topk]``. Token ``i`` only considers
             ``indices[i, :, :topk_length[i]]``; later entries are ignored even when they point at
             rows holding NaN. A value outside ``[0, topk]`` raises ValueError while value checks
-            are on (``sparse_prefill.value_checks``); with them off, ``> topk`` acts as ``topk``
+            are on (``sparse_prefill.value_checks``; for CUDA tensors, unless in strict mode, a
+            device-side assert instead, no sync); with them off, ``> topk`` acts as ``topk``
             and ``< 0`` as 0 (no position is below it).
         out: optional, [s_q, h_q, d_v], bfloat16, preallocated output (e.g. a slice of a larger
             buffer); written and returned.
