@@ -1,6 +1,4 @@
-"""``paged_fp8_sparse_attn_fwd`` as a registered torch op
-(``torch.ops.sparse_prefill.paged_fp8_sparse_attn_fwd``), with a fake (shape-only)
-implementation, so ``torch.compile`` traces through it and meta tensors run it. It takes
+"""``paged_fp8_sparse_attn_fwd`` as a registered torch op (``ops/registry.py``). It takes
 validated arguments (``ops/fp8_sparse_attn/__init__.py`` checks them), the resolved ``impl``
 ("gluon", "triton" or "reference"), ``layout`` as the ``KVCacheLayout`` member's name and the
 preallocated outputs, which it writes (declared mutated)."""
@@ -11,11 +9,11 @@ import torch
 
 from sparse_prefill.layout import KVCacheLayout
 from sparse_prefill.ops.fp8_sparse_attn.naive import paged_fp8_sparse_attn_fwd_naive
-from sparse_prefill.ops.sparse_attn.library import ATTN_OUTPUTS, write_reference
+from sparse_prefill.ops.registry import define_op, writes_only
+from sparse_prefill.ops.sparse_attn.library import ATTN_OUTPUTS_SCHEMA, write_reference
 
 
-@torch.library.custom_op("sparse_prefill::paged_fp8_sparse_attn_fwd", mutates_args=ATTN_OUTPUTS)
-def paged_fp8_sparse_attn_fwd_op(
+def _paged_fp8_sparse_attn_fwd(
     q: torch.Tensor,
     cache: torch.Tensor,
     indices: torch.Tensor,
@@ -55,7 +53,9 @@ def paged_fp8_sparse_attn_fwd_op(
         paged_fp8_sparse_attn_triton(*scopes, kv_layout, d_v, out, max_logits, lse)
 
 
-@paged_fp8_sparse_attn_fwd_op.register_fake
-def _(q, cache, indices, page_size, extra_cache, extra_indices, extra_page_size, topk_length,
-      extra_topk_length, sm_scale, attn_sink, layout, d_v, out, max_logits, lse, impl) -> None:
-    return None
+paged_fp8_sparse_attn_fwd_op = define_op(
+    "paged_fp8_sparse_attn_fwd(Tensor q, Tensor cache, Tensor indices, int page_size, Tensor? extra_cache, "
+    "Tensor? extra_indices, int? extra_page_size, Tensor? topk_length, Tensor? extra_topk_length, "
+    f"float sm_scale, Tensor? attn_sink, str layout, int d_v, {ATTN_OUTPUTS_SCHEMA}, str impl) -> ()",
+    _paged_fp8_sparse_attn_fwd, writes_only,
+)

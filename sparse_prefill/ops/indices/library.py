@@ -1,6 +1,4 @@
-"""The index ops as registered torch ops (``torch.ops.sparse_prefill.*``), with fake
-(shape-only) implementations, so ``torch.compile`` traces through them and meta tensors run
-them. They take validated arguments (``ops/indices/__init__.py`` checks them) and the resolved
+"""The index ops as registered torch ops (``ops/registry.py``). They take validated arguments (``ops/indices/__init__.py`` checks them) and the resolved
 ``impl``. An output whose size depends on length values (the SWA gather, the compressed rows)
 has the exact size the caller passes, or, when it passes None, a data-dependent size under
 ``torch.compile`` (the eager op reads the lengths: one host sync on CUDA)."""
@@ -20,8 +18,7 @@ from sparse_prefill.ops.indices.naive import (
     combine_topk_swa_indices_ref,
 )
 from sparse_prefill.ops.indices.plan import SwaTokenIds, swa_gather_lens
-
-_I32 = dict(dtype=torch.int32)
+from sparse_prefill.ops.registry import define_op, writes_only
 
 
 def _size(known: int | None):
@@ -29,8 +26,7 @@ def _size(known: int | None):
     return known if known is not None else torch.library.get_ctx().new_dynamic_size()
 
 
-@torch.library.custom_op("sparse_prefill::build_swa_token_ids", mutates_args=())
-def build_swa_token_ids_op(
+def _build_swa_token_ids(
     seq_lens: torch.Tensor, extend_lens: torch.Tensor, req_token_table: torch.Tensor, swa_window: int,
     total: int | None, impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -42,8 +38,7 @@ def build_swa_token_ids_op(
     return tuple(build_swa_token_ids_triton(seq_lens, extend_lens, req_token_table, swa_window, total))
 
 
-@build_swa_token_ids_op.register_fake
-def _(seq_lens, extend_lens, req_token_table, swa_window, total, impl):
+def _build_swa_token_ids_fake(seq_lens, extend_lens, req_token_table, swa_window, total, impl):
     num_reqs, device = seq_lens.shape[0], seq_lens.device
     return (
         seq_lens.new_empty(_size(total)),
@@ -53,8 +48,7 @@ def _(seq_lens, extend_lens, req_token_table, swa_window, total, impl):
     )
 
 
-@torch.library.custom_op("sparse_prefill::build_workspace_plan", mutates_args=())
-def build_workspace_plan_op(
+def _build_workspace_plan(
     seq_lens: torch.Tensor, swa_token_ids: torch.Tensor, swa_first_pos: torch.Tensor,
     swa_gather_lens: torch.Tensor, swa_offsets: torch.Tensor, compress_ratio: int,
     compressed_token_table: torch.Tensor | None, num_compressed: int | None, impl: str,
@@ -71,16 +65,14 @@ def build_workspace_plan_op(
     return plan.compressed_token_ids, plan.compressed_base, plan.swa_base
 
 
-@build_workspace_plan_op.register_fake
-def _(seq_lens, swa_token_ids, swa_first_pos, swa_gather_lens, swa_offsets, compress_ratio,
-      compressed_token_table, num_compressed, impl):
+def _build_workspace_plan_fake(seq_lens, swa_token_ids, swa_first_pos, swa_gather_lens, swa_offsets,
+                               compress_ratio, compressed_token_table, num_compressed, impl):
     rows = 0 if compressed_token_table is None else _size(num_compressed)
     num_reqs = seq_lens.shape[0]
     return seq_lens.new_empty(rows), seq_lens.new_empty(num_reqs), seq_lens.new_empty(num_reqs)
 
 
-@torch.library.custom_op("sparse_prefill::combine_topk_swa_indices", mutates_args=("out_indices", "out_lens"))
-def combine_topk_swa_indices_op(
+def _combine_topk_swa_indices(
     topk_indices: torch.Tensor | None, query_start_loc: torch.Tensor, query_pos: torch.Tensor,
     seq_lens: torch.Tensor, gather_lens: torch.Tensor, compressed_base: torch.Tensor, swa_base: torch.Tensor,
     window_size: int, compress_ratio: int, topk: int, out_indices: torch.Tensor, out_lens: torch.Tensor,
@@ -98,7 +90,20 @@ def combine_topk_swa_indices_op(
         combine_topk_swa_indices_triton(topk_indices, *vectors, *sizes, out_indices, out_lens)
 
 
-@combine_topk_swa_indices_op.register_fake
-def _(topk_indices, query_start_loc, query_pos, seq_lens, gather_lens, compressed_base, swa_base,
-      window_size, compress_ratio, topk, out_indices, out_lens, impl) -> None:
-    return None
+build_swa_token_ids_op = define_op(
+    "build_swa_token_ids(Tensor seq_lens, Tensor extend_lens, Tensor req_token_table, int swa_window, int? total, "
+    "str impl) -> (Tensor, Tensor, Tensor, Tensor)",
+    _build_swa_token_ids, _build_swa_token_ids_fake,
+)
+build_workspace_plan_op = define_op(
+    "build_workspace_plan(Tensor seq_lens, Tensor swa_token_ids, Tensor swa_first_pos, Tensor swa_gather_lens, "
+    "Tensor swa_offsets, int compress_ratio, Tensor? compressed_token_table, int? num_compressed, str impl) "
+    "-> (Tensor, Tensor, Tensor)",
+    _build_workspace_plan, _build_workspace_plan_fake,
+)
+combine_topk_swa_indices_op = define_op(
+    "combine_topk_swa_indices(Tensor? topk_indices, Tensor query_start_loc, Tensor query_pos, Tensor seq_lens, "
+    "Tensor gather_lens, Tensor compressed_base, Tensor swa_base, int window_size, int compress_ratio, int topk, "
+    "Tensor(a!) out_indices, Tensor(b!) out_lens, str impl) -> ()",
+    _combine_topk_swa_indices, writes_only,
+)

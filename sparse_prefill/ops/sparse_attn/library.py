@@ -1,15 +1,16 @@
-"""``sparse_attn_fwd`` as a registered torch op (``torch.ops.sparse_prefill.sparse_attn_fwd``),
-with a fake (shape-only) implementation, so ``torch.compile`` traces through it and meta tensors
-run it. It takes validated arguments (``ops/sparse_attn/__init__.py`` checks them), the
-resolved ``impl`` and the preallocated outputs, which it writes (declared mutated)."""
+"""``sparse_attn_fwd`` as a registered torch op (``ops/registry.py``). It takes validated
+arguments (``ops/sparse_attn/__init__.py`` checks them), the resolved ``impl`` and the
+preallocated outputs, which it writes."""
 
 from __future__ import annotations
 
 import torch
 
+from sparse_prefill.ops.registry import define_op, writes_only
 from sparse_prefill.ops.sparse_attn.naive import sparse_attn_fwd_naive
 
-ATTN_OUTPUTS = ("out", "max_logits", "lse")
+# The schema's written arguments of both attention ops.
+ATTN_OUTPUTS_SCHEMA = "Tensor(a!) out, Tensor(b!) max_logits, Tensor(c!) lse"
 
 
 def write_reference(reference: tuple[torch.Tensor, ...], out: torch.Tensor, max_logits: torch.Tensor,
@@ -19,8 +20,7 @@ def write_reference(reference: tuple[torch.Tensor, ...], out: torch.Tensor, max_
         buffer.copy_(value)
 
 
-@torch.library.custom_op("sparse_prefill::sparse_attn_fwd", mutates_args=ATTN_OUTPUTS)
-def sparse_attn_fwd_op(
+def _sparse_attn_fwd(
     q: torch.Tensor,
     kv: torch.Tensor,
     indices: torch.Tensor,
@@ -44,6 +44,8 @@ def sparse_attn_fwd_op(
     )
 
 
-@sparse_attn_fwd_op.register_fake
-def _(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, out, max_logits, lse, impl) -> None:
-    return None
+sparse_attn_fwd_op = define_op(
+    "sparse_attn_fwd(Tensor q, Tensor kv, Tensor indices, float sm_scale, int d_v, Tensor? attn_sink, "
+    f"Tensor? topk_length, {ATTN_OUTPUTS_SCHEMA}, str impl) -> ()",
+    _sparse_attn_fwd, writes_only,
+)
