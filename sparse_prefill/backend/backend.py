@@ -2,8 +2,8 @@
 
 Two interchangeable paths compute DESIGN.md's attention table (``naive.py`` is its reference):
 
-* **sparse** (DESIGN.md steps 1-5): a :class:`SparsePrefillChunkCache` built at the first
-  sparse layer of a forward holds the SWA gather, the workspace plan of each ratio and the
+* **sparse** (DESIGN.md steps 1-5): a :class:`SparsePrefillChunkCache` built by
+  ``begin_forward`` holds the SWA gather, the workspace plan of each ratio and the
   ratio-1/128 index rows; each layer dequantizes its own caches by the plan into one reused
   bf16 workspace, recombines its rows from its top-k (ratio 4 only) and runs
   ``sparse_attn_fwd`` with ``topk_length``.

@@ -1,7 +1,7 @@
 """Per-chunk index state of the sparse prefill path (DESIGN.md step 4).
 
-Everything that is the same for every layer of a chunk is built once, at the first sparse
-layer: the SWA gather, the workspace plan of each compress ratio, and the combined index rows
+Everything that is the same for every layer of a chunk is built once per chunk (the backend
+builds it in ``begin_forward``): the SWA gather, the workspace plan of each compress ratio, and the combined index rows
 of the ratio-1 (SWA only) and dense-compressed (e.g. ratio-128) layers. Ratio-4 layers have
 their own indexer top-k, so their rows are recombined per layer into buffers kept here.
 
@@ -9,9 +9,10 @@ Staleness: the cache belongs to one batch-metadata state. ``build`` records the 
 ``key`` (the metadata object, or a generation token that changes whenever the metadata is
 refilled) and the autograd version counters of the tensors it was built from. Every accessor
 takes the key and raises ``StaleChunkCacheError`` when the key differs, ``invalidate()`` was
-called, or a source tensor was modified in place (e.g. a CUDA-graph replay's metadata
-``copy_``; inference-mode tensors have no version counter, so engines that build metadata under
-``torch.inference_mode()`` must pass a fresh key or call ``invalidate()`` when they refill it).
+called, or a source tensor was modified in place (e.g. a metadata ``copy_``; not checked while
+``torch.compile`` traces; inference-mode tensors have no version counter, so engines that build
+metadata under ``torch.inference_mode()`` must pass a fresh key or call ``invalidate()`` when
+they refill it).
 The backend's pattern::
 
     cache = metadata.sparse_prefill_cache
