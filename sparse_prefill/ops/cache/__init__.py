@@ -63,7 +63,8 @@ def _check_id_values(name: str, ids: torch.Tensor, capacity: int, *, unique: boo
     if unique:
         ids = ids.sort().values
     if site == "device":
-        device_assert(ids < capacity, f"{name} holds an id beyond the cache's capacity of {capacity} tokens")
+        if capacity <= torch.iinfo(ids.dtype).max:  # else every id fits (and capacity is no int32)
+            device_assert(ids < capacity, f"{name} holds an id beyond the cache's capacity of {capacity} tokens")
         if unique:
             no_dup = (ids[1:] != ids[:-1]) | (ids[1:] < 0)
             device_assert(no_dup, f"{name} holds a non-negative slot more than once")

@@ -77,6 +77,7 @@ def unsupported_reason(device: torch.device, layout: KVCacheLayout) -> str | Non
 
 
 @functools.lru_cache(maxsize=None)
+@torch._dynamo.assume_constant_result  # torch.compile runs it once at trace time, as a constant
 def auto_picks_gluon(device: torch.device, layout: KVCacheLayout) -> bool:
     """Whether ``impl="auto"`` runs this kernel (else the Triton one); the reason is logged at
     debug level, and once per process as a warning where this kernel was meant to run (V4
