@@ -284,3 +284,36 @@ def test_gpu_compile_backend_stack(path):
     torch._dynamo.reset()
     _equal(torch.compile(stack, fullgraph=True)(backend), stack(eager))
 
+
+
+I32_MAX = 2**31 - 1
+# The value checks of combine_topk_swa_indices (tests/ops/test_indices.py's host cases).
+COMBINE_VALUE_CASES = [
+    (dict(query_pos=torch.tensor([8, 9, 3, 4, 6], dtype=torch.int32)), "query_pos must be"),
+    (dict(query_start_loc=torch.tensor([1, 2, 5], dtype=torch.int32)), "run from 0"),
+    (dict(query_start_loc=torch.tensor([0, 6, 5], dtype=torch.int32),
+          gather_lens=torch.tensor([10, 6], dtype=torch.int32)), "extend lengths"),
+    (dict(seq_lens=torch.tensor([10, 2], dtype=torch.int32)), "extend lengths"),
+    (dict(gather_lens=torch.tensor([4, 6], dtype=torch.int32)), "gather_lens must cover"),
+    (dict(gather_lens=torch.tensor([5, 7], dtype=torch.int32)), "gather_lens must cover"),
+    (dict(swa_base=torch.tensor([-1, 9], dtype=torch.int32)), "swa_base puts rows"),
+    (dict(swa_base=torch.tensor([4, I32_MAX - 2], dtype=torch.int32)), "swa_base puts rows"),
+    (dict(compressed_base=torch.tensor([I32_MAX - 1, 0], dtype=torch.int32)), "compressed_base puts rows"),
+    (dict(topk_indices=None, topk=1), "topk_indices=None takes entries"),
+]
+
+
+def test_combine_value_checks_on_the_device(monkeypatch):
+    """The device-side checks of ``combine_topk_swa_indices`` (CUDA's default) catch what the
+    host checks catch, and pass valid rows unchanged."""
+    from tests.ops.test_indices import _combine_args
+
+    host = combine_topk_swa_indices(**_combine_args())
+    for change, _ in COMBINE_VALUE_CASES:
+        with pytest.raises(ValueError):
+            combine_topk_swa_indices(**{**_combine_args(), **change})
+    monkeypatch.setattr("sparse_prefill.ops.indices.value_check_site", lambda device: "device")
+    _equal(combine_topk_swa_indices(**_combine_args()), host)
+    for change, match in COMBINE_VALUE_CASES:
+        with pytest.raises(RuntimeError, match=match):
+            combine_topk_swa_indices(**{**_combine_args(), **change})

@@ -15,7 +15,9 @@ from sparse_prefill._utils import (
     check_int,
     check_tensor,
     check_unit_stride,
+    device_assert,
     resolve_impl,
+    value_check_site,
     value_checks_enabled,
     values_readable,
 )
@@ -318,6 +320,34 @@ def _check_combine_values(
         )
 
 
+def _assert_combine_values(
+    topk_indices, query_start_loc, query_pos, seq_lens, gather_lens, compressed_base, swa_base,
+    window_size, compress_ratio, topk,
+) -> None:
+    """``_check_combine_values`` on the device, without a sync (``device_assert``)."""
+    n = query_pos.shape[0]
+    qsl, seq = query_start_loc.long(), seq_lens.long()
+    gather, cbase, sbase = gather_lens.long(), compressed_base.long(), swa_base.long()
+    device_assert((qsl[0] == 0) & (qsl[-1] == n), f"query_start_loc must run from 0 to num_tokens = {n}")
+    if seq.shape[0] == 0:
+        return
+    ext = qsl.diff()
+    device_assert((ext >= 0) & (ext <= seq), "extend lengths (query_start_loc steps) must be in [0, seq_lens]")
+    need = torch.where(ext > 0, torch.minimum(seq, ext + (window_size - 1)), 0)
+    device_assert((need <= gather) & (gather <= seq), f"gather_lens must cover the window ({window_size}) and fit seq_lens")
+    live = ext > 0
+    device_assert(~live | ((sbase >= 0) & (sbase + gather <= INT32_MAX)), "swa_base puts rows outside [0, 2**31 - 1]")
+    entries = seq // compress_ratio if topk > 0 else torch.zeros_like(seq)
+    in_range = (cbase >= 0) & (cbase + entries <= INT32_MAX)
+    device_assert(~live | (entries == 0) | in_range, "compressed_base puts rows outside [0, 2**31 - 1]")
+    if topk_indices is None and compress_ratio > 1:
+        device_assert(~live | (entries <= topk), "topk_indices=None takes entries 0..topk-1, but a request sees more")
+    rows = torch.arange(n, device=qsl.device)
+    req = torch.searchsorted(qsl[1:], rows, right=True).clamp(max=seq.shape[0] - 1)
+    expected = (seq - ext)[req] + rows - qsl[req]
+    device_assert(query_pos.long() == expected, "query_pos must be each query's request prefix + its index there")
+
+
 def combine_topk_swa_indices(
     topk_indices: torch.Tensor | None,
     query_start_loc: torch.Tensor,
@@ -371,8 +401,9 @@ def combine_topk_swa_indices(
         ``(indices [num_tokens, width] int32, lens [num_tokens] int32)``: ``lens[q]`` = number
         of valid entries of row ``q`` (all before the first -1): pass it as ``topk_length``.
 
-    Value checks (when on; one host copy): the lengths are consistent, ``query_pos`` is as
-    above, rows stay below ``2**31``, and ``topk_indices=None`` covers every entry.
+    Value checks (when on; one host copy, or for CUDA tensors by default device-side asserts
+    without a sync): the lengths are consistent, ``query_pos`` is as above, rows stay below
+    ``2**31``, and ``topk_indices=None`` covers every entry.
     """
     check_int("window_size", window_size, lo=1, hi=INT32_MAX)
     check_int("compress_ratio", compress_ratio, lo=1, hi=INT32_MAX)
@@ -402,6 +433,9 @@ def combine_topk_swa_indices(
         topk_indices, query_start_loc, query_pos, seq_lens, gather_lens, compressed_base, swa_base,
         window_size, compress_ratio, topk,
     )
-    if value_checks_enabled() and values_readable(device):
+    site = value_check_site(device)
+    if site == "host":
         _check_combine_values(*args)
+    elif site == "device":
+        _assert_combine_values(*args)
     return combine(*args, out_indices, out_lens, impl)
