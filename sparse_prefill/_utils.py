@@ -98,7 +98,8 @@ def value_checks(enabled: bool | str) -> Iterator[None]:
       host (ValueError naming the argument); CUDA tensors on the device with
       ``torch._assert_async`` (no host sync: a violation fails the stream with a device-side
       assert, before the op's kernel reads anything), as is everything inside ``torch.compile``.
-      Ops whose output sizes follow from the values (the index ops) still read them on the host.
+      Ops whose output sizes follow from the values (``build_swa_token_ids``,
+      ``build_workspace_plan``) still read them on the host in eager mode.
     - ``"strict"`` (``SPARSE_PREFILL_VALUE_CHECKS=strict``): CUDA tensors are checked on the
       host too, with the ValueError messages; each check costs a device sync.
     - ``False`` (``SPARSE_PREFILL_VALUE_CHECKS=0``): no value checks, for engines that validate
