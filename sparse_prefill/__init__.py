@@ -10,6 +10,7 @@ runs the kernels under Triton's interpreter when ``TRITON_INTERPRET=1`` was set 
 """
 
 from sparse_prefill._utils import value_checks, value_checks_enabled
+from sparse_prefill._version import __version__
 from sparse_prefill.backend import (
     BatchMetadata,
     ForwardMode,
@@ -42,7 +43,6 @@ from sparse_prefill.ops.indices import (
 from sparse_prefill.ops.sparse_attn import sparse_attn_fwd
 from sparse_prefill.parallel import ContextParallelPrefill, HeadParallelPrefill, ShardedOutput
 
-__version__ = "0.1.0"
 
 __all__ = [
     "BatchMetadata",

@@ -29,18 +29,21 @@ FLOAT32_SCALE_MAX = 2.0**127
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 VALUE_CHECKS_ENV = "SPARSE_PREFILL_VALUE_CHECKS"
-_ENV_SWITCH = {"1": True, "on": True, "true": True, "yes": True, "0": False, "off": False, "false": False, "no": False}
+# Spellings of the modes "on" | "off" | "strict" (see value_checks).
+_ENV_MODES = {"1": "on", "on": "on", "true": "on", "yes": "on", "0": "off", "off": "off", "false": "off",
+              "no": "off", "strict": "strict"}
 
 
-def parse_value_checks_env(text: str | None) -> bool:
-    """``$SPARSE_PREFILL_VALUE_CHECKS``: unset or empty means on; 1/on/true/yes and 0/off/false/no
-    (any case) switch; anything else is a ValueError (a typo must not leave checks on silently)."""
+def parse_value_checks_env(text: str | None) -> str:
+    """``$SPARSE_PREFILL_VALUE_CHECKS`` -> "on" | "off" | "strict": unset or empty means on;
+    1/on/true/yes, 0/off/false/no and strict (any case) select; anything else is a ValueError
+    (a typo must not leave checks on silently)."""
     key = (text or "1").strip().lower() or "1"
-    if key not in _ENV_SWITCH:
+    if key not in _ENV_MODES:
         raise ValueError(
-            f"environment variable {VALUE_CHECKS_ENV} must be one of {sorted(_ENV_SWITCH)}, got {text!r}"
+            f"environment variable {VALUE_CHECKS_ENV} must be one of {sorted(_ENV_MODES)}, got {text!r}"
         )
-    return _ENV_SWITCH[key]
+    return _ENV_MODES[key]
 
 
 _VALUE_CHECKS = parse_value_checks_env(os.environ.get(VALUE_CHECKS_ENV))
@@ -67,26 +70,63 @@ def cdiv(a: int, b: int) -> int:
 
 
 def value_checks_enabled() -> bool:
-    """Whether checks that read tensor *values* run (on CUDA each costs a device sync)."""
-    return _VALUE_CHECKS
+    """Whether checks that read tensor *values* run (see ``value_checks``)."""
+    return _VALUE_CHECKS != "off"
+
+
+def value_check_site(device: torch.device) -> str | None:
+    """Where a value check of tensors on ``device`` runs now: "host" (read the values, raise
+    ValueError: CPU tensors, or CUDA tensors in strict mode), "device" (``device_assert``, no
+    sync: CUDA tensors by default, meta tensors, and any tensor while ``torch.compile`` traces)
+    or None (value checks off)."""
+    if _VALUE_CHECKS == "off":
+        return None
+    if torch.compiler.is_compiling() or device.type == "meta":
+        return "device"
+    if device.type == "cpu" or _VALUE_CHECKS == "strict":
+        return "host"
+    return "device"
+
+
+def values_readable(device: torch.device) -> bool:
+    """Whether tensor values on ``device`` can be read on the host now: not on meta tensors, not
+    while ``torch.compile`` traces (a read would break the graph)."""
+    return device.type != "meta" and not torch.compiler.is_compiling()
+
+
+def device_assert(ok: torch.Tensor, message: str) -> None:
+    """Assert the bool tensor ``ok`` is all true without a host sync (``torch._assert_async``):
+    on CUDA a violation fails the stream with a device-side assert carrying ``message``."""
+    torch._assert_async(ok.all(), message)
 
 
 @contextlib.contextmanager
-def value_checks(enabled: bool) -> Iterator[None]:
-    """Switch value checks on or off inside a ``with`` block.
+def value_checks(enabled: bool | str) -> Iterator[None]:
+    """Set how checks of tensor *values* run inside a ``with`` block.
 
     Shape, dtype and device checks are free and always run. Checks of values (an id beyond a
-    cache's capacity, a length out of range) need the data on the host, which on CUDA is a
-    device sync. Engines that validate their metadata once switch them off in hot loops with
-    ``with sparse_prefill.value_checks(False): ...`` or process-wide with the environment
-    variable ``SPARSE_PREFILL_VALUE_CHECKS=0`` (read at import; see ``parse_value_checks_env``).
-    ``enabled`` must be a bool (a string such as ``"false"`` is truthy: it is rejected with
+    cache's capacity, a length out of range) need the data:
+
+    - ``True`` (the default, ``SPARSE_PREFILL_VALUE_CHECKS=1``): CPU tensors are checked on the
+      host (ValueError naming the argument); CUDA tensors on the device with
+      ``torch._assert_async`` (no host sync: a violation fails the stream with a device-side
+      assert, before the op's kernel reads anything), as is everything inside ``torch.compile``.
+      Ops whose output sizes follow from the values (``build_swa_token_ids``,
+      ``build_workspace_plan``) still read them on the host in eager mode.
+    - ``"strict"`` (``SPARSE_PREFILL_VALUE_CHECKS=strict``): CUDA tensors are checked on the
+      host too, with the ValueError messages; each check costs a device sync.
+    - ``False`` (``SPARSE_PREFILL_VALUE_CHECKS=0``): no value checks, for engines that validate
+      their metadata once.
+
+    The environment variable is read at import (see ``parse_value_checks_env``). ``enabled`` must
+    be a bool or ``"strict"`` (a string such as ``"false"`` is truthy: it is rejected with
     TypeError rather than read as on).
     """
+    if not (isinstance(enabled, bool) or (isinstance(enabled, str) and enabled == "strict")):
+        raise TypeError(f"value_checks takes a bool or 'strict' (enabled), got {enabled!r}")
     global _VALUE_CHECKS
-    if not isinstance(enabled, bool):
-        raise TypeError(f"value_checks takes a bool (enabled), got {type(enabled).__name__}")
-    previous, _VALUE_CHECKS = _VALUE_CHECKS, enabled
+    previous = _VALUE_CHECKS
+    _VALUE_CHECKS = "strict" if enabled == "strict" else ("on" if enabled else "off")
     try:
         yield
     finally:

@@ -3,8 +3,8 @@
 Layer kinds by compress ratio (``layer_kinds.py``): 0 SWA only; 1, 2, 4 top-k; 128 dense.
 Two interchangeable paths compute DESIGN.md's attention table (``naive.py`` is its reference):
 
-* **sparse** (DESIGN.md steps 1-5): a :class:`SparsePrefillChunkCache` built at the first
-  sparse layer of a forward holds the SWA gather, the workspace plan of each ratio and the
+* **sparse** (DESIGN.md steps 1-5): a :class:`SparsePrefillChunkCache` built by
+  ``begin_forward`` holds the SWA gather, the workspace plan of each ratio and the
   SWA-only / dense index rows; each layer dequantizes its caches by the plan into its ratio's
   bf16 workspace (one per ratio, reused by every layer of it), recombines its rows from its
   top-k (top-k layers only) and runs ``sparse_attn_fwd`` with ``topk_length``. A workspace
@@ -75,18 +75,19 @@ def dense_width(metadata: BatchMetadata, ratio: int) -> int:
 
 
 def dense_token_ids(
-    metadata: BatchMetadata, ratio: int, start: int = 0, stop: int | None = None
+    metadata: BatchMetadata, ratio: int, start: int = 0, stop: int | None = None, *, width: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compressed-cache token ids of every complete entry of query rows ``start:stop`` (dense
     layers).
 
-    Returns ``(ids [rows, dense_width(metadata, ratio)] int32, lens [rows] int32)``: row ``i``
+    Returns ``(ids [rows, width] int32, lens [rows] int32)`` (``width`` defaults to
+    ``dense_width(metadata, ratio)``; a wider one pads with -1): row ``i``
     (position ``p``) holds entries ``0 .. (p + 1) // ratio - 1`` mapped through
     ``metadata.compressed_token_tables[ratio]``, ``lens[i]`` of them, then -1.
     """
     md = metadata
     count = (md.query_pos[start:stop].long() + 1) // ratio
-    cols = torch.arange(dense_width(md, ratio), device=md.device)
+    cols = torch.arange(dense_width(md, ratio) if width is None else width, device=md.device)
     valid = cols < count[:, None]
     ids = _lookup(md.compressed_token_tables[ratio], md.query_req[start:stop, None], cols, valid)
     return ids, count.to(torch.int32)
@@ -138,6 +139,11 @@ class SparsePrefillBackend:
         max_query_rows: at most this many query rows per attention launch (None: no limit;
             kernels handle any row count, this bounds per-launch transients).
         costs: the routing cost model's constants (``routing.DEFAULT_COSTS``).
+        cuda_graph: make ``begin_forward`` + the layers capturable in one CUDA graph (see
+            "CUDA graphs" below). Every batch then takes the regular path (the sparse path's
+            workspace and gather sizes follow the request lengths, fixed at capture) and the
+            ratio-128 rows span the whole compressed token table (its width, not the longest
+            request's entries), so no size depends on the lengths. ``path="sparse"`` is refused.
 
     Use::
 
@@ -146,8 +152,17 @@ class SparsePrefillBackend:
             out = backend.forward(layer, q, caches[layer], topk_indices, attn_sink)
 
     State built for a forward (chunk cache, workspace, index rows, path choices) belongs to one
-    metadata object and generation: a new object, or ``metadata.copy_`` (CUDA-graph replay),
-    rebuilds it at the next layer, so stale state is never used.
+    metadata object and generation: a new object, or ``metadata.copy_``, rebuilds it at the next
+    layer when Python runs it, so stale state is never used.
+
+    CUDA graphs (decode batches, and extend batches of a fixed request and token count): build
+    a static ``BatchMetadata`` whose token tables are sized by the maxima (columns for the
+    longest sequence), static ``q`` / ``topk_indices`` / ``out`` buffers, and a backend with
+    ``cuda_graph=True``; run one forward eagerly (compiles the kernels), then capture
+    ``begin_forward(static)`` and the layers. Before each replay, refill the buffers and
+    ``static.copy_(new, in_place=True)``: the lengths and tables land in the captured tensors
+    (it raises instead when a shape differs), and the replay recomputes the index rows from
+    them on the device. A plain backend raises when ``begin_forward`` runs under capture.
     """
 
     def __init__(
@@ -158,6 +173,7 @@ class SparsePrefillBackend:
         impl: str = "auto",
         max_query_rows: int | None = None,
         costs: routing.PathCosts = routing.DEFAULT_COSTS,
+        cuda_graph: bool = False,
     ) -> None:
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
@@ -172,14 +188,40 @@ class SparsePrefillBackend:
         if not isinstance(costs, routing.PathCosts):
             raise TypeError(f"costs must be a routing.PathCosts, got {type(costs).__name__}")
         self.costs = costs
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+        if cuda_graph and self.path_setting == routing.SPARSE:
+            raise ValueError(
+                "cuda_graph=True takes the regular path only (the sparse path's sizes follow the request "
+                "lengths): use path='auto' or 'regular'"
+            )
+        self.cuda_graph = cuda_graph
         self._state: _ForwardState | None = None
 
     # -- per-forward state -------------------------------------------------------------------
 
     def begin_forward(self, metadata: BatchMetadata) -> None:
-        """Start a forward over ``metadata``'s batch (drops all state of the previous one)."""
+        """Start a forward over ``metadata``'s batch (drops all state of the previous one) and
+        build its per-forward state: the path of every ratio, the sparse path's chunk cache and
+        workspace, the regular path's shared index rows. That is all the host work of a forward
+        (no device sync), so the per-layer ``forward`` calls only queue device work: call this
+        outside a ``torch.compile``-d layer stack or a captured CUDA graph."""
         self._check_metadata(metadata)
-        self._state = _ForwardState(metadata)
+        if not self.cuda_graph and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "begin_forward is being captured in a CUDA graph, but this backend sizes its state by the "
+                "request lengths, which a replay would not update: use SparsePrefillBackend(..., cuda_graph=True)"
+            )
+        self._state = state = _ForwardState(metadata)
+        ratios = sorted(set(self.config.compress_ratios))
+        paths = {r: self.path_for(r) for r in ratios}
+        if routing.SPARSE in paths.values():
+            self.chunk_cache()
+        if routing.REGULAR in paths.values():
+            self._shared_rows(state, 1)
+        for r in ratios:
+            if paths[r] == routing.REGULAR and self._shares_dense_rows(metadata, r):
+                self._shared_rows(state, r)
 
     def _check_metadata(self, metadata: object) -> None:
         if not isinstance(metadata, BatchMetadata):
@@ -204,9 +246,8 @@ class SparsePrefillBackend:
         """The path ("sparse" or "regular") the ratio-``ratio`` layers take for the batch."""
         state = self._current(metadata)
         if ratio not in state.paths:
-            state.paths[ratio] = routing.choose_path(
-                self.path_setting, self.config, state.metadata, ratio, self.costs
-            )
+            setting = routing.REGULAR if self.cuda_graph else self.path_setting
+            state.paths[ratio] = routing.choose_path(setting, self.config, state.metadata, ratio, self.costs)
         return state.paths[ratio]
 
     # -- forward -----------------------------------------------------------------------------
@@ -393,11 +434,22 @@ class SparsePrefillBackend:
         (ratio 0) or every complete entry of a dense ratio."""
         if ratio not in state.regular_rows:
             md = state.metadata
-            rows = (
-                window_token_ids(md, self.config.window_size) if ratio == SWA_RATIO else dense_token_ids(md, ratio)
-            )
+            if ratio == SWA_RATIO:
+                rows = window_token_ids(md, self.config.window_size)
+            else:
+                rows = dense_token_ids(md, ratio, width=self._dense_width(md, ratio))
             state.regular_rows[ratio] = rows
         return state.regular_rows[ratio]
+
+    def _dense_width(self, md: BatchMetadata, ratio: int) -> int:
+        """Columns of the regular path's rows of a dense ratio: the table's under ``cuda_graph``
+        (fixed at capture), else the longest request's entries."""
+        return max(1, md.compressed_token_tables[ratio].shape[1]) if self.cuda_graph else dense_width(md, ratio)
+
+    def _shares_dense_rows(self, md: BatchMetadata, ratio: int) -> bool:
+        """Whether the regular path keeps a dense ratio's rows for all its layers."""
+        return (self.config.kind_of(ratio) is LayerKind.DENSE
+                and md.num_tokens * self._dense_width(md, ratio) * 4 <= REGULAR_SHARED_ROWS_BYTES)
 
     def _picked_rows(self, state: _ForwardState, ratio: int, topk_indices: torch.Tensor, a: int, b: int):
         """``picked_token_ids`` of rows ``a:b``; for the whole batch, kept for a later layer of
@@ -417,9 +469,7 @@ class SparsePrefillBackend:
         swa_ids, swa_lens = self._shared_rows(state, SWA_RATIO)
         md = state.metadata
         kind = cfg.kind_of(ratio)
-        shared_dense = (
-            kind is LayerKind.DENSE and md.num_tokens * dense_width(md, ratio) * 4 <= REGULAR_SHARED_ROWS_BYTES
-        )
+        shared_dense = self._shares_dense_rows(md, ratio)
         if shared_dense:
             dense_ids, dense_lens = self._shared_rows(state, ratio)
         # Top-k picks (and a large dense layer) map per block of rows: that bounds the transients.
@@ -436,7 +486,7 @@ class SparsePrefillBackend:
             elif shared_dense:
                 ids, lens = dense_ids[a:b], dense_lens[a:b]
             else:
-                ids, lens = dense_token_ids(md, ratio, a, b)
+                ids, lens = dense_token_ids(md, ratio, a, b, width=self._dense_width(md, ratio))
             paged_fp8_sparse_attn_fwd(
                 q[a:b], caches.compressed, ids, cfg.page_size_of(ratio), cfg.sm_scale,
                 extra_cache=caches.swa, extra_indices=swa_ids[a:b], extra_page_size=cfg.swa_page_size,

@@ -1,8 +1,8 @@
 """Per-chunk index state of the sparse prefill path (DESIGN.md step 4).
 
-Everything that is the same for every layer of a chunk is built once, at the first sparse
-layer: the SWA gather, the workspace plan of each compress ratio, and the combined index rows
-of the SWA-only (ratio 0) and dense (ratio 128) layers. Top-k layers (ratios 1, 2, 4; kinds in
+Everything that is the same for every layer of a chunk is built once per chunk (the backend
+builds it in ``begin_forward``): the SWA gather, the workspace plan of each compress ratio, and
+the combined index rows of the SWA-only (ratio 0) and dense (ratio 128) layers. Top-k layers (ratios 1, 2, 4; kinds in
 ``layer_kinds.py``) have their indexer's top-k, so their rows are recombined per layer into
 buffers kept here, one pair per ratio; a layer that passes the same ``topk_indices`` tensor as
 the previous combine of its ratio, unwritten since (DeepSeek-V4.1's index-sharing layers), gets
@@ -12,9 +12,10 @@ Staleness: the cache belongs to one batch-metadata state. ``build`` records the 
 ``key`` (the metadata object, or a generation token that changes whenever the metadata is
 refilled) and the autograd version counters of the tensors it was built from. Every accessor
 takes the key and raises ``StaleChunkCacheError`` when the key differs, ``invalidate()`` was
-called, or a source tensor was modified in place (e.g. a CUDA-graph replay's metadata
-``copy_``; inference-mode tensors have no version counter, so engines that build metadata under
-``torch.inference_mode()`` must pass a fresh key or call ``invalidate()`` when they refill it).
+called, or a source tensor was modified in place (e.g. a metadata ``copy_``; not checked while
+``torch.compile`` traces; inference-mode tensors have no version counter, so engines that build
+metadata under ``torch.inference_mode()`` must pass a fresh key or call ``invalidate()`` when
+they refill it).
 The backend's pattern::
 
     cache = metadata.sparse_prefill_cache
@@ -31,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from sparse_prefill._utils import check_int, check_tensor, resolve_impl, value_checks_enabled
+from sparse_prefill._utils import check_int, check_tensor, device_assert, resolve_impl, value_check_site
 from sparse_prefill.backend.layer_kinds import LayerKind, resolve_ratio_kinds
 from sparse_prefill.backend.reuse import stamp, unchanged
 from sparse_prefill.ops.indices import check_request_lengths, combine, swa_token_ids, workspace_plan
@@ -92,7 +93,11 @@ def _host_lens(
         if len(values) != t.shape[0]:
             raise ValueError(f"host_lens' {name} has {len(values)} entries, the {name} tensor {t.shape[0]}")
         lists.append(values)
-    if value_checks_enabled():
+    site = value_check_site(seq_lens.device)
+    if site == "device":  # the host lists travel to the device: no sync
+        host = torch.tensor(lists).to(seq_lens.device, non_blocking=True)
+        device_assert(host == torch.stack([seq_lens, extend_lens]), "host_lens differ from seq_lens / extend_lens")
+    elif site == "host":
         on_device = torch.stack([seq_lens, extend_lens]).tolist()  # one sync for both
         for name, values, actual in zip(names, lists, on_device):
             if values != actual:
@@ -282,7 +287,9 @@ class SparsePrefillChunkCache:
             return "it was invalidated"
         if not _same_key(self._key(), key):
             return "it was built for other batch metadata (key differs)"
-        if any(t._version != v for t, v in self._versions):
+        # Version counters are host state Dynamo cannot read: while torch.compile traces, the
+        # key and invalidate() are the checks (the backend bumps the key on metadata.copy_).
+        if not torch.compiler.is_compiling() and any(t._version != v for t, v in self._versions):
             return "a tensor it was built from was modified in place"
         return None
 

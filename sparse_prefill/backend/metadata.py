@@ -227,17 +227,21 @@ class BatchMetadata:
         """Whether the batch is in DECODE mode (one new token per request)."""
         return self.forward_mode is ForwardMode.DECODE
 
-    def copy_(self, other: BatchMetadata) -> None:
-        """Take ``other``'s batch in place (as CUDA-graph replay does) and bump ``generation``.
+    def copy_(self, other: BatchMetadata, *, in_place: bool = False) -> None:
+        """Take ``other``'s batch and bump ``generation``.
 
         Tensors whose shapes match are copied into the existing storage (the tables this object
-        was built with included), so captured graphs see the new values; state derived from the
-        old batch becomes stale.
+        was built with included), so a captured CUDA graph reads the new values; state derived
+        from the old batch becomes stale. With ``in_place=True`` (refilling the metadata of a
+        captured graph) every tensor must be refilled in place: a different request count,
+        token count, forward mode or table shape raises ValueError, before anything changes.
         """
         if not isinstance(other, BatchMetadata):
             raise TypeError(f"other must be a BatchMetadata, got {type(other).__name__}")
         if other.config != self.config:
             raise ValueError("other must have the same config")
+        if in_place:
+            self._check_same_shapes(other)
         old = {name: getattr(self, name) for name in _DEVICE_FIELDS}
         old_tables = self.compressed_token_tables
         self.forward_mode = other.forward_mode
@@ -247,6 +251,21 @@ class BatchMetadata:
         for ratio, t in old_tables.items():
             self.compressed_token_tables[ratio] = _refill(t, self.compressed_token_tables[ratio])
         self.generation = next(_generation)
+
+    def _check_same_shapes(self, other: BatchMetadata) -> None:
+        mine = {"forward_mode": self.forward_mode, "num_requests": self.num_requests, "num_tokens": self.num_tokens,
+                "swa_token_table shape": tuple(self.swa_token_table.shape)}
+        theirs = {"forward_mode": other.forward_mode, "num_requests": other.num_requests,
+                  "num_tokens": other.num_tokens, "swa_token_table shape": tuple(other.swa_token_table.shape)}
+        for ratio in self.compressed_token_tables:
+            name = f"compressed_token_tables[{ratio}] shape"
+            mine[name] = tuple(self.compressed_token_tables[ratio].shape)
+            theirs[name] = tuple(other.compressed_token_tables[ratio].shape)
+        for name, value in mine.items():
+            if theirs[name] != value:
+                raise ValueError(
+                    f"copy_(in_place=True) needs the same {name}: this metadata has {value}, other {theirs[name]}"
+                )
 
     def __repr__(self) -> str:
         return (

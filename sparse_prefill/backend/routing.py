@@ -237,7 +237,8 @@ def choose_path(
         est = {p: estimate_us(p, work, costs) for p in (SPARSE, REGULAR)}
         chosen = SPARSE if est[SPARSE] < est[REGULAR] else REGULAR
         why = f"estimated sparse {est[SPARSE]:.1f} us vs regular {est[REGULAR]:.1f} us"
-    logger.debug(
-        "sparse_prefill: ratio-%d layers of %r take the %s path (%s)", ratio, metadata, chosen, why
-    )
+    if not torch.compiler.is_compiling():  # Dynamo cannot trace logging calls
+        logger.debug(
+            "sparse_prefill: ratio-%d layers of %r take the %s path (%s)", ratio, metadata, chosen, why
+        )
     return chosen

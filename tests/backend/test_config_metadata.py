@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import re
+
 import pytest
 import torch
 
@@ -253,3 +255,27 @@ def test_metadata_copy_refills_in_place():
     other_cfg = ModelConfig(**SMALL, window_size=8)
     with pytest.raises(ValueError, match="same config"):
         md.copy_(BatchMetadata(other_cfg, PREFIX, EXTEND, swa, comp))
+
+
+def test_metadata_copy_in_place_needs_the_same_shapes():
+    swa, comp = tables()
+    md = BatchMetadata(CFG, PREFIX, EXTEND, swa, comp)
+    swa2, comp2 = tables(fill=9)
+    same = BatchMetadata(CFG, [100, 0, 7], [1, 4, 1], swa2, comp2)  # 6 tokens, as md
+    md.copy_(same, in_place=True)
+    assert md.query_pos.tolist() == [100, 0, 1, 2, 3, 7] and (md.swa_token_table == 9).all()
+    cases = {
+        "num_tokens": BatchMetadata(CFG, [100, 0, 7], [1, 4, 2], swa2, comp2),
+        "num_requests": BatchMetadata(CFG, [100, 0], [1, 5], swa2[:2], {c: t[:2] for c, t in comp2.items()}),
+        "swa_token_table shape": BatchMetadata(CFG, [100, 0, 7], [1, 4, 1], torch.cat([swa2, swa2], 1), comp2),
+        "forward_mode": BatchMetadata(CFG, [100, 0, 7], [1, 1, 1], swa2, comp2, ForwardMode.DECODE),
+    }
+    for ratio, t in comp2.items():
+        wider = {**comp2, ratio: torch.cat([t, t], 1)}
+        cases[f"compressed_token_tables[{ratio}] shape"] = BatchMetadata(CFG, [100, 0, 7], [1, 4, 1], swa2, wider)
+    gen = md.generation
+    for name, other in cases.items():
+        with pytest.raises(ValueError, match=f"needs the same {re.escape(name)}"):
+            md.copy_(other, in_place=True)
+        assert md.generation == gen and md.query_pos.tolist() == [100, 0, 1, 2, 3, 7]
+

@@ -6,19 +6,27 @@ quantization (power-of-two scales, round-to-nearest-even e4m3, rope stored as bf
 in ``naive.py``; the Triton kernels reproduce it bit for bit.
 
 Checks of shapes, dtypes and devices are free and always run, before any launch. Checks of
-index *values* (an id beyond the cache's capacity, duplicate store slots) read the ids on the
-host, which on CUDA costs a device sync; engines switch them off in hot loops with
-``sparse_prefill.value_checks(False)`` or ``SPARSE_PREFILL_VALUE_CHECKS=0``.
+index *values* (an id beyond the cache's capacity, duplicate store slots) raise ValueError for
+CPU tensors; for CUDA tensors they run on the device without a sync (a device-side assert) unless
+``sparse_prefill.value_checks("strict")`` asks for host checks; ``value_checks(False)`` or
+``SPARSE_PREFILL_VALUE_CHECKS=0`` switches them off.
 """
 
 from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import check_int, check_no_overlap, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
+from sparse_prefill._utils import (
+    check_int,
+    check_no_overlap,
+    check_tensor,
+    check_unit_stride,
+    device_assert,
+    resolve_impl,
+    value_check_site,
+)
 from sparse_prefill.layout import KVCacheLayout
-from sparse_prefill.ops.cache.kernels import dequantize_k_cache_paged_triton, store_k_cache_triton
-from sparse_prefill.ops.cache.naive import dequantize_k_cache_paged_ref, store_k_cache_ref
+from sparse_prefill.ops.cache.library import dequantize_k_cache_paged_op, store_k_cache_op
 
 INT32_MAX = 2**31 - 1  # token ids are int32 (or int64 below it): a page holds fewer
 
@@ -62,12 +70,21 @@ def _check_ids(name: str, ids: object, n: int | None, device: torch.device) -> t
 
 
 def _check_id_values(name: str, ids: torch.Tensor, capacity: int, *, unique: bool) -> None:
-    """Value checks (one device sync on CUDA): ids < capacity; with ``unique``, no non-negative
-    id twice."""
-    if not value_checks_enabled() or ids.numel() == 0:
+    """Value checks: ids < capacity; with ``unique``, no non-negative id twice. On the host or
+    the device (no sync) as ``value_check_site`` says."""
+    site = value_check_site(ids.device)
+    if site is None or ids.numel() == 0:
         return
     if unique:
         ids = ids.sort().values
+    if site == "device":
+        if capacity <= torch.iinfo(ids.dtype).max:  # else every id fits (and capacity is no int32)
+            device_assert(ids < capacity, f"{name} holds an id beyond the cache's capacity of {capacity} tokens")
+        if unique:
+            no_dup = (ids[1:] != ids[:-1]) | (ids[1:] < 0)
+            device_assert(no_dup, f"{name} holds a non-negative slot more than once")
+        return
+    if unique:
         dup = ((ids[1:] == ids[:-1]) & (ids[1:] >= 0)).any().to(ids.dtype)
         top, has_dup = torch.stack([ids[-1], dup]).tolist()
     else:
@@ -89,10 +106,7 @@ def _store(
     layout: KVCacheLayout,
     impl: str,
 ) -> None:
-    if impl == "reference":
-        store_k_cache_ref(cache, k, slot_ids, page_size, layout)
-    else:
-        store_k_cache_triton(cache, k, slot_ids, page_size, layout)
+    store_k_cache_op(cache, k, slot_ids, page_size, layout.name, impl)
 
 
 def _gather(
@@ -104,10 +118,7 @@ def _gather(
     impl: str,
 ) -> torch.Tensor:
     """Write the dequantized tokens into ``out`` [n, 1, d] and return it."""
-    if impl == "reference":
-        out[:, 0].copy_(dequantize_k_cache_paged_ref(cache, token_ids, page_size, layout))
-    else:
-        dequantize_k_cache_paged_triton(cache, token_ids, page_size, layout, out[:, 0])
+    dequantize_k_cache_paged_op(cache, token_ids, page_size, layout.name, out, impl)
     return out
 
 
@@ -142,9 +153,10 @@ def store_k_cache(
     ``max|x| <= 448 * 2**k``, at least -13; the fp8 byte is e4m3fn of ``x * 2**-k`` rounded to
     nearest even (never saturates); rope dims are stored as their bf16 bytes.
 
-    Value checks (slots in range, no duplicates) read ``slot_ids`` on the host: on CUDA one
-    device sync per call. Switch them off in hot loops with
-    ``with sparse_prefill.value_checks(False):`` (or ``SPARSE_PREFILL_VALUE_CHECKS=0``); then an
+    Value checks (slots in range, no duplicates): ValueError for CPU tensors (and CUDA ones in
+    ``value_checks("strict")`` mode, one device sync); by default a device-side assert for CUDA
+    tensors. Switch them off with ``with sparse_prefill.value_checks(False):`` (or
+    ``SPARSE_PREFILL_VALUE_CHECKS=0``); then an
     out-of-range slot writes out of bounds and duplicate slots leave the slot's bytes undefined
     (possibly a mix of the tokens). All other checks run always, before any launch, and raise
     TypeError/ValueError naming the argument.
@@ -207,7 +219,7 @@ def dequantize_k_cache_paged(
         cache: [num_pages, layout.page_bytes(page_size)], uint8, contiguous.
         token_ids: [n], int32 or int64. Row ``i`` is token ``token_ids[i]``; a negative id is
             padding and yields a zero row. An id ``>= num_pages * page_size`` raises ValueError
-            (a value check: on CUDA one device sync; off under
+            (a value check, see ``store_k_cache``; off under
             ``sparse_prefill.value_checks(False)``, and then such an id reads out of bounds).
         page_size: tokens per page, ``>= 1``; must match the cache's page bytes.
         layout: ``KVCacheLayout.V4`` (d = 512) or ``KVCacheLayout.V32`` (d = 576).

@@ -11,7 +11,7 @@ import torch
 from sparse_prefill._utils import IMPLS, resolve_impl
 from sparse_prefill.layout import KVCacheLayout
 from sparse_prefill.ops.cache import check_cache
-from sparse_prefill.ops.fp8_sparse_attn.naive import paged_fp8_sparse_attn_fwd_naive
+from sparse_prefill.ops.fp8_sparse_attn.library import paged_fp8_sparse_attn_fwd_op
 from sparse_prefill.ops.sparse_attn import (
     D_V,
     AttnOutputs,
@@ -21,7 +21,6 @@ from sparse_prefill.ops.sparse_attn import (
     check_scale_and_d_v,
     check_sink,
     prepare_outputs,
-    write_reference,
 )
 
 __all__ = ["FP8_ATTN_IMPLS", "paged_fp8_sparse_attn_fwd"]
@@ -81,7 +80,8 @@ def paged_fp8_sparse_attn_fwd(
             ``indices[i, :topk_length[i]]`` (later entries are ignored, whatever they point at).
         extra_topk_length: optional, [s_q], int32, values in ``[0, extra_topk]``, the same for
             ``extra_indices``; needs the extra scope. Length values outside their range raise
-            ValueError while value checks are on (``sparse_prefill.value_checks``); with them off
+            ValueError while value checks are on (``sparse_prefill.value_checks``; for CUDA tensors
+            by default a device-side assert, no sync); with them off
             a value past the width acts as the width and a negative one as 0.
         attn_sink: optional, [h_q], float32. ``out`` of head ``h`` is multiplied by
             ``exp(lse) / (exp(lse) + exp(attn_sink[h]))``; -inf leaves it unchanged, +inf makes
@@ -141,24 +141,10 @@ def paged_fp8_sparse_attn_fwd(
     if s_q == 0:
         return out, max_logits, lse
 
-    if impl == "reference":
-        reference = paged_fp8_sparse_attn_fwd_naive(
-            q, cache, indices, page_size, sm_scale, extra_cache=extra_cache,
-            extra_indices=extra_indices, extra_page_size=extra_page_size, topk_length=topk_length,
-            extra_topk_length=extra_topk_length, attn_sink=attn_sink, layout=layout, d_v=d_v,
-        )
-        return write_reference(reference, out)
-
-    scopes = (q, cache, indices, page_size, extra_cache, extra_indices, extra_page_size, topk_length,
-              extra_topk_length, sm_scale, attn_sink)
-    if impl == "gluon":
-        from sparse_prefill.ops.fp8_sparse_attn.gluon_kernel import paged_fp8_sparse_attn_gluon
-
-        paged_fp8_sparse_attn_gluon(*scopes, out, max_logits, lse)
-    else:
-        from sparse_prefill.ops.fp8_sparse_attn.kernel import paged_fp8_sparse_attn_triton
-
-        paged_fp8_sparse_attn_triton(*scopes, layout, d_v, out, max_logits, lse)
+    paged_fp8_sparse_attn_fwd_op(
+        q, cache, indices, page_size, extra_cache, extra_indices, extra_page_size, topk_length,
+        extra_topk_length, sm_scale, attn_sink, layout.name, d_v, out, max_logits, lse, impl,
+    )
     return out, max_logits, lse
 
 

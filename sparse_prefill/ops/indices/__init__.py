@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import check_int, check_no_overlap, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
-from sparse_prefill.ops.indices.kernels import (
-    build_swa_token_ids_triton,
-    build_workspace_plan_triton,
-    combine_topk_swa_indices_triton,
+from sparse_prefill._utils import (
+    check_int,
+    check_no_overlap,
+    check_tensor,
+    check_unit_stride,
+    device_assert,
+    resolve_impl,
+    value_check_site,
+    value_checks_enabled,
+    values_readable,
 )
-from sparse_prefill.ops.indices.naive import (
-    build_swa_token_ids_ref,
-    build_workspace_plan_ref,
-    combine_topk_swa_indices_ref,
+from sparse_prefill.ops.indices.library import (
+    build_swa_token_ids_op,
+    build_workspace_plan_op,
+    combine_topk_swa_indices_op,
 )
 from sparse_prefill.ops.indices.plan import (
     INT32_MAX,
@@ -71,15 +76,20 @@ def check_request_lengths(
             raise ValueError(f"{table_name} has {table_width} columns, request {r} needs {need}")
 
 
+def _need_size_without_values(name: str, size: int | None, device: torch.device) -> None:
+    """Meta tensors hold no lengths: a size computed from them must be given (under
+    ``torch.compile`` a missing one becomes a data-dependent size)."""
+    if size is None and device.type == "meta":
+        raise ValueError(f"meta tensors hold no lengths to size the result with: pass {name}")
+
+
 # ---------------------------------------------------------------------------------------------
 # build_swa_token_ids
 
 
 def swa_token_ids(seq_lens, extend_lens, req_token_table, swa_window, total, impl) -> SwaTokenIds:
     """Dispatch without validation (``impl`` resolved, ``total`` exact)."""
-    if impl == "reference":
-        return build_swa_token_ids_ref(seq_lens, extend_lens, req_token_table, swa_window)
-    return build_swa_token_ids_triton(seq_lens, extend_lens, req_token_table, swa_window, total)
+    return SwaTokenIds(*build_swa_token_ids_op(seq_lens, extend_lens, req_token_table, swa_window, total, impl))
 
 
 def build_swa_token_ids(
@@ -127,7 +137,9 @@ def build_swa_token_ids(
         check_int("total", total, lo=0)
     impl = resolve_impl(impl, device)
 
-    if value_checks_enabled():
+    if not values_readable(device):
+        _need_size_without_values("total", total, device)
+    elif value_checks_enabled():
         seq, ext = torch.stack([seq_lens, extend_lens]).tolist()
         check_request_lengths(seq, ext, req_token_table.shape[1], "req_token_table")
         exact = sum(swa_gather_len(s, e, swa_window) for s, e in zip(seq, ext))
@@ -136,7 +148,8 @@ def build_swa_token_ids(
         total = exact
     elif total is None:
         total = int(swa_gather_lens(seq_lens, extend_lens, swa_window).sum())
-    check_workspace_rows(0, total)
+    if total is not None:
+        check_workspace_rows(0, total)
     return swa_token_ids(seq_lens, extend_lens, req_token_table, swa_window, total, impl)
 
 
@@ -146,9 +159,10 @@ def build_swa_token_ids(
 
 def workspace_plan(seq_lens, swa, compress_ratio, table, num_compressed, impl) -> WorkspacePlan:
     """Dispatch without validation (``impl`` resolved, ``num_compressed`` exact)."""
-    if impl == "reference":
-        return build_workspace_plan_ref(seq_lens, swa, compress_ratio, table)
-    return build_workspace_plan_triton(seq_lens, swa, compress_ratio, table, num_compressed)
+    compressed_ids, compressed_base, swa_base = build_workspace_plan_op(
+        seq_lens, *swa, compress_ratio, table, num_compressed, impl
+    )
+    return WorkspacePlan(compress_ratio, compressed_ids, swa.token_ids, compressed_base, swa_base)
 
 
 def check_swa_token_ids(swa: object, num_reqs: int, device: torch.device) -> SwaTokenIds:
@@ -257,11 +271,15 @@ def build_workspace_plan(
         check_int("num_compressed", num_compressed, lo=0)
     impl = resolve_impl(impl, device)
 
-    if value_checks_enabled():
+    readable = values_readable(device)
+    if value_checks_enabled() and readable:
         seq = seq_lens.tolist()
         check_swa_values(seq, swa)
     if compress_ratio == 0:
         exact = 0
+    elif not readable:
+        _need_size_without_values("num_compressed", num_compressed, device)
+        exact = num_compressed
     elif value_checks_enabled():
         width = compressed_token_table.shape[1]
         check_request_lengths(seq, None, width, "compressed_token_table", compress_ratio)
@@ -273,7 +291,8 @@ def build_workspace_plan(
     if num_compressed is not None and num_compressed != exact:
         want = f"sum(seq_lens // {compress_ratio})" if compress_ratio > 0 else "0 for compress_ratio 0"
         raise ValueError(f"num_compressed must be {want} = {exact}, got {num_compressed}")
-    check_workspace_rows(exact, swa.token_ids.shape[0])
+    if exact is not None:
+        check_workspace_rows(exact, swa.token_ids.shape[0])
     return workspace_plan(seq_lens, swa, compress_ratio, compressed_token_table, exact, impl)
 
 
@@ -292,16 +311,10 @@ def combine(
         out_indices = torch.empty((n, width), dtype=torch.int32, device=device)
     if out_lens is None:
         out_lens = torch.empty(n, dtype=torch.int32, device=device)
-    vectors = (query_start_loc, query_pos, seq_lens, gather_lens, compressed_base, swa_base)
-    # Ratio 0 (SWA only) takes no entries (topk 0): ratio 1 gives the same rows, no division by 0.
-    sizes = (window_size, max(compress_ratio, 1), topk)
-    if impl == "reference":
-        indices, lens = combine_topk_swa_indices_ref(topk_indices, *vectors, *sizes)
-        out_indices.copy_(indices)
-        out_lens.copy_(lens)
-    else:
-        vectors = (v.contiguous() for v in vectors)
-        combine_topk_swa_indices_triton(topk_indices, *vectors, *sizes, out_indices, out_lens)
+    combine_topk_swa_indices_op(
+        topk_indices, query_start_loc, query_pos, seq_lens, gather_lens, compressed_base, swa_base,
+        window_size, compress_ratio, topk, out_indices, out_lens, impl,
+    )
     return out_indices, out_lens
 
 
@@ -362,6 +375,34 @@ def _check_combine_values(
         )
 
 
+def _assert_combine_values(
+    topk_indices, query_start_loc, query_pos, seq_lens, gather_lens, compressed_base, swa_base,
+    window_size, compress_ratio, topk,
+) -> None:
+    """``_check_combine_values`` on the device, without a sync (``device_assert``)."""
+    n = query_pos.shape[0]
+    qsl, seq = query_start_loc.long(), seq_lens.long()
+    gather, cbase, sbase = gather_lens.long(), compressed_base.long(), swa_base.long()
+    device_assert((qsl[0] == 0) & (qsl[-1] == n), f"query_start_loc must run from 0 to num_tokens = {n}")
+    if seq.shape[0] == 0:
+        return
+    ext = qsl.diff()
+    device_assert((ext >= 0) & (ext <= seq), "extend lengths (query_start_loc steps) must be in [0, seq_lens]")
+    need = torch.where(ext > 0, torch.minimum(seq, ext + (window_size - 1)), 0)
+    device_assert((need <= gather) & (gather <= seq), f"gather_lens must cover the window ({window_size}) and fit seq_lens")
+    live = ext > 0
+    device_assert(~live | ((sbase >= 0) & (sbase + gather <= INT32_MAX)), "swa_base puts rows outside [0, 2**31 - 1]")
+    entries = seq // compress_ratio if topk > 0 else torch.zeros_like(seq)
+    in_range = (cbase >= 0) & (cbase + entries <= INT32_MAX)
+    device_assert(~live | (entries == 0) | in_range, "compressed_base puts rows outside [0, 2**31 - 1]")
+    if topk_indices is None and compress_ratio > 1:
+        device_assert(~live | (entries <= topk), "topk_indices=None takes entries 0..topk-1, but a request sees more")
+    rows = torch.arange(n, device=qsl.device)
+    req = torch.searchsorted(qsl[1:], rows, right=True).clamp(max=seq.shape[0] - 1)
+    expected = (seq - ext)[req] + rows - qsl[req]
+    device_assert(query_pos.long() == expected, "query_pos must be each query's request prefix + its index there")
+
+
 def combine_topk_swa_indices(
     topk_indices: torch.Tensor | None,
     query_start_loc: torch.Tensor,
@@ -417,9 +458,9 @@ def combine_topk_swa_indices(
         ``(indices [num_tokens, width] int32, lens [num_tokens] int32)``: ``lens[q]`` = number
         of valid entries of row ``q`` (all before the first -1): pass it as ``topk_length``.
 
-    Value checks (when on; one host copy): the lengths are consistent (``query_start_loc``
-    non-decreasing from 0), ``query_pos`` is as
-    above, rows stay below ``2**31``, and ``topk_indices=None`` covers every entry.
+    Value checks (when on; one host copy, or for CUDA tensors by default device-side asserts
+    without a sync): the lengths are consistent, ``query_pos`` is as above, rows stay below
+    ``2**31``, and ``topk_indices=None`` covers every entry.
     """
     check_int("window_size", window_size, lo=1, hi=MAX_ROW_ENTRIES)
     check_int("compress_ratio", compress_ratio, lo=0, hi=INT32_MAX)
@@ -450,6 +491,9 @@ def combine_topk_swa_indices(
         topk_indices, query_start_loc, query_pos, seq_lens, gather_lens, compressed_base, swa_base,
         window_size, compress_ratio, topk,
     )
-    if value_checks_enabled():
+    site = value_check_site(device)
+    if site == "host":
         _check_combine_values(*args)
+    elif site == "device":
+        _assert_combine_values(*args)
     return combine(*args, out_indices, out_lens, impl)

@@ -15,10 +15,11 @@ from sparse_prefill._utils import (
     check_no_overlap,
     check_tensor,
     check_unit_stride,
+    device_assert,
     resolve_impl,
-    value_checks_enabled,
+    value_check_site,
 )
-from sparse_prefill.ops.sparse_attn.naive import sparse_attn_fwd_naive
+from sparse_prefill.ops.sparse_attn.library import sparse_attn_fwd_op
 
 __all__ = ["sparse_attn_fwd"]
 
@@ -63,13 +64,17 @@ def check_sink(attn_sink: object, h_q: int, device: torch.device) -> torch.Tenso
 def check_lengths(
     name: str, lengths: object, s_q: int, width: int, device: torch.device
 ) -> torch.Tensor | None:
-    """``lengths`` is None or [s_q] int32 with values in [0, width] (a value check); returned
-    contiguous (kernels read it densely)."""
+    """``lengths`` is None or [s_q] int32 with values in [0, width] (a value check, on the host
+    or the device as ``value_check_site`` says); returned contiguous (kernels read it densely)."""
     if lengths is None:
         return None
     check_tensor(name, lengths, dtypes=(torch.int32,), shape=(s_q,), device=device)
-    if value_checks_enabled() and s_q > 0:
-        lo, hi = torch.stack(torch.aminmax(lengths)).tolist()  # one device sync
+    site = value_check_site(device)
+    if site == "device" and s_q > 0:
+        in_range = (lengths >= 0) & (lengths <= width)
+        device_assert(in_range, f"{name} values must be in [0, {width}] (the width of its index rows)")
+    elif site == "host" and s_q > 0:
+        lo, hi = torch.stack(torch.aminmax(lengths)).tolist()
         if lo < 0 or hi > width:
             raise ValueError(
                 f"{name} values must be in [0, {width}] (the width of its index rows), "
@@ -99,13 +104,6 @@ def prepare_outputs(
         check_no_overlap("out", out)
     max_logits = torch.empty(s_q, h_q, dtype=torch.float32, device=device)
     lse = torch.empty(s_q, h_q, dtype=torch.float32, device=device)
-    return out, max_logits, lse
-
-
-def write_reference(reference: AttnOutputs, out: torch.Tensor) -> AttnOutputs:
-    """Store a float32 reference result: out in bf16 (into the caller's buffer), the rest as is."""
-    ref_out, max_logits, lse = reference
-    out.copy_(ref_out)
     return out, max_logits, lse
 
 
@@ -143,7 +141,8 @@ def sparse_attn_fwd(
         topk_length: optional, [s_q], int32, values in ``[0, topk]``. Token ``i`` only considers
             ``indices[i, :, :topk_length[i]]``; later entries are ignored even when they point at
             rows holding NaN. A value outside ``[0, topk]`` raises ValueError while value checks
-            are on (``sparse_prefill.value_checks``); with them off, ``> topk`` acts as ``topk``
+            are on (``sparse_prefill.value_checks``; for CUDA tensors, unless in strict mode, a
+            device-side assert instead, no sync); with them off, ``> topk`` acts as ``topk``
             and ``< 0`` as 0 (no position is below it).
         out: optional, [s_q, h_q, d_v], bfloat16, preallocated output (e.g. a slice of a larger
             buffer) whose elements do not share memory (no stride 0 / ``expand``); written and
@@ -178,35 +177,28 @@ def sparse_attn_fwd(
     sm_scale = check_scale_and_d_v(sm_scale, d_v)
     attn_sink = check_sink(attn_sink, h_q, device)
     topk_length = check_lengths("topk_length", topk_length, s_q, topk, device)
-    impl = _resolve_attn_impl(impl, q, kv)
+    impl = _resolve_attn_impl(impl, device)
     out, max_logits, lse = prepare_outputs(out, s_q, h_q, d_v, device)
     if s_q == 0:
         return out, max_logits, lse
 
-    if impl == "reference":
-        reference = sparse_attn_fwd_naive(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
-        return write_reference(reference, out)
-
-    if impl == "gluon":
-        from sparse_prefill.ops.sparse_attn.gluon_kernel import sparse_attn_fwd_gluon as launch
-    else:
-        from sparse_prefill.ops.sparse_attn.kernel import sparse_attn_fwd_triton as launch
-    launch(q, kv[:, 0], indices[:, 0], sm_scale, attn_sink, topk_length, out, max_logits, lse)
+    sparse_attn_fwd_op(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, out, max_logits, lse, impl)
     return out, max_logits, lse
 
 
-def _resolve_attn_impl(impl: object, q: torch.Tensor, kv: torch.Tensor) -> str:
-    """``impl`` (see ``sparse_attn_fwd``) -> "gluon", "triton" or "reference"."""
+def _resolve_attn_impl(impl: object, device: torch.device) -> str:
+    """``impl`` (see ``sparse_attn_fwd``) -> "reference", "triton", "gluon" or, for "auto" on
+    CUDA, "auto": the op's implementation then picks the Gluon or the Triton kernel from the
+    real tensors (``library.pick_kernel``: an alignment check reads data pointers, which
+    ``torch.compile``'s fake tensors do not have)."""
     if impl not in ATTN_IMPLS:
         raise ValueError(f"impl must be one of {ATTN_IMPLS}, got {impl!r}")
-    from sparse_prefill.ops.sparse_attn import gluon_kernel
-
-    device = q.device
     if impl == "auto" and device.type == "cuda":
-        picks = gluon_kernel.auto_picks_gluon(device, q.shape[1]) and gluon_kernel.inputs_reason(q, kv) is None
-        return "gluon" if picks else "triton"
+        return "auto"
     if impl == "gluon":
-        reason = gluon_kernel.unsupported_reason(device) or gluon_kernel.inputs_reason(q, kv)
+        from sparse_prefill.ops.sparse_attn import gluon_kernel
+
+        reason = gluon_kernel.unsupported_reason(device)
         if reason is not None:
             raise ValueError(f"impl='gluon' cannot run here: {reason}")
         return "gluon"
