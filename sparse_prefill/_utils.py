@@ -196,7 +196,14 @@ def check_no_overlap(name: str, t: torch.Tensor) -> None:
     dims of size > 1 sorted by stride, each stride is at least the span of the smaller ones.
     Dense, sliced, permuted and row-strided tensors all pass it."""
     span = 1  # elements covered by the dims so far, plus one
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+    dims = [(st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1]
+    # Sorted by stride with a plain insertion sort: torch.compile cannot trace sorted() on tuples.
+    for i in range(1, len(dims)):
+        j = i
+        while j > 0 and dims[j - 1][0] > dims[j][0]:
+            dims[j - 1], dims[j] = dims[j], dims[j - 1]
+            j -= 1
+    for stride, size in dims:
         if stride < span:
             raise ValueError(
                 f"{name} is an output, so its elements must not share memory; got shape "

@@ -21,9 +21,10 @@ import pytest
 import torch
 
 import sparse_prefill as sp
-from sparse_prefill.ops import cache as cache_ops
-from sparse_prefill.ops import indices as index_ops
+from sparse_prefill.ops.cache import library as cache_ops
 from sparse_prefill.ops.fp8_sparse_attn import gluon_kernel
+from sparse_prefill.ops.indices import library as index_ops
+from sparse_prefill.ops.sparse_attn import gluon_kernel as attn_gluon
 from sparse_prefill.ops.fp8_sparse_attn import kernel as fp8_kernel
 from sparse_prefill.ops.sparse_attn import kernel as attn_kernel
 
@@ -44,6 +45,7 @@ def no_launch(monkeypatch):
         (attn_kernel, "sparse_attn_fwd_triton"),
         (fp8_kernel, "paged_fp8_sparse_attn_triton"),
         (gluon_kernel, "paged_fp8_sparse_attn_gluon"),
+        (attn_gluon, "sparse_attn_fwd_gluon"),
         (cache_ops, "store_k_cache_triton"),
         (cache_ops, "dequantize_k_cache_paged_triton"),
         (index_ops, "build_swa_token_ids_triton"),
@@ -285,7 +287,9 @@ def mutations(entry: Entry, base: dict, device: torch.device):
             muts = {"str": ("x", True), "int": (7, False)}
         else:
             muts = scalar_mutations(value, name in entry.scales)
-        if value is not None and name not in entry.optional:
+        if name in entry.optional:
+            muts.pop("None", None)  # None is valid here
+        elif value is not None:
             muts.setdefault("None", (None, True))
         for what, (mutated, must_reject) in muts.items():
             yield name, what, mutated, must_reject

@@ -20,7 +20,7 @@ from sparse_prefill import (
     value_checks,
 )
 
-CFG = ModelConfig(num_heads=4, compress_ratios=(1, 4, 128, 4), topk=16, window_size=8, swa_page_size=4,
+CFG = ModelConfig(num_heads=4, compress_ratios=(0, 4, 128, 4), topk=16, window_size=8, swa_page_size=4,
                   compressed_page_size={4: 3, 128: 2})
 W, SM_SCALE = CFG.window_size, CFG.sm_scale
 
@@ -217,22 +217,20 @@ def test_compile_backend_stack(path):
 # Where value checks run
 
 
-def test_value_check_sites(monkeypatch):
+def test_value_check_sites():
     cpu, cuda, meta = (torch.device(d) for d in ("cpu", "cuda", "meta"))
     assert [utils.value_check_site(d) for d in (cpu, cuda, meta)] == ["host", "device", "device"]
     with value_checks("strict"):
         assert [utils.value_check_site(d) for d in (cpu, cuda, meta)] == ["host", "host", "device"]
     with value_checks(False):
         assert {utils.value_check_site(d) for d in (cpu, cuda, meta)} == {None}
-    with pytest.raises(ValueError, match="True, False or 'strict'"):
+    with pytest.raises(TypeError, match="a bool or 'strict'"):
         with value_checks("loose"):
             pass
     for env, mode in [("0", "off"), ("1", "on"), (" Strict ", "strict")]:
-        monkeypatch.setenv("SPARSE_PREFILL_VALUE_CHECKS", env)
-        assert utils._mode_from_env() == mode
-    monkeypatch.setenv("SPARSE_PREFILL_VALUE_CHECKS", "yes")
+        assert utils.parse_value_checks_env(env) == mode
     with pytest.raises(ValueError, match="SPARSE_PREFILL_VALUE_CHECKS"):
-        utils._mode_from_env()
+        utils.parse_value_checks_env("maybe")
 
 
 def test_compiled_value_checks_run_on_the_device(batch):
@@ -269,7 +267,7 @@ def test_device_checks_of_cache_ids(batch):
 @pytest.mark.parametrize("path", ["sparse", "regular"])
 def test_gpu_compile_backend_stack(path):
     """The Triton kernels inside a compiled layer stack give the eager results bit for bit."""
-    cfg = ModelConfig(num_heads=16, compress_ratios=(1, 4, 128), topk=512, window_size=128, swa_page_size=64,
+    cfg = ModelConfig(num_heads=16, compress_ratios=(0, 4, 128), topk=512, window_size=128, swa_page_size=64,
                       compressed_page_size=64)
     b = make_synthetic_batch(cfg, [0, 300, 5000], [700, 129, 1], device="cuda", seed=5, share_q=True,
                              q_std=1.0, k_std=0.1, k_mean=0.05)

@@ -94,11 +94,11 @@ def test_float32_scale_type(value):
 
 
 @pytest.mark.parametrize("text, expected", [
-    (None, True), ("", True), ("  ", True), ("1", True), ("on", True), ("TRUE", True), (" yes ", True),
-    ("0", False), ("off", False), ("False", False), ("no", False),
+    (None, "on"), ("", "on"), ("  ", "on"), ("1", "on"), ("on", "on"), ("TRUE", "on"), (" yes ", "on"),
+    ("0", "off"), ("off", "off"), ("False", "off"), ("no", "off"), ("strict", "strict"), (" Strict", "strict"),
 ])
 def test_value_checks_env_values(text, expected):
-    assert parse_value_checks_env(text) is expected
+    assert parse_value_checks_env(text) == expected
 
 
 @pytest.mark.parametrize("text", ["2", "maybe", "falsy", "-1", "0.0"])

@@ -218,7 +218,7 @@ class SparsePrefillBackend:
         if routing.SPARSE in paths.values():
             self.chunk_cache()
         if routing.REGULAR in paths.values():
-            self._shared_rows(state, 1)
+            self._shared_rows(state, SWA_RATIO)
         for r in ratios:
             if paths[r] == routing.REGULAR and self._shares_dense_rows(metadata, r):
                 self._shared_rows(state, r)
@@ -296,8 +296,14 @@ class SparsePrefillBackend:
 
         Raises TypeError/ValueError naming the argument before any launch.
         """
-        state = self._current(metadata)
-        md = state.metadata
+        # Every argument is checked before _current may build the forward's state (launches).
+        if metadata is None:
+            if self._state is None:
+                raise ValueError("no batch metadata: call begin_forward(metadata) or pass metadata=")
+            md = self._state.metadata
+        else:
+            self._check_metadata(metadata)
+            md = metadata
         cfg = self.config
         check_int("layer", layer, lo=0, hi=cfg.num_layers - 1)
         ratio = cfg.compress_ratios[layer]
@@ -305,7 +311,7 @@ class SparsePrefillBackend:
         q_shape = (md.num_tokens, cfg.num_heads, cfg.head_dim)
         check_tensor("q", q, dtypes=(torch.bfloat16,), shape=q_shape, device=device)
         check_unit_stride("q", q)  # the ops check it too, but after the sparse path's dequantize
-        caches = self._check_caches(caches, ratio, device)
+        caches = self._check_caches(caches, ratio, md)
         if cfg.kind_of(ratio) is LayerKind.TOPK:
             check_tensor(
                 "topk_indices", topk_indices, dtypes=(torch.int32,), shape=(md.num_tokens, cfg.topk), device=device
@@ -324,6 +330,7 @@ class SparsePrefillBackend:
             check_no_overlap("out", out)
         resolve_impl(self.impl, device)
 
+        state = self._current(metadata)
         if self.path_for(ratio) == routing.SPARSE:
             self._forward_sparse(state, ratio, q, caches, topk_indices, attn_sink, out)
         else:
@@ -332,11 +339,11 @@ class SparsePrefillBackend:
 
     __call__ = forward
 
-    def _check_caches(self, caches: object, ratio: int, device: torch.device) -> LayerCaches:
+    def _check_caches(self, caches: object, ratio: int, md: BatchMetadata) -> LayerCaches:
         if not isinstance(caches, tuple) or len(caches) != 2:
             raise TypeError(f"caches must be a LayerCaches(swa, compressed) pair, got {type(caches).__name__}")
         caches = LayerCaches(*caches)
-        md = self._state.metadata
+        device = md.device
         check_tensor("caches.swa", caches.swa, dtypes=(torch.uint8,), shape=(None, None), device=device)
         scopes = [("caches.swa", caches.swa, self.config.swa_page_size, md.max_swa_id)]
         if ratio == SWA_RATIO:

@@ -9,7 +9,9 @@ The test lives here alone (torch.compile may need another one): the same storage
 strides and dtype, and an unchanged autograd version counter, which every in-place write bumps
 (``store_k_cache``, ``copy_``, an engine's own kernel launched through torch) and which views
 share with their base. Tensors created under ``torch.inference_mode()`` have no version
-counter: they are never reused (each layer recomputes), which is always correct.
+counter: they are never reused (each layer recomputes), which is always correct; so is
+everything while ``torch.compile`` traces (neither the counter nor ``is_inference`` can be
+traced).
 """
 
 from __future__ import annotations
@@ -29,14 +31,14 @@ class Stamp(NamedTuple):
 
 def stamp(t: torch.Tensor) -> Stamp | None:
     """The stamp of ``t`` now; None when ``t`` has no version counter (never reused)."""
-    if t.is_inference():
+    if torch.compiler.is_compiling() or t.is_inference():
         return None
     return Stamp(t, t._version)
 
 
 def unchanged(s: Stamp | None, t: torch.Tensor) -> bool:
     """Whether ``t`` is (a view of the same elements of) the tensor ``s`` stamped, not written since."""
-    if s is None or t.is_inference():
+    if s is None or torch.compiler.is_compiling() or t.is_inference():
         return False
     old = s.tensor
     same = t is old or (

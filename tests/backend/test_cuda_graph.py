@@ -47,7 +47,7 @@ def test_cuda_graph_backend_eager_matches_naive(mode):
 
 
 def _v4_config():
-    return ModelConfig(num_heads=16, compress_ratios=(1, 4, 128, 4), topk=512, window_size=128, swa_page_size=64,
+    return ModelConfig(num_heads=16, compress_ratios=(0, 4, 128, 4), topk=512, window_size=128, swa_page_size=64,
                        compressed_page_size=64)
 
 

@@ -395,7 +395,7 @@ def _assert_combine_values(
     entries = seq // compress_ratio if topk > 0 else torch.zeros_like(seq)
     in_range = (cbase >= 0) & (cbase + entries <= INT32_MAX)
     device_assert(~live | (entries == 0) | in_range, "compressed_base puts rows outside [0, 2**31 - 1]")
-    if topk_indices is None and compress_ratio > 1:
+    if topk_indices is None and compress_ratio > 0:
         device_assert(~live | (entries <= topk), "topk_indices=None takes entries 0..topk-1, but a request sees more")
     rows = torch.arange(n, device=qsl.device)
     req = torch.searchsorted(qsl[1:], rows, right=True).clamp(max=seq.shape[0] - 1)
