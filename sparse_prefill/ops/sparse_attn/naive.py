@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-# Query rows per chunk are chosen so one chunk's gathered float32 KV stays near 2**24 elements
-# (64 MiB); the scores are smaller still (h_q <= 128 < d_qk).
+# Query rows per chunk are chosen so one chunk's gathered KV stays near 2**24 elements (128 MiB
+# in float64); the scores are smaller still (h_q <= 128 < d_qk).
 _CHUNK_ELEMS = 1 << 24
 
 Gather = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
@@ -43,8 +43,12 @@ def attend(
         defines them: a row with no valid entry gets out 0, max_logits -inf, lse +inf; a NaN
         in ``q`` or in a valid entry's row propagates (plain float math, nothing masks it).
     """
-    kv_rows = kv_rows.float().masked_fill(~valid[..., None], 0.0)
-    scores = torch.einsum("nhd,nkd->nhk", q.float(), kv_rows) * sm_scale
+    # Float64 inside: a float32 product rounds differently with the batch shape on some CPUs (the
+    # BLAS picks other kernels for 8 heads than for 16), and a head's or row's result must not
+    # depend on what is computed beside it (tensor- and context-parallel shards are compared
+    # bit for bit); in float64 those differences vanish in the final rounding to float32.
+    kv_rows = kv_rows.double().masked_fill(~valid[..., None], 0.0)
+    scores = torch.einsum("nhd,nkd->nhk", q.double(), kv_rows) * sm_scale
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     max_logits = scores.amax(dim=-1)
     lse = torch.logsumexp(scores, dim=-1)
@@ -54,9 +58,9 @@ def attend(
     if attn_sink is not None:
         # exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink): no overflow, sink -inf -> 1,
         # sink +inf -> 0.
-        out = out * torch.sigmoid(lse - attn_sink.float())[..., None]
+        out = out * torch.sigmoid(lse - attn_sink.double())[..., None]
     out = out.masked_fill(empty[..., None], 0.0)
-    return out, max_logits, lse.masked_fill(empty, float("inf"))
+    return out.float(), max_logits.float(), lse.masked_fill(empty, float("inf")).float()
 
 
 def attend_chunked(
