@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: FlashMLA from .anchors/ (carried), then the steps named in $STEPS
-# (tests | bench | ncu | suite), each under a time limit so a hung kernel cannot eat the lease.
+# (tests | bench | ncu | suite | backend<chunk>), each under a time limit so a hung kernel cannot eat the lease.
 set -u
 mkdir -p /tmp/fm && tar xzf .anchors/flash_mla-*.tgz -C /tmp/fm
 export PYTHONPATH=.:/tmp/fm PYTHONUNBUFFERED=1
@@ -13,9 +13,10 @@ for step in ${STEPS:-tests bench}; do
              -k "${TEST_K:-gluon}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     bench) timeout "${BENCH_S:-300}" python3 -m sparse_prefill.bench.sparse_attn --op sparse --out "$OUT" \
              ${BENCH_ARGS:-} 2>&1 | tail -40 ;;
-    backend) timeout "${BACKEND_S:-420}" python3 -m sparse_prefill.bench.backend --out "$OUT" ${BACKEND_ARGS:-} 2>&1 \
-             | tail -60 ;;
-    suite) timeout "${SUITE_S:-500}" python3 -m pytest -q -p no:cacheprovider -m gpu ${SUITE_PATHS:-tests} 2>&1 \
+    backend*) chunks=${step#backend}; mkdir -p "$OUT/b$chunks"
+             timeout "${BACKEND_S:-420}" python3 -m sparse_prefill.bench.backend --chunks "$chunks" --out "$OUT/b$chunks" \
+             2>&1 | tail -45 ;;
+    suite) timeout "${SUITE_S:-500}" python3 -m pytest -q -p no:cacheprovider -n "${XDIST:-8}" -m gpu ${SUITE_PATHS:-tests} 2>&1 \
              | tee "$OUT/gpu_suite.log" | tail -30 ;;
     ncu) for k in ${NCU_KERNELS:-gluon flash_mla}; do
            name=$([ "$k" = flash_mla ] && echo sparse_attn_fwd_kernel || echo _sparse_attn_ws_kernel)
