@@ -74,7 +74,7 @@ def _capture_and_replay(cfg, base, first, batches, mode):
     def fill(md):
         q.copy_(torch.randn(q.shape, generator=gen, device="cuda"))
         for p in picks.values():
-            p.copy_(_random_picks(md, cfg.topk, 0.1, gen))
+            p.copy_(_random_picks(md, cfg.topk, 4, 0.1, gen))
 
     backend = SparsePrefillBackend(cfg, cuda_graph=True)
 
