@@ -18,28 +18,17 @@ estimate is a linear cost model, :class:`PathCosts`, whose constants are measure
 with ``flops = 2 * sum over queries of scanned kv * max(h_q, MIN_HEADS) * (d_qk + d_v)``.
 
 Where the constants come from: ``sparse_prefill.bench.backend`` fitted them to our own kernels
-on one H100 80GB HBM3 (torch 2.11, Triton 3.6, 2026-11-25; tables in ``benchmarks/RESULTS.md``),
-with the regular path on the warp-specialized Gluon FP8 kernel: throughputs and per-row costs
-are medians over the eight measured cases (chunks 8192 and 32768), the fixed per-layer costs
-come from the small-batch run of the 32768 measurement. The regular kernel runs at 339 / 393
-TFLOP/s (h_q 64 / 128), ``sparse_attn_fwd`` on the workspace at 292 / 332; dequantize costs
-3.5 ns per workspace row per layer, combine 0.004 ns per index entry; the fixed per-layer costs
-are 87 us (regular) and 135 us (sparse: dequantize x2, combine, attention). With them auto
-picked the measured faster path on 23 of the 24 per-layer rows (the miss: 25 us of 3.4 ms). The
-regular path wins everywhere except ratio-4 layers of requests with fewer complete compressed
-entries than ``topk`` (short or no prefix): the regular kernel scans every pick, masked ones
-included, where the sparse path compacts the valid ones (one request's chunk goes sparse from
-512 / 128 new tokens at prefix 0 for h_q 64 / 128, and stays regular at prefix 16384).
-Re-measure with ``python -m sparse_prefill.bench.backend`` when a kernel changes.
-
-DeepSeek-V4.1's ratio-1 (and 2) top-k layers see the whole history: the sparse path dequantizes
-``seq_len // ratio`` rows per request, so a short extend over a long prefix would build a
-workspace of the whole history for a few queries. SGLang hard-codes "<= 1024 new tokens over a
-history >= max(32768, 192 x new) -> paged kernel"; here the same decision falls out of the
-costs (``workspace_rows`` grows with the history, the regular path's scan does not), and
-``bench.backend``'s ratio-1 sweep measures where the crossover really is. The estimate charges
-every layer its own dequantize; layers that share a compressed cache pay it once per forward
-(``backend.py``), so for them it overstates the sparse path.
+on one H200 (torch 2.11, Triton 3.6, 2026-12-02; tables in ``benchmarks/RESULTS.md``), with the
+sparse path on the warp-specialized Gluon ``sparse_attn_fwd`` kernel and the regular path on the
+Gluon FP8 kernel: throughputs and per-row costs are medians over the eight measured cases
+(chunks 8192 and 32768, one call each), the fixed per-layer costs the mean of the two calls'
+small-batch runs. ``sparse_attn_fwd`` on the workspace runs at 520 / 568 TFLOP/s (h_q 64 /
+128), the regular kernel at 363 / 413; dequantize costs 2.2 ns per workspace row per layer,
+combine 0.004 ns per index entry; the fixed per-layer costs are 90 us (regular) and 154 us
+(sparse: dequantize x2, combine, attention). With the Gluon sparse kernel the sparse path is the
+faster one on every per-layer row of those runs: the regular path now wins only small batches
+(its fixed cost is lower) and, through the memory limit below, batches whose sparse state would
+be too large. Re-measure with ``python -m sparse_prefill.bench.backend`` when a kernel changes.
 
 Memory: the sparse path keeps per-forward state that grows with the chunk: the chunk cache's
 combined rows (``num_tokens x ceil((entries + W) / 128) * 128`` int32 per ratio, entries =
@@ -79,21 +68,21 @@ SPARSE_STATE_BYTES_LIMIT = 8 << 30
 
 @dataclass(frozen=True)
 class PathCosts:
-    """Measured constants of the cost model above (H100 figures, see the module docstring).
+    """Measured constants of the cost model above (H200 figures, see the module docstring).
 
     Throughputs are given at h_q 64 and 128 and interpolated linearly in between; fewer heads
     than ``min_heads`` cost as much as ``min_heads`` (a head block is computed whole).
     """
 
-    regular_tflops_h64: float = 338.9
-    regular_tflops_h128: float = 392.7
-    sparse_tflops_h64: float = 292.0
-    sparse_tflops_h128: float = 331.8
+    regular_tflops_h64: float = 363.1
+    regular_tflops_h128: float = 412.7
+    sparse_tflops_h64: float = 519.7
+    sparse_tflops_h128: float = 568.0
     min_heads: int = 64
-    dequant_ns_per_row: float = 3.498
-    combine_ns_per_entry: float = 0.004121
-    regular_fixed_us: float = 87.2  # per layer: the kernel + the index arithmetic's launches
-    sparse_fixed_us: float = 135.0  # per layer: dequantize x2, combine, attention launches
+    dequant_ns_per_row: float = 2.210
+    combine_ns_per_entry: float = 0.004000
+    regular_fixed_us: float = 89.5  # per layer: the kernel + the index arithmetic's launches
+    sparse_fixed_us: float = 153.6  # per layer: dequantize x2, combine, attention launches
 
     def tflops(self, path: str, num_heads: int) -> float:
         lo, hi = (

@@ -72,15 +72,17 @@ def test_auto_rule_picks_by_estimate(caplog):
     with caplog.at_level(logging.DEBUG, logger="sparse_prefill.backend.routing"):
         assert routing.choose_path("auto", CFG, short, 4) == routing.SPARSE
     assert "ratio-4 layers" in caplog.text and "sparse path" in caplog.text and "estimated" in caplog.text
-    assert routing.choose_path("auto", CFG, long, 4) == routing.REGULAR
+    # With the H200 constants (the Gluon sparse kernel) the long batch goes sparse too.
+    assert routing.choose_path("auto", CFG, long, 4) == routing.SPARSE
     for ratio in (0, 1, 2, 4, 128):
         work = routing.layer_work(CFG, tiny, ratio)
         assert routing.estimate_us("sparse", work) > routing.estimate_us("regular", work)
         assert routing.choose_path("auto", CFG, tiny, ratio) == routing.REGULAR
-    # The rule follows the constants: a slow sparse kernel sends the short batch to regular, a
-    # slow regular kernel sends the long one to sparse.
+    # The rule follows the constants: a slow sparse kernel sends both batches to regular, a
+    # slow regular kernel keeps them sparse.
     slow_sparse = PathCosts(sparse_tflops_h64=100.0, sparse_tflops_h128=100.0)
     assert routing.choose_path("auto", CFG, short, 4, slow_sparse) == routing.REGULAR
+    assert routing.choose_path("auto", CFG, long, 4, slow_sparse) == routing.REGULAR
     slow_regular = PathCosts(regular_tflops_h64=100.0, regular_tflops_h128=100.0)
     assert routing.choose_path("auto", CFG, long, 4, slow_regular) == routing.SPARSE
 
