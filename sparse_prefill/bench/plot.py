@@ -22,7 +22,7 @@ ANCHOR_HEADS = (64, 128)  # FlashMLA's head counts: the rows ANCHORS.md measured
 SERIES = {
     SPARSE_OP: (
         ("ours: sparse_attn_fwd", "tflops", "tab:blue"),
-        ("FlashMLA sparse_fwd (ANCHORS.md, H100)", "anchor_us", "tab:orange"),
+        ("FlashMLA sparse_fwd (ANCHORS.md, H100 figures)", "anchor_us", "tab:orange"),
         ("flash_mla_sparse_fwd, this run", "flash_mla_us", "tab:green"),
     ),
     FP8_OP: (

@@ -7,9 +7,11 @@
 
 sparse_attn_fwd: the eight rows of ANCHORS.md's first table (s_q 4096, random unique indices per
 row, attn_sink on), FLOPs ``2 * s_q * topk * h_q * (d_qk + d_v)`` as FlashMLA counts them, and
-the ratio ``FlashMLA us / our us`` (> 1: we are faster). Then h_q 16 and 32 with topk 512 and
-1024 (s_kv 32768), which FlashMLA cannot run: an engine pads q to 64 heads and pays FlashMLA's
-64-head time. That padded time is measured when ``flash_mla`` imports; otherwise it is derived
+the ratio ``FlashMLA us / our us`` (> 1: we are faster), FlashMLA timed in the same run when
+``flash_mla`` imports. The default row times the kernel ``impl="auto"`` runs (the Gluon kernel on
+Hopper from ``MIN_AUTO_HEADS`` heads on), with both kernels' times beside it. Then h_q 8, 16 and
+32 with topk 512 and 1024 (s_kv 32768), which FlashMLA cannot run: an engine pads q to 64 heads
+and pays FlashMLA's 64-head time. That padded time is measured when ``flash_mla`` imports; otherwise it is derived
 from ANCHORS.md: topk 512 is the h_q 64 / topk 512 / s_kv 32768 row (623 us), topk 1024 is
 twice it (the work is linear in topk at a fixed head count; marked "~", an estimate).
 
@@ -19,15 +21,16 @@ SWA cache as the extra scope, attn_sink on), FLOPs ``2 * s_q * (topk + 128) * h_
 ratio to FlashMLA's regular-path (FP8 decode kernel) time. The default row times the kernel
 ``impl="auto"`` runs (the Gluon kernel on Hopper with Triton 3.6), with the Triton kernel's time
 beside it; ``--config`` variants tune that same kernel. Next to it, for the routing choice:
-our ``sparse_attn_fwd`` on a bf16 workspace holding the same tokens (combined rows of width
+our ``sparse_attn_fwd`` (the kernel auto picks) on a bf16 workspace holding the same tokens (combined rows of width
 topk + 128, dequantize step not included, like ANCHORS' "sparse_fwd" column).
 
 When ``flash_mla`` imports, ``flash_mla_sparse_fwd`` is timed on the same inputs as ours.
 Every timing is the median of ``triton.testing.do_bench``. Each row is also checked against the
 float32 reference on its first 64 query rows (max abs error of out and lse is printed).
 
-``--config`` passes keyword overrides (e.g. ``BLOCK_N=32,num_warps=4``; for the Gluon kernel
-``VALUE_REGS=168,PRODUCER_REGS=128``) to the launchers, which take them as ``**tuning``; each
+``--config`` passes keyword overrides (e.g. ``BLOCK_N=32,num_warps=4`` for the Triton kernels,
+``MATH_REGS=208,PRODUCER_REGS=64`` for the Gluon sparse kernel, ``VALUE_REGS=168,PRODUCER_REGS=128``
+for the Gluon FP8 kernel) to the launchers, which take them as ``**tuning``; each
 ``--config`` is one variant, timed after the default one, so variants compare within one device
 call. An empty ``--config ""`` times the default again: interleave it between variants, since
 one row's repeated timings can differ by several percent (benchmarks/NOTES.md). ``--out DIR``
@@ -119,9 +122,11 @@ def tuning_refusal() -> str | None:
     """Why ``--config`` cannot apply (a launcher without ``**tuning``), or None."""
     from sparse_prefill.ops.fp8_sparse_attn.gluon_kernel import paged_fp8_sparse_attn_gluon
     from sparse_prefill.ops.fp8_sparse_attn.kernel import paged_fp8_sparse_attn_triton
+    from sparse_prefill.ops.sparse_attn.gluon_kernel import sparse_attn_fwd_gluon
     from sparse_prefill.ops.sparse_attn.kernel import sparse_attn_fwd_triton
 
-    for launcher in (sparse_attn_fwd_triton, paged_fp8_sparse_attn_triton, paged_fp8_sparse_attn_gluon):
+    launchers = (sparse_attn_fwd_triton, sparse_attn_fwd_gluon, paged_fp8_sparse_attn_triton, paged_fp8_sparse_attn_gluon)
+    for launcher in launchers:
         if not accepts_tuning(launcher):
             return f"{launcher.__name__} takes no **tuning, so --config cannot be applied"
     return None
@@ -253,7 +258,7 @@ def window_ids(s_q: int, page_size: int) -> tuple[torch.Tensor, int]:
 def bench_fp8(report: Report, variants: list[dict], quick: bool, flash_mla, progress: Progress) -> None:
     from sparse_prefill.ops.fp8_sparse_attn import gluon_kernel
     from sparse_prefill.ops.fp8_sparse_attn.kernel import paged_fp8_sparse_attn_triton
-    from sparse_prefill.ops.sparse_attn.kernel import sparse_attn_fwd_triton
+    from sparse_prefill.ops.sparse_attn.library import pick_kernel
 
     layout = KVCacheLayout.V4
     use_gluon = gluon_kernel.auto_picks_gluon(torch.device("cuda"), layout)
@@ -285,7 +290,8 @@ def bench_fp8(report: Report, variants: list[dict], quick: bool, flash_mla, prog
             flash_us = bench_us(lambda: flash_mla.flash_mla_sparse_fwd(
                 q, workspace[:, None], ws_idx[:, None], sm_scale, D_V, sink))
         ws_outputs = new_outputs(S_Q, h_q)
-        ws_us = bench_us(lambda: sparse_attn_fwd_triton(q, workspace, ws_idx, sm_scale, sink, None, *ws_outputs))
+        ws_kernel = pick_kernel("auto", q, workspace)  # what sparse_attn_fwd runs on it
+        ws_us = bench_us(lambda: ws_kernel(q, workspace, ws_idx, sm_scale, sink, None, *ws_outputs))
         scopes = (q, comp_cache, comp_ids, PAGE_SIZE, swa_cache, swa_ids, PAGE_SIZE, None, None, sm_scale, sink)
         def launch(outputs: tuple, variant: dict) -> object:
             if use_gluon:
