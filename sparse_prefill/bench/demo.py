@@ -131,6 +131,6 @@ def run_demo(device: torch.device, *, seed: int = 0, say: Callable[[str], None] 
     say("(ms: one forward per layer, wall clock including device work, value checks off; a path's first "
         "layer also builds the forward's shared index state)")
     if device.type != "cuda":
-        say("(auto routes by costs measured on an H100 GPU; the CPU references cost differently)")
+        say("(auto routes by costs measured on an H200 GPU; the CPU references cost differently)")
     say("PASS: every layer of both paths matches the reference" if ok else "FAIL: see the layers marked FAIL")
     return ok
