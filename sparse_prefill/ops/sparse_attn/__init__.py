@@ -147,8 +147,13 @@ def sparse_attn_fwd(
         out: optional, [s_q, h_q, d_v], bfloat16, preallocated output (e.g. a slice of a larger
             buffer) whose elements do not share memory (no stride 0 / ``expand``); written and
             returned.
-        impl: "auto" (Triton for CUDA tensors, the PyTorch reference for CPU tensors), "triton"
-            (on CPU needs ``TRITON_INTERPRET=1``) or "reference".
+        impl: "auto", "gluon", "triton" or "reference". "auto": for CUDA tensors the
+            warp-specialized Hopper kernel (``gluon_kernel.py``) where ``auto_picks_gluon`` says
+            so (sm_90, a validated Triton, ``h_q >= MIN_AUTO_HEADS``) and ``q``/``kv`` start
+            16-byte aligned with row strides that are multiples of 16 elements, else the Triton
+            kernel; for CPU tensors the PyTorch reference. "gluon": that kernel or ValueError
+            saying why it cannot run. "triton": the Triton kernel (on CPU needs
+            ``TRITON_INTERPRET=1``). The kernels agree up to float summation order.
 
     Every tensor must be on ``q``'s device and have unit stride in its last dim (other dims take
     any stride). Violations raise TypeError/ValueError naming the argument, before any launch.
