@@ -39,25 +39,31 @@ def test_license_and_typing_marker():
 
 
 def test_gluon_fallback_warns_once_per_process(monkeypatch, caplog):
-    """On an sm_90 GPU where the Gluon kernel cannot run (here: a Triton version it was not
-    validated with) auto falls back to the Triton kernel and says so once, at warning level."""
+    """On an sm_90 GPU where a Gluon kernel cannot run (here: a Triton version it was not
+    validated with) auto falls back to the Triton kernel and says so once per op, at warning
+    level."""
+    from sparse_prefill.ops.sparse_attn import gluon_kernel as attn_gluon
+
     monkeypatch.setattr(gluon_kernel, "unsupported_reason", lambda device, layout: None)
+    monkeypatch.setattr(attn_gluon, "unsupported_reason", lambda device: None)
     monkeypatch.setattr(gluon_kernel, "VALIDATED_TRITON", ("0.0",))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    picks = gluon_kernel.auto_picks_gluon
-    already_warned = picks.__dict__.pop("warned", None)
-    picks.cache_clear()
+    monkeypatch.setattr(gluon_kernel, "_WARNED", set())
+    caches = (gluon_kernel.auto_picks_gluon, attn_gluon._auto_device_ok)
+    for cache in caches:
+        cache.cache_clear()
     try:
         with caplog.at_level(logging.DEBUG, logger=gluon_kernel.logger.name):
             for device in ("cuda:0", "cuda:1", "cuda:0"):
-                assert not picks(torch.device(device), KVCacheLayout.V4)
-            assert not picks(torch.device("cuda:0"), KVCacheLayout.V32)
+                assert not gluon_kernel.auto_picks_gluon(torch.device(device), KVCacheLayout.V4)
+                assert not attn_gluon.auto_picks_gluon(torch.device(device), 64)
+            assert not gluon_kernel.auto_picks_gluon(torch.device("cuda:0"), KVCacheLayout.V32)
     finally:
-        picks.cache_clear()
-        picks.__dict__.pop("warned", None)
-        if already_warned is not None:
-            picks.warned = already_warned
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "falls back to its Triton kernel" in warnings[0].getMessage()
-    assert "not one it was validated with" in warnings[0].getMessage()
-    assert sum(r.levelno == logging.DEBUG for r in caplog.records) == 3  # one per (device, layout)
+        for cache in caches:
+            cache.cache_clear()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("falls back to its Triton kernel" in w for w in warnings)
+    assert any("paged_fp8_sparse_attn_fwd" in w for w in warnings) and any("sparse_attn_fwd falls" in w for w in warnings)
+    assert all("not one it was validated with" in w for w in warnings)
+    # One debug line per (device, layout) of the FP8 op and per device of sparse_attn_fwd.
+    assert sum(r.levelno == logging.DEBUG for r in caplog.records) == 3 + 2

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from sparse_prefill import value_checks
+from sparse_prefill.ops.fp8_sparse_attn.gluon_kernel import validated_triton
 from sparse_prefill.ops.sparse_attn import gluon_kernel, sparse_attn_fwd
 from sparse_prefill.ops.sparse_attn import naive as naive_module
 from sparse_prefill.ops.sparse_attn.naive import sparse_attn_fwd_naive
@@ -506,7 +507,7 @@ def test_gpu_auto_runs_the_kernel_it_names():
     """``impl="auto"`` on CUDA is bitwise the kernel ``auto_picks_gluon`` names for the head
     count; on Hopper with a validated Triton that is the Gluon kernel from MIN_AUTO_HEADS on."""
     device = torch.device("cuda")
-    if gluon_kernel.unsupported_reason(device) is None and gluon_kernel.validated_triton():
+    if gluon_kernel.unsupported_reason(device) is None and validated_triton():
         assert gluon_kernel.auto_picks_gluon(device, 64) and gluon_kernel.auto_picks_gluon(device, 128)
     for h_q in (8, 32, 64, 128):
         case = make_case(33, 500, h_q, 512, 200, "cuda")

@@ -86,26 +86,35 @@ def unsupported_reason(device: torch.device, layout: KVCacheLayout) -> str | Non
     return hopper_reason(device)
 
 
-@functools.lru_cache(maxsize=None)
-@torch._dynamo.assume_constant_result  # torch.compile runs it once at trace time, as a constant
-def auto_picks_gluon(device: torch.device, layout: KVCacheLayout) -> bool:
-    """Whether ``impl="auto"`` runs this kernel (else the Triton one); the reason is logged at
-    debug level, and once per process as a warning where this kernel was meant to run (V4
-    layout on an sm_90 GPU: the Triton kernel is about 2x slower there). Cached: the answer is
-    fixed per device and layout for a process, and every call of the op asks."""
-    reason = unsupported_reason(device, layout)
+# Ops whose fallback warning was given (once per process, not per device).
+_WARNED: set[str] = set()
+
+
+def auto_decision(op: str, reason: str | None, device: torch.device, meant_here: bool) -> bool:
+    """Whether ``impl="auto"`` runs ``op``'s Gluon kernel, given why that kernel cannot run
+    (``reason``, None if it can; the Triton version is checked here). A fallback is logged at
+    debug level, and once per process as a warning where the Gluon kernel was meant to run
+    (``meant_here`` on an sm_90 GPU: the Triton kernel is about 2x slower there)."""
     if reason is None and not validated_triton():
         reason = f"Triton {triton.__version__} is not one it was validated with {VALIDATED_TRITON}"
     if reason is not None:
-        logger.debug("paged_fp8_sparse_attn_fwd: Triton kernel, not the Gluon one: %s", reason)
+        logger.debug("%s: Triton kernel, not the Gluon one: %s", op, reason)
         hopper = device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
-        if layout is KVCacheLayout.V4 and hopper and not getattr(auto_picks_gluon, "warned", False):
-            auto_picks_gluon.warned = True  # once per process, not per device
-            logger.warning(
-                "sparse_prefill: paged_fp8_sparse_attn_fwd falls back to its Triton kernel (about 2x slower) "
-                "on this sm_90 GPU: %s", reason,
-            )
+        if meant_here and hopper and op not in _WARNED:
+            _WARNED.add(op)
+            logger.warning("sparse_prefill: %s falls back to its Triton kernel (about 2x slower) on this sm_90 GPU: %s",
+                           op, reason)
     return reason is None
+
+
+@functools.lru_cache(maxsize=None)
+@torch._dynamo.assume_constant_result  # torch.compile runs it once at trace time, as a constant
+def auto_picks_gluon(device: torch.device, layout: KVCacheLayout) -> bool:
+    """Whether ``impl="auto"`` runs this kernel (else the Triton one; see ``auto_decision``).
+    Cached: the answer is fixed per device and layout for a process, and every call of the op
+    asks."""
+    reason = unsupported_reason(device, layout)
+    return auto_decision("paged_fp8_sparse_attn_fwd", reason, device, layout is KVCacheLayout.V4)
 
 
 if GLUON_IMPORTED:

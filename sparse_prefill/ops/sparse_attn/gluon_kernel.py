@@ -23,20 +23,11 @@ kernel (``kernel.py``) up to float summation order.
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
-import triton
 
 from sparse_prefill._utils import cdiv
-from sparse_prefill.ops.fp8_sparse_attn.gluon_kernel import (
-    GLUON_IMPORTED,
-    VALIDATED_TRITON,
-    hopper_reason,
-    validated_triton,
-)
-
-logger = logging.getLogger(__name__)
+from sparse_prefill.ops.fp8_sparse_attn.gluon_kernel import GLUON_IMPORTED, auto_decision, hopper_reason
 
 # Registers per thread of math group 1 and the producer; math group 0 gets the rest of the 504
 # Triton shares among three warp groups: 216 / 232 / 56, the smallest producer budget measured
@@ -66,12 +57,7 @@ def inputs_reason(q: torch.Tensor, kv: torch.Tensor) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def _auto_device_ok(device: torch.device) -> bool:
-    reason = unsupported_reason(device)
-    if reason is None and not validated_triton():
-        reason = f"Triton {triton.__version__} is not one it was validated with {VALIDATED_TRITON}"
-    if reason is not None:
-        logger.debug("sparse_attn_fwd: Triton kernel, not the Gluon one: %s", reason)
-    return reason is None
+    return auto_decision("sparse_attn_fwd", unsupported_reason(device), device, True)
 
 
 def auto_picks_gluon(device: torch.device, h_q: int) -> bool:
