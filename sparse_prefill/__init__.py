@@ -45,6 +45,7 @@ from sparse_prefill.parallel import ContextParallelPrefill, HeadParallelPrefill,
 
 
 __all__ = [
+    "__version__",
     "BatchMetadata",
     "ContextParallelPrefill",
     "ForwardMode",

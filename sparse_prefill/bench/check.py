@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sparse_prefill.backend import ModelConfig, SparsePrefillBackend, make_synthetic_batch, naive_layer_forward
-from sparse_prefill.bench.accuracy import EXACT, OUT_TOL, STAT_TOL, compare
+from sparse_prefill.bench.accuracy import OUT_TOL, STAT_TOL, compare
 from sparse_prefill.bench.common import Progress
 from sparse_prefill.layout import KVCacheLayout
 from sparse_prefill.ops.cache import dequantize_k_cache_paged, quantize_k_cache, store_k_cache

@@ -18,7 +18,7 @@ from sparse_prefill.ops.fp8_sparse_attn.gluon_kernel import validated_triton
 from sparse_prefill.ops.sparse_attn import gluon_kernel, sparse_attn_fwd
 from sparse_prefill.ops.sparse_attn import naive as naive_module
 from sparse_prefill.ops.sparse_attn.naive import sparse_attn_fwd_naive
-from tests.tolerance import INF, OUT_TOL, STAT_TOL, assert_attn_close, assert_close
+from tests.tolerance import INF, STAT_TOL, assert_attn_close, assert_close
 
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 D_V = 512
