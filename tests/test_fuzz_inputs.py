@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import sparse_prefill as sp
+from sparse_prefill.backend.chunk_cache import SparsePrefillChunkCache
 from sparse_prefill.ops.cache import library as cache_ops
 from sparse_prefill.ops.fp8_sparse_attn import gluon_kernel
 from sparse_prefill.ops.indices import library as index_ops
@@ -180,6 +181,22 @@ def call_forward(a: dict):
                            a["topk_indices"], a["attn_sink"], metadata=batch.metadata, out=a["out"])
 
 
+def chunk_cache_args(device) -> dict:
+    md = synthetic(device).metadata
+    return {"seq_lens": md.seq_lens, "extend_lens": md.extend_lens, "swa_token_table": md.swa_token_table,
+            "window_size": CONFIG["window_size"], "ratios": [0, 4, 128],  # a set is valid here
+            "compressed_token_tables[4]": md.compressed_token_tables[4],
+            "compressed_token_tables[128]": md.compressed_token_tables[128], "topk": CONFIG["topk"]}
+
+
+def call_chunk_cache(a: dict):
+    tables = {4: a["compressed_token_tables[4]"], 128: a["compressed_token_tables[128]"]}
+    return SparsePrefillChunkCache.build(
+        key=1, seq_lens=a["seq_lens"], extend_lens=a["extend_lens"], swa_token_table=a["swa_token_table"],
+        window_size=a["window_size"], ratios=a["ratios"], compressed_token_tables=tables, topk=a["topk"],
+        impl="triton")
+
+
 ENTRIES = {
     "quantize_k_cache": Entry(lambda a: sp.quantize_k_cache(a["k"], a["layout"], impl="triton"),
                               lambda d: dict(k=bf16(2, 4, 1, 512, device=d), layout=V4)),
@@ -210,6 +227,9 @@ ENTRIES = {
     "paged_fp8_sparse_attn_fwd gluon": Entry(
         lambda a: sp.paged_fp8_sparse_attn_fwd(**a, impl="gluon"), fp8_args, outputs=("out",), scales=("sm_scale",),
         optional=("topk_length", "extra_topk_length", "attn_sink", "out")),
+    "sparse_attn_fwd gluon": Entry(lambda a: sp.sparse_attn_fwd(**a, impl="gluon"), attn_args, outputs=("out",),
+                                   scales=("sm_scale",), optional=("attn_sink", "topk_length", "out")),
+    "SparsePrefillChunkCache.build": Entry(call_chunk_cache, chunk_cache_args),
     "ModelConfig": Entry(lambda a: sp.ModelConfig(**a), lambda d: dict(CONFIG), scales=("sm_scale",),
                          optional=("sm_scale", "compressed_page_size")),
     "BatchMetadata": Entry(call_metadata, metadata_args),

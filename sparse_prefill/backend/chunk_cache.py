@@ -191,7 +191,7 @@ class SparsePrefillChunkCache:
         if key is None:
             raise ValueError("key must identify the batch metadata (e.g. the metadata object), not None")
         check_int("window_size", window_size, lo=1, hi=INT32_MAX)
-        if not isinstance(ratios, Collection) or isinstance(ratios, str) or not ratios:
+        if not isinstance(ratios, Collection) or isinstance(ratios, (str, Mapping)) or not ratios:
             raise ValueError(f"ratios must be a non-empty collection of ints, got {ratios!r}")
         for c in ratios:
             check_int("each of ratios", c, lo=0, hi=INT32_MAX)
