@@ -213,6 +213,32 @@ def check_no_overlap(name: str, t: torch.Tensor) -> None:
         span = stride * (size - 1) + span
 
 
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) byte addresses ``t``'s elements lie in."""
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
+def check_disjoint(name: str, out: torch.Tensor, **inputs: torch.Tensor | None) -> None:
+    """Raise ValueError naming both when output ``out`` shares memory with one of ``inputs``
+    (the kernel would overwrite what it still reads). The test compares the byte ranges the
+    tensors span, a sufficient one: two interleaved views of one buffer are rejected even where
+    no element is shared. Skipped while ``torch.compile`` traces (fake tensors have no
+    addresses; the eager call of the same shapes checked them)."""
+    if torch.compiler.is_compiling() or out.device.type == "meta" or out.numel() == 0:
+        return
+    lo, hi = _byte_span(out)
+    for arg, t in inputs.items():
+        if t is None or t.numel() == 0 or t.device != out.device:
+            continue
+        a, b = _byte_span(t)
+        if a < hi and lo < b:
+            raise ValueError(
+                f"{name} must not share memory with {arg} (the op would overwrite what it reads); "
+                f"pass a separate buffer"
+            )
+
+
 def check_unit_stride(name: str, t: torch.Tensor) -> None:
     """Kernels address the last dim with stride 1 (other dims take any stride)."""
     if t.shape[-1] > 1 and t.stride(-1) != 1:

@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
+import sparse_prefill as sp
 from sparse_prefill import value_checks, value_checks_enabled
-from sparse_prefill._utils import check_float32_scale, check_no_overlap, parse_value_checks_env
+from sparse_prefill._utils import check_disjoint, check_float32_scale, check_no_overlap, parse_value_checks_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,3 +134,28 @@ def test_value_checks_switches_and_restores():
     with value_checks(not before):
         assert value_checks_enabled() is (not before)
     assert value_checks_enabled() is before
+
+
+def test_check_disjoint_names_both_arguments():
+    buf = torch.zeros(4, 8)
+    check_disjoint("out", buf[:2], q=buf[2:])  # halves of one buffer: fine
+    check_disjoint("out", buf, q=torch.zeros(4, 8), none=None)
+    with pytest.raises(ValueError, match="out must not share memory with q"):
+        check_disjoint("out", buf[:3], q=buf[2:])
+    with pytest.raises(ValueError, match="out must not share memory with kv"):
+        check_disjoint("out", buf[:, :4], kv=buf.view(-1)[4:8])  # inside out's span
+    check_disjoint("out", buf[:0], q=buf)  # nothing written
+
+
+def test_ops_reject_an_out_that_aliases_an_input():
+    q = torch.randn(3, 4, 512).bfloat16()
+    kv = torch.randn(10, 1, 512).bfloat16()
+    idx = torch.zeros(3, 1, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="out must not share memory with q"):
+        sp.sparse_attn_fwd(q, kv, idx, 0.5, out=q)
+    cache = sp.quantize_k_cache(torch.randn(2, 4, 1, 512).bfloat16(), sp.KVCacheLayout.V4)
+    out = torch.empty(2, 1, 512, dtype=torch.bfloat16)
+    sp.dequantize_k_cache_paged(cache, torch.tensor([0, 5], dtype=torch.int32), 4, sp.KVCacheLayout.V4, out=out)
+    alias = cache.view(-1)[: 2 * 512 * 2].view(torch.bfloat16).view(2, 1, 512)
+    with pytest.raises(ValueError, match="out must not share memory with cache"):
+        sp.dequantize_k_cache_paged(cache, torch.tensor([0, 5], dtype=torch.int32), 4, sp.KVCacheLayout.V4, out=alias)

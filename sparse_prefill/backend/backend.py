@@ -28,7 +28,16 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import IMPLS, check_int, check_no_overlap, check_tensor, check_unit_stride, resolve_impl, value_checks_enabled
+from sparse_prefill._utils import (
+    IMPLS,
+    check_disjoint,
+    check_int,
+    check_no_overlap,
+    check_tensor,
+    check_unit_stride,
+    resolve_impl,
+    value_checks_enabled,
+)
 from sparse_prefill.backend import routing
 from sparse_prefill.backend.chunk_cache import SparsePrefillChunkCache
 from sparse_prefill.backend.config import ModelConfig
@@ -328,6 +337,8 @@ class SparsePrefillBackend:
             check_tensor("out", out, dtypes=(torch.bfloat16,), shape=tuple(q.shape), device=device)
             check_unit_stride("out", out)
             check_no_overlap("out", out)
+            check_disjoint("out", out, q=q, **{"caches.swa": caches.swa, "caches.compressed": caches.compressed},
+                           topk_indices=topk_indices, attn_sink=attn_sink)
         resolve_impl(self.impl, device)
 
         state = self._current(metadata)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from sparse_prefill._utils import (
+    check_disjoint,
     check_int,
     check_no_overlap,
     check_tensor,
@@ -247,6 +248,7 @@ def dequantize_k_cache_paged(
         check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(n, 1, layout.dim), device=device)
         check_unit_stride("out", out)
         check_no_overlap("out", out)
+        check_disjoint("out", out, cache=cache, token_ids=token_ids)
     impl = resolve_impl(impl, device)
     _check_id_values("token_ids", token_ids, capacity, unique=False)
     return _gather(cache, token_ids, page_size, layout, out, impl)

@@ -10,6 +10,7 @@ import torch
 
 from sparse_prefill._utils import (
     IMPLS,
+    check_disjoint,
     check_float32_scale,
     check_int,
     check_no_overlap,
@@ -145,8 +146,8 @@ def sparse_attn_fwd(
             device-side assert instead, no sync); with them off, ``> topk`` acts as ``topk``
             and ``< 0`` as 0 (no position is below it).
         out: optional, [s_q, h_q, d_v], bfloat16, preallocated output (e.g. a slice of a larger
-            buffer) whose elements do not share memory (no stride 0 / ``expand``); written and
-            returned.
+            buffer) whose elements do not share memory (no stride 0 / ``expand``) and that shares
+            none with an input; written and returned.
         impl: "auto", "gluon", "triton" or "reference". "auto": for CUDA tensors the
             warp-specialized Hopper kernel (``gluon_kernel.py``) where ``auto_picks_gluon`` says
             so (sm_90, a validated Triton, ``h_q >= MIN_AUTO_HEADS``) and ``q``/``kv`` start
@@ -183,7 +184,10 @@ def sparse_attn_fwd(
     attn_sink = check_sink(attn_sink, h_q, device)
     topk_length = check_lengths("topk_length", topk_length, s_q, topk, device)
     impl = _resolve_attn_impl(impl, device)
+    given_out = out
     out, max_logits, lse = prepare_outputs(out, s_q, h_q, d_v, device)
+    if given_out is not None:
+        check_disjoint("out", out, q=q, kv=kv, indices=indices, attn_sink=attn_sink, topk_length=topk_length)
     if s_q == 0:
         return out, max_logits, lse
 
