@@ -6,7 +6,6 @@ Tolerances: the shared check of tests/tolerance.py (FlashMLA's criteria)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,6 +28,7 @@ from tests.ops.test_sparse_attn import (
     dense_reference,
     make_indices,
     make_sink,
+    record_gluon_launch,
     poisoned_outputs,
     random_values,
     strided_copy,
@@ -344,31 +344,17 @@ def test_gluon_kernel_says_where_it_cannot_run():
 
 @pytest.mark.skipif(not gluon_kernel.GLUON_IMPORTED, reason="this Triton has no Gluon Hopper API")
 def test_gluon_launcher_arguments(monkeypatch):
-    """The Gluon launcher's host side, without a GPU: one runtime argument per runtime kernel
-    parameter (ints for the scalars), every constexpr named, the persistent grid."""
-    calls = []
-
-    class RecordingKernel:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: calls.append((grid, args, kwargs))
-
-    params = gluon_kernel._paged_fp8_attn_ws_kernel.params
-    monkeypatch.setattr(gluon_kernel, "_paged_fp8_attn_ws_kernel", RecordingKernel())
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=7))
+    """The Gluon launcher's host side, without a GPU (``record_gluon_launch``), the persistent grid."""
     case = make_fp8_case(5, 100, V4, *SCOPES[1], "cpu")
     kw = case.kwargs()
-    gluon_kernel.paged_fp8_sparse_attn_gluon(
-        case.q, case.main.cache, case.main.indices, case.main.page_size, kw["extra_cache"], kw["extra_indices"],
-        kw["extra_page_size"], kw["topk_length"], kw["extra_topk_length"], SM_SCALE, case.attn_sink,
-        *poisoned_outputs(5, 100, "cpu"))
-    (grid, args, kwargs), = calls
-    runtime = [p.name for p in params if not p.is_constexpr]
-    assert len(args) == len(runtime)
-    named = dict(zip(runtime, args))
+    grid, named, kwargs = record_gluon_launch(
+        monkeypatch, gluon_kernel, "_paged_fp8_attn_ws_kernel",
+        lambda: gluon_kernel.paged_fp8_sparse_attn_gluon(
+            case.q, case.main.cache, case.main.indices, case.main.page_size, kw["extra_cache"], kw["extra_indices"],
+            kw["extra_page_size"], kw["topk_length"], kw["extra_topk_length"], SM_SCALE, case.attn_sink,
+            *poisoned_outputs(5, 100, "cpu")))
     assert named["n_items"] == 10 and grid == (7,)  # 5 tokens x 2 head blocks, one CTA per SM
     assert named["h_q"] == 100 and named["page_size"] == case.main.page_size
-    assert all(type(named[n]) in (int, float) for n in runtime if not n.endswith("_ptr"))
-    assert set(kwargs) == {p.name for p in params if p.is_constexpr} | {"num_warps"}
     assert kwargs["NUM_HEAD_BLOCKS"] == 2 and type(kwargs["NUM_HEAD_BLOCKS"]) is int
 
 

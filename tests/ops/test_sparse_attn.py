@@ -367,30 +367,40 @@ def test_gluon_input_alignment_rule(width, offset, ok):
     assert (gluon_kernel.inputs_reason(q, kv) is None) == ok
 
 
-@pytest.mark.skipif(not gluon_kernel.GLUON_IMPORTED, reason="this Triton has no Gluon Hopper API")
-def test_gluon_launcher_arguments(monkeypatch):
-    """The Gluon launcher's host side, without a GPU: one runtime argument per runtime kernel
-    parameter (ints for the scalars), every constexpr named, the persistent grid."""
+def record_gluon_launch(monkeypatch, module, kernel_name: str, launch) -> tuple:
+    """Run ``launch()`` with ``module.kernel_name`` replaced by a recorder and 7 SMs; check the
+    host side of a Gluon launcher: one runtime argument per runtime kernel parameter (ints or
+    floats for the scalars) and every constexpr named. Returns (grid, runtime args by name,
+    keyword arguments)."""
     calls = []
 
     class RecordingKernel:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: calls.append((grid, args, kwargs))
 
-    params = gluon_kernel._sparse_attn_ws_kernel.params
-    monkeypatch.setattr(gluon_kernel, "_sparse_attn_ws_kernel", RecordingKernel())
+    params = getattr(module, kernel_name).params
+    monkeypatch.setattr(module, kernel_name, RecordingKernel())
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=7))
-    case = make_case(5, 40, 100, 576, 9, "cpu")
-    gluon_kernel.sparse_attn_fwd_gluon(case.q, case.kv[:, 0], case.indices[:, 0], SM_SCALE, case.attn_sink,
-                                       case.topk_length, *poisoned_outputs(5, 100, "cpu"))
+    launch()
     (grid, args, kwargs), = calls
     runtime = [p.name for p in params if not p.is_constexpr]
     assert len(args) == len(runtime)
     named = dict(zip(runtime, args))
-    assert named["n_items"] == 10 and grid == (7,)  # 5 tokens x 2 head blocks, one CTA per SM
-    assert named["h_q"] == 100 and named["topk"] == 9 and named["s_kv"] == 40
     assert all(type(named[n]) in (int, float) for n in runtime if not n.endswith("_ptr"))
     assert set(kwargs) == {p.name for p in params if p.is_constexpr} | {"num_warps"}
+    return grid, named, kwargs
+
+
+@pytest.mark.skipif(not gluon_kernel.GLUON_IMPORTED, reason="this Triton has no Gluon Hopper API")
+def test_gluon_launcher_arguments(monkeypatch):
+    """The Gluon launcher's host side, without a GPU (``record_gluon_launch``), the persistent grid."""
+    case = make_case(5, 40, 100, 576, 9, "cpu")
+    grid, named, kwargs = record_gluon_launch(
+        monkeypatch, gluon_kernel, "_sparse_attn_ws_kernel",
+        lambda: gluon_kernel.sparse_attn_fwd_gluon(case.q, case.kv[:, 0], case.indices[:, 0], SM_SCALE,
+                                                   case.attn_sink, case.topk_length, *poisoned_outputs(5, 100, "cpu")))
+    assert named["n_items"] == 10 and grid == (7,)  # 5 tokens x 2 head blocks, one CTA per SM
+    assert named["h_q"] == 100 and named["topk"] == 9 and named["s_kv"] == 40
     assert kwargs["NUM_HEAD_BLOCKS"] == 2 and kwargs["D_TAIL"] == 64
 
 

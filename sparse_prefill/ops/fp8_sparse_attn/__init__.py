@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import IMPLS, check_disjoint, resolve_impl
+from sparse_prefill._utils import check_disjoint, resolve_impl
 from sparse_prefill.layout import KVCacheLayout
 from sparse_prefill.ops.cache import check_cache
 from sparse_prefill.ops.fp8_sparse_attn.library import paged_fp8_sparse_attn_fwd_op
 from sparse_prefill.ops.sparse_attn import (
+    ATTN_IMPLS,
     D_V,
     AttnOutputs,
     check_indices,
@@ -23,9 +24,8 @@ from sparse_prefill.ops.sparse_attn import (
     prepare_outputs,
 )
 
-__all__ = ["FP8_ATTN_IMPLS", "paged_fp8_sparse_attn_fwd"]
+__all__ = ["paged_fp8_sparse_attn_fwd"]
 
-FP8_ATTN_IMPLS = (*IMPLS, "gluon")
 
 
 def _check_cache(
@@ -155,8 +155,8 @@ def paged_fp8_sparse_attn_fwd(
 
 def _resolve_fp8_impl(impl: object, device: torch.device, layout: KVCacheLayout) -> str:
     """``impl`` (see ``paged_fp8_sparse_attn_fwd``) -> "gluon", "triton" or "reference"."""
-    if impl not in FP8_ATTN_IMPLS:
-        raise ValueError(f"impl must be one of {FP8_ATTN_IMPLS}, got {impl!r}")
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"impl must be one of {ATTN_IMPLS}, got {impl!r}")
     from sparse_prefill.ops.fp8_sparse_attn import gluon_kernel
 
     if impl == "auto" and device.type == "cuda":

@@ -27,7 +27,7 @@ __all__ = ["sparse_attn_fwd"]
 MAX_HEADS = 128
 D_V = 512
 INT32_MAX = 2**31 - 1
-ATTN_IMPLS = (*IMPLS, "gluon")
+ATTN_IMPLS = (*IMPLS, "gluon")  # both attention ops: the Hopper kernels
 
 AttnOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
