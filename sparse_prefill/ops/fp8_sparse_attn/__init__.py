@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import check_disjoint, resolve_impl
+from sparse_prefill._utils import resolve_impl
 from sparse_prefill.layout import KVCacheLayout
 from sparse_prefill.ops.cache import check_cache
 from sparse_prefill.ops.fp8_sparse_attn.library import paged_fp8_sparse_attn_fwd_op
@@ -137,12 +137,9 @@ def paged_fp8_sparse_attn_fwd(
     if extra_indices is not None:
         extra_topk_length = check_lengths("extra_topk_length", extra_topk_length, s_q, extra_topk, device)
     impl = _resolve_fp8_impl(impl, device, layout)
-    given_out = out
-    out, max_logits, lse = prepare_outputs(out, s_q, h_q, d_v, device)
-    if given_out is not None:
-        check_disjoint("out", out, q=q, cache=cache, indices=indices, extra_cache=extra_cache,
-                       extra_indices=extra_indices, attn_sink=attn_sink, topk_length=topk_length,
-                       extra_topk_length=extra_topk_length)
+    out, max_logits, lse = prepare_outputs(
+        out, s_q, h_q, d_v, device, q=q, cache=cache, indices=indices, extra_cache=extra_cache,
+        extra_indices=extra_indices, attn_sink=attn_sink, topk_length=topk_length, extra_topk_length=extra_topk_length)
     if s_q == 0:
         return out, max_logits, lse
 

@@ -94,15 +94,17 @@ def check_indices(name: str, indices: object, shape: tuple[int | None, ...], dev
 
 
 def prepare_outputs(
-    out: object, s_q: int, h_q: int, d_v: int, device: torch.device
+    out: object, s_q: int, h_q: int, d_v: int, device: torch.device, **inputs: torch.Tensor | None
 ) -> AttnOutputs:
-    """Check or allocate ``out`` [s_q, h_q, d_v] bf16; allocate max_logits and lse [s_q, h_q]."""
+    """Check or allocate ``out`` [s_q, h_q, d_v] bf16 (a given one must share no memory with the
+    call's ``inputs``, by argument name); allocate max_logits and lse [s_q, h_q]."""
     if out is None:
         out = torch.empty(s_q, h_q, d_v, dtype=torch.bfloat16, device=device)
     else:
         check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(s_q, h_q, d_v), device=device)
         check_unit_stride("out", out)
         check_no_overlap("out", out)
+        check_disjoint("out", out, **inputs)
     max_logits = torch.empty(s_q, h_q, dtype=torch.float32, device=device)
     lse = torch.empty(s_q, h_q, dtype=torch.float32, device=device)
     return out, max_logits, lse
@@ -184,10 +186,8 @@ def sparse_attn_fwd(
     attn_sink = check_sink(attn_sink, h_q, device)
     topk_length = check_lengths("topk_length", topk_length, s_q, topk, device)
     impl = _resolve_attn_impl(impl, device)
-    given_out = out
-    out, max_logits, lse = prepare_outputs(out, s_q, h_q, d_v, device)
-    if given_out is not None:
-        check_disjoint("out", out, q=q, kv=kv, indices=indices, attn_sink=attn_sink, topk_length=topk_length)
+    out, max_logits, lse = prepare_outputs(out, s_q, h_q, d_v, device, q=q, kv=kv, indices=indices,
+                                           attn_sink=attn_sink, topk_length=topk_length)
     if s_q == 0:
         return out, max_logits, lse
 
