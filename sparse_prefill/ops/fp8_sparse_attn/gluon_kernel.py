@@ -233,7 +233,16 @@ if GLUON_IMPORTED:
                 g += 1
 
     @gluon.jit
-    def finish_rows(m_i, l_i, sink_ptr, offs_h, mask_h, HAS_SINK: gl.constexpr):
+    def load_sink(sink_ptr, offs_h, mask_h, HAS_SINK: gl.constexpr):
+        """The sink logits of rows ``offs_h`` (what ``finish_rows`` takes; unused without a sink)."""
+        if HAS_SINK:
+            sink = gl.load(sink_ptr + offs_h, mask=mask_h, other=float("-inf"))
+        else:
+            sink = gl.full(offs_h.shape, float("-inf"), gl.float32, layout=offs_h.type.layout)
+        return sink
+
+    @gluon.jit
+    def finish_rows(m_i, l_i, sink, HAS_SINK: gl.constexpr):
         """Epilogue of the online softmax (``m_i`` log2 units, ``l_i`` the row sums): (output
         scale, max_logits, lse), natural units, as the Triton kernels' ``store_attn_outputs``. A
         row with no valid key gets scale 0, max_logits -inf, lse +inf; a NaN score made ``l_i``
@@ -248,7 +257,6 @@ if GLUON_IMPORTED:
         max_logits = gl.where(l_i == l_i, max_logits, l_i)
         scale = 1.0 / l_safe
         if HAS_SINK:
-            sink = gl.load(sink_ptr + offs_h, mask=mask_h, other=float("-inf"))
             # exp(lse) / (exp(lse) + exp(sink)) without overflow; sink -inf -> 1, +inf -> 0.
             scale = scale / (1.0 + gl.exp(sink - lse))
         # A row with no valid key writes 0 (its lse is +inf, so a +inf sink made scale NaN).
@@ -334,7 +342,7 @@ if GLUON_IMPORTED:
 
             offs_h = head0 + gl.arange(0, BLOCK_H, layout=rows_s)
             mask_h = offs_h < h_q
-            scale, max_logits, lse = finish_rows(m_i, l_i, sink_ptr, offs_h, mask_h, HAS_SINK)
+            scale, max_logits, lse = finish_rows(m_i, l_i, load_sink(sink_ptr, offs_h, mask_h, HAS_SINK), HAS_SINK)
             # The value group must have read the last item's scale.
             mbarrier.wait(o_free, (it & 1) ^ 1, pred=it > 0)
             oscale_smem.store(scale)

@@ -77,7 +77,7 @@ if GLUON_IMPORTED:
         warpgroup_mma_wait,
     )
 
-    from sparse_prefill.ops.fp8_sparse_attn.gluon_kernel import BLOCK_H, BLOCK_N, finish_rows, store_half
+    from sparse_prefill.ops.fp8_sparse_attn.gluon_kernel import BLOCK_H, BLOCK_N, finish_rows, load_sink, store_half
 
     HALF = gl.constexpr(256)  # value dims each math group owns; also the producer's copy unit
     TAIL = gl.constexpr(64)  # d_qk 576: the RoPE dims past 512
@@ -102,6 +102,24 @@ if GLUON_IMPORTED:
         for c in gl.static_range(n_cols // 64):
             async_copy.async_copy_global_to_shared(
                 dst.slice(c * 64, 64, dim=1), rows[:, None] + (col0 + c * 64) + offs_c[None, :], mask=mask[:, None])
+
+    @gluon.jit
+    def _copy_k0_hi(k_smem, kt_smem, bars, rows0, ok0, offs_c, phase, g, D_TAIL: gl.constexpr):
+        """K0 hi (+ tail, which holds P0 in d576), once math group 1 has read P0 and V0 hi."""
+        mbarrier.wait(bars.index(7), phase, pred=g > 0)
+        _copy_rows(k_smem.index(0).slice(HALF, HALF, dim=1), rows0, HALF, HALF, ok0, offs_c)
+        if D_TAIL > 0:
+            _copy_rows(kt_smem.index(0), rows0, 512, TAIL, ok0, offs_c)
+        async_copy.mbarrier_arrive(bars.index(3), increment_count=False)
+
+    @gluon.jit
+    def _copy_k1_lo(k_smem, kt_smem, bars, rows1, ok1, offs_c, phase, g, D_TAIL: gl.constexpr):
+        """K1 lo (+ tail, P1 in d576), once math group 0 has read P1 and V1 lo."""
+        mbarrier.wait(bars.index(8), phase, pred=g > 0)
+        _copy_rows(k_smem.index(1), rows1, 0, HALF, ok1, offs_c)
+        if D_TAIL > 0:
+            _copy_rows(kt_smem.index(1), rows1, 512, TAIL, ok1, offs_c)
+        async_copy.mbarrier_arrive(bars.index(4), increment_count=False)
 
     @gluon.jit
     def _producer(q_smem, qt_smem, k_smem, kt_smem, valid_smem, bars,
@@ -152,18 +170,8 @@ if GLUON_IMPORTED:
                 gl.thread_barrier()
                 mbarrier.arrive(bars.index(10))
                 mbarrier.arrive(bars.index(11))
-                # K0 hi (+ tail, which holds P0 in d576): math group 1 has read P0 and V0 hi.
-                mbarrier.wait(bars.index(7), phase, pred=g > 0)
-                _copy_rows(k_smem.index(0).slice(HALF, HALF, dim=1), rows0, HALF, HALF, ok0, offs_c)
-                if D_TAIL > 0:
-                    _copy_rows(kt_smem.index(0), rows0, 512, TAIL, ok0, offs_c)
-                async_copy.mbarrier_arrive(bars.index(3), increment_count=False)
-                # K1 lo (+ tail, P1 in d576): math group 0 has read P1 and V1 lo.
-                mbarrier.wait(bars.index(8), phase, pred=g > 0)
-                _copy_rows(k_smem.index(1), rows1, 0, HALF, ok1, offs_c)
-                if D_TAIL > 0:
-                    _copy_rows(kt_smem.index(1), rows1, 512, TAIL, ok1, offs_c)
-                async_copy.mbarrier_arrive(bars.index(4), increment_count=False)
+                _copy_k0_hi(k_smem, kt_smem, bars, rows0, ok0, offs_c, phase, g, D_TAIL)
+                _copy_k1_lo(k_smem, kt_smem, bars, rows1, ok1, offs_c, phase, g, D_TAIL)
                 # The next step's ids, loaded while this step's copies are in flight.
                 pos0 = pos0 + 2 * BLOCK_N
                 pos1 = pos1 + 2 * BLOCK_N
@@ -191,21 +199,29 @@ if GLUON_IMPORTED:
         return g >> 31
 
     @gluon.jit
+    def _qk_half(q_smem, k_smem, slot: gl.constexpr, z, half: gl.constexpr, s, use_acc: gl.constexpr):
+        """Issue the ``Q K^T`` of value-dim half ``half`` of the block in ``slot`` into ``s``."""
+        return warpgroup_mma(q_smem.index(z).slice(half * HALF, HALF, dim=1),
+                             k_smem.index(slot + z).slice(half * HALF, HALF, dim=1).permute((1, 0)), s,
+                             use_acc=use_acc, is_async=True)
+
+    @gluon.jit
+    def _qk_tail(qt_smem, kt_smem, slot: gl.constexpr, z, s, D_TAIL: gl.constexpr):
+        """Issue the RoPE tail's ``Q K^T`` (d_qk 576) of the block in ``slot`` into ``s``."""
+        if D_TAIL > 0:
+            s = warpgroup_mma(qt_smem.index(z), kt_smem.index(slot + z).permute((1, 0)), s, is_async=True)
+        return s
+
+    @gluon.jit
     def _scores(q_smem, qt_smem, k_smem, kt_smem, slot: gl.constexpr, z, bars, s_zero, first: gl.constexpr,
                 ready_first: gl.constexpr, ready_second: gl.constexpr, phase, D_TAIL: gl.constexpr):
         """Issue ``Q K^T`` of the block in ``slot`` in two halves of dims (``first`` = 0: lo
         first), each after its ready barrier; return the pending accumulator."""
-        qb = q_smem.index(z)
-        kb = k_smem.index(slot + z)
         _wait_ready(bars, ready_first, phase)
-        s = warpgroup_mma(qb.slice(first * HALF, HALF, dim=1),
-                          kb.slice(first * HALF, HALF, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = _qk_half(q_smem, k_smem, slot, z, first, s_zero, False)
         _wait_ready(bars, ready_second, phase)
-        s = warpgroup_mma(qb.slice((1 - first) * HALF, HALF, dim=1),
-                          kb.slice((1 - first) * HALF, HALF, dim=1).permute((1, 0)), s, is_async=True)
-        if D_TAIL > 0:
-            s = warpgroup_mma(qt_smem.index(z), kt_smem.index(slot + z).permute((1, 0)), s, is_async=True)
-        return s
+        s = _qk_half(q_smem, k_smem, slot, z, 1 - first, s, True)
+        return _qk_tail(qt_smem, kt_smem, slot, z, s, D_TAIL)
 
     @gluon.jit
     def _masked(s, valid_smem, slot: gl.constexpr, bars, phase, qk_scale_log2, s_l: gl.constexpr):
@@ -216,10 +232,11 @@ if GLUON_IMPORTED:
 
     @gluon.jit
     def _epilogue(l_i, m_i, l_smem, bars, mine: gl.constexpr, it, out_ptr, acc, tok, head0, h_q,
-                  stride_o_s, stride_o_h, sink_ptr, HAS_SINK: gl.constexpr, s_l: gl.constexpr,
+                  stride_o_s, stride_o_h, sink, HAS_SINK: gl.constexpr, s_l: gl.constexpr,
                   o_l: gl.constexpr):
         """Exchange the row sums with the other group, normalise and store this group's half;
-        returns (max_logits, lse, heads, head mask) for group 1 to store."""
+        returns (max_logits, lse) for group 1 to store. ``sink``: the rows' sink logits, loaded
+        when the item started (a load here would hold every store behind its latency)."""
         rows_s: gl.constexpr = gl.SliceLayout(1, s_l)
         # Two buffers by item parity: a group can be one item ahead of the other here.
         l_smem.index((it & 1) * 2 + mine).store(l_i)
@@ -227,13 +244,11 @@ if GLUON_IMPORTED:
         mbarrier.arrive(bars.index(16 + mine))
         mbarrier.wait(bars.index(17 - mine), it & 1)
         l_i = l_i + l_smem.index((it & 1) * 2 + 1 - mine).load(rows_s)
-        offs_h = head0 + gl.arange(0, BLOCK_H, layout=rows_s)
-        mask_h = offs_h < h_q
-        scale, max_logits, lse = finish_rows(m_i, l_i, sink_ptr, offs_h, mask_h, HAS_SINK)
+        scale, max_logits, lse = finish_rows(m_i, l_i, sink, HAS_SINK)
         o_scale = gl.convert_layout(scale, gl.SliceLayout(1, o_l))
         store_half(out_ptr, acc * o_scale[:, None], tok.to(gl.int64), head0, h_q, stride_o_s, stride_o_h,
                    mine * HALF, o_l)
-        return max_logits, lse, offs_h, mask_h
+        return max_logits, lse
 
     @gluon.jit
     def _math0(q_smem, qt_smem, k_smem, kt_smem, p_smem, valid_smem, m_smem, l_smem, bars, qk_scale_log2,
@@ -253,10 +268,12 @@ if GLUON_IMPORTED:
         it = 0
         for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
             tok, head0, n_keys, n_steps = _item(item, topk, topk_len_ptr, NUM_HEAD_BLOCKS, HAS_TOPK_LEN)
-            mbarrier.wait(bars.index(0), it & 1)
             m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=rows_s)
             l_i = gl.zeros([BLOCK_H], gl.float32, layout=rows_s)
             acc = gl.zeros([BLOCK_H, HALF], gl.float32, layout=o_l)
+            offs_h = head0 + gl.arange(0, BLOCK_H, layout=rows_s)
+            sink = load_sink(sink_ptr, offs_h, offs_h < h_q, HAS_SINK)
+            mbarrier.wait(bars.index(0), it & 1)
             s = s_zero
             if n_steps > 0:
                 s = _scores(q_smem, qt_smem, k_smem, kt_smem, 0, _opaque_zero(g), bars, s_zero, 0, 2, 3,
@@ -297,11 +314,16 @@ if GLUON_IMPORTED:
                 pv = warpgroup_mma(p_smem.index(1 + z), k_smem.index(1 + z).slice(0, HALF, dim=1), acc, is_async=True)
                 m_i = m1
                 if step + 1 < n_steps:
-                    # Next block's Q K^T queued behind this P V.
-                    s_next = _scores(q_smem, qt_smem, k_smem, kt_smem, 0, z, bars, s_zero, 0, 2, 3,
-                                     phase ^ 1, D_TAIL)
+                    # Next block's lo half queued behind this P V; K1 lo is freed as soon as that
+                    # P V is done, before K0 hi lands, so the producer's K1 lo copy (which math
+                    # group 1's next Q K^T waits for) does not queue behind K0 hi.
+                    _wait_ready(bars, 2, phase ^ 1)
+                    s_next = _qk_half(q_smem, k_smem, 0, z, 0, s_zero, False)
                     acc = warpgroup_mma_wait(num_outstanding=1, deps=(pv,))
                     mbarrier.arrive(bars.index(8))  # K1 lo (+ P1)
+                    _wait_ready(bars, 3, phase ^ 1)
+                    s_next = _qk_half(q_smem, k_smem, 0, z, 1, s_next, True)
+                    s_next = _qk_tail(qt_smem, kt_smem, 0, z, s_next, D_TAIL)
                     s = warpgroup_mma_wait(num_outstanding=0, deps=(s_next,))
                     mbarrier.arrive(bars.index(1), pred=step + 2 == n_steps)
                 else:
@@ -309,7 +331,7 @@ if GLUON_IMPORTED:
                     mbarrier.arrive(bars.index(8))
                 g += 1
             _epilogue(l_i, m_i, l_smem, bars, 0, it, out_ptr, acc, tok, head0, h_q, stride_o_s, stride_o_h,
-                      sink_ptr, HAS_SINK, s_l, o_l)
+                      sink, HAS_SINK, s_l, o_l)
             it += 1
 
     @gluon.jit
@@ -334,6 +356,9 @@ if GLUON_IMPORTED:
             m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=rows_s)
             l_i = gl.zeros([BLOCK_H], gl.float32, layout=rows_s)
             acc = gl.zeros([BLOCK_H, HALF], gl.float32, layout=o_l)
+            offs_h = head0 + gl.arange(0, BLOCK_H, layout=rows_s)
+            mask_h = offs_h < h_q
+            sink = load_sink(sink_ptr, offs_h, mask_h, HAS_SINK)
             mbarrier.arrive(bars.index(1), pred=n_steps == 0)
             for step in range(n_steps):
                 phase = g & 1
@@ -367,9 +392,9 @@ if GLUON_IMPORTED:
                 mbarrier.arrive(bars.index(7))  # K0 hi (+ P0)
                 m_i = m1
                 g += 1
-            max_logits, lse, offs_h, mask_h = _epilogue(
+            max_logits, lse = _epilogue(
                 l_i, m_i, l_smem, bars, 1, it, out_ptr, acc, tok, head0, h_q, stride_o_s, stride_o_h,
-                sink_ptr, HAS_SINK, s_l, o_l)
+                sink, HAS_SINK, s_l, o_l)
             tok64 = tok.to(gl.int64)
             gl.store(max_ptr + tok64 * stride_ml_s + offs_h, max_logits, mask=mask_h)
             gl.store(lse_ptr + tok64 * stride_ml_s + offs_h, lse, mask=mask_h)
