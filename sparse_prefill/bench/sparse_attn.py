@@ -25,7 +25,9 @@ our ``sparse_attn_fwd`` (the kernel auto picks) on a bf16 workspace holding the 
 topk + 128, dequantize step not included, like ANCHORS' "sparse_fwd" column).
 
 When ``flash_mla`` imports, ``flash_mla_sparse_fwd`` is timed on the same inputs as ours.
-Every timing is the median of ``triton.testing.do_bench``. Each row is also checked against the
+Every timing is the median of ``triton.testing.do_bench``; on the sparse_attn_fwd rows, FlashMLA
+and both of our kernels are timed in turn, ``ROUNDS`` times each, and each reports the median of
+its rounds (a kernel's time drifts by several percent within one run). Each row is also checked against the
 float32 reference on its first 64 query rows (max abs error of out and lse is printed).
 
 ``--config`` passes keyword overrides (e.g. ``BLOCK_N=32,num_warps=4`` for the Triton kernels,
@@ -41,7 +43,9 @@ row and variant). Exits 2 without CUDA.
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 
@@ -69,6 +73,7 @@ D_V = 512
 WINDOW = 128
 PAGE_SIZE = 64
 CHECK_ROWS = 64
+ROUNDS = 3  # interleaved timings of FlashMLA and our kernels per row (alternating_us)
 
 # d_qk, h_q, topk, s_kv, FlashMLA us (ANCHORS.md, first table)
 SPARSE_ROWS = [
@@ -141,6 +146,16 @@ def bench_us(fn: Callable[[], object]) -> float:
     return median_us(fn, warmup=50, rep=300)
 
 
+def alternating_us(fns: dict[str, Callable[[], object]], rounds: int = ROUNDS) -> dict[str, float]:
+    """Median of ``rounds`` timings of each of ``fns``, taken in turn: one kernel's time drifts by
+    several percent within a run (clocks, L2 state), so times to compare are taken interleaved."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(bench_us(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def random_bf16(*shape: int) -> torch.Tensor:
     return (torch.randn(*shape, device="cuda") / 10).bfloat16()
 
@@ -209,28 +224,28 @@ def bench_sparse(report: Report, variants: list[dict], quick: bool, flash_mla, p
         sm_scale = d_qk**-0.5
         reference = sparse_attn_fwd_naive(q[:CHECK_ROWS], kv[:, None], idx[:CHECK_ROWS, None], sm_scale, D_V, sink)
         flops = 2 * S_Q * topk * h_q * (d_qk + D_V)
-        flash_us = None
-        if flash_mla is not None:
-            # FlashMLA takes h_q 64 or 128 only: fewer heads run padded to 64, as an engine does.
-            pad = 0 if h_q in (64, 128) else 64 - h_q
-            q_fm, sink_fm = torch.nn.functional.pad(q, (0, 0, 0, pad)), torch.nn.functional.pad(sink, (0, pad))
-            flash_us = bench_us(lambda: flash_mla.flash_mla_sparse_fwd(
-                q_fm, kv[:, None], idx[:, None], sm_scale, D_V, sink_fm))
         launchers = {"triton": sparse_attn_fwd_triton}
         if gluon_runs:
             launchers["gluon"] = gluon_kernel.sparse_attn_fwd_gluon
         kernel = "gluon" if gluon_kernel.auto_picks_gluon(device, h_q) else "triton"
-        # Both kernels' default times, next to the default row.
-        kernel_us = {}
-        for name, launcher in launchers.items():
-            outputs = new_outputs(S_Q, h_q)
-            kernel_us[name] = bench_us(lambda: launcher(q, kv, idx, sm_scale, sink, None, *outputs))
+        # Both kernels' default times (the default row's and the two beside it) and FlashMLA's,
+        # interleaved.
+        timed = {name: functools.partial(launcher, q, kv, idx, sm_scale, sink, None, *new_outputs(S_Q, h_q))
+                 for name, launcher in launchers.items()}
+        if flash_mla is not None:
+            # FlashMLA takes h_q 64 or 128 only: fewer heads run padded to 64, as an engine does.
+            pad = 0 if h_q in (64, 128) else 64 - h_q
+            q_fm, sink_fm = torch.nn.functional.pad(q, (0, 0, 0, pad)), torch.nn.functional.pad(sink, (0, pad))
+            timed["flash_mla"] = functools.partial(flash_mla.flash_mla_sparse_fwd, q_fm, kv[:, None], idx[:, None],
+                                                   sm_scale, D_V, sink_fm)
+        kernel_us = alternating_us(timed)
+        flash_us = kernel_us.get("flash_mla")
         for variant in variants:
             outputs = new_outputs(S_Q, h_q)
             run = lambda: launchers[kernel](q, kv, idx, sm_scale, sink, None, *outputs, **variant)
             run()
             err_out, err_lse = max_errors(outputs, reference)
-            us = bench_us(run)
+            us = kernel_us[kernel] if not variant else bench_us(run)
             tflops = flops / us / 1e6
             ratio = flash_us / us if flash_us else None
             both = (kernel_us.get("gluon"), kernel_us["triton"]) if not variant else (None, None)
