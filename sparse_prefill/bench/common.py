@@ -17,6 +17,10 @@ from typing import TextIO
 import torch
 import triton
 
+# NVLink multicast off in NCCL, torch and NVSHMEM: on the shared GPU hosts a program that uses it
+# can take the host's GPUs out of service. Set before any process group or child process exists.
+NVLS_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
 
 @dataclass
 class BenchResult:

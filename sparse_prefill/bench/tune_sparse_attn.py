@@ -1,6 +1,6 @@
 """Compare launch variants of the sparse attention kernel on one GPU in one call.
 
-    PYTHONPATH=. python benchmarks/tune_sparse_attn.py [--quick] [--out DIR]
+    python -m sparse_prefill.bench.tune_sparse_attn [--quick] [--out DIR]
 
 For each variant and shape: check against a float32 torch reference on a few rows, then time
 with triton.testing.do_bench (median) and print TFLOP/s, registers and spills; the fused FP8

@@ -2,7 +2,7 @@
 and on the host, from one query up to ANCHORS.md's s_q 4096 (V4, page size 64, top-k unique ids
 into 8192 compressed tokens plus 128 window ids, attn_sink on, value checks off).
 
-    PYTHONPATH=. python benchmarks/fp8_small_batch.py
+    python -m sparse_prefill.bench.fp8_small_batch
 
 "GPU": median of ``triton.testing.do_bench``; "host": wall time per call of 200 calls queued back
 to back (the public wrapper's checks and the launch). Table in benchmarks/RESULTS.md.

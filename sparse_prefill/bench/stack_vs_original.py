@@ -1,6 +1,6 @@
 """Our sparse / auto paths against the original pipeline, whole 10-layer stacks back to back.
 
-    PYTHONPATH=. python benchmarks/stack_vs_original.py [--reps 5] [--rounds 3] [--out DIR]
+    python -m sparse_prefill.bench.stack_vs_original [--reps 5] [--rounds 3] [--out DIR]
 
 ``sparse_prefill.bench.backend`` times one stack at a time. An engine runs forward after forward
 with the GPU kept busy by the layers around attention, so what matters is whether the host can
