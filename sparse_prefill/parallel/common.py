@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from sparse_prefill._utils import check_int, check_tensor, value_checks_enabled
-from sparse_prefill.backend import BatchMetadata, ModelConfig, SparsePrefillBackend
+from sparse_prefill.backend import BatchMetadata, ModelConfig, SparsePrefillBackend, routing
 from sparse_prefill.backend.layer_kinds import SWA_RATIO
 
 # Fingerprints are compared through an all_reduce(MAX) of (fp, -fp): keep -fp representable.
@@ -139,16 +139,30 @@ class LocalBackends:
 
     A rank attends a part of the batch (some rows, or some heads); left to route on its part,
     it could pick another path than one GPU does on the whole batch and give other bits. So
-    every layer takes ``backend.path_for(ratio, metadata)`` of the whole batch.
+    every layer takes the path ``backend.path_for(ratio, metadata)`` gives the whole batch.
     """
 
     def __init__(self, backend: SparsePrefillBackend, config: ModelConfig) -> None:
         self.backend = backend
         self.config = config
         self._by_path: dict[str, SparsePrefillBackend] = {}
+        self._paths: dict[int, str] = {}
+        self._paths_of: tuple[BatchMetadata, int] | None = None  # (metadata, generation)
+
+    def path_for(self, ratio: int, metadata: BatchMetadata) -> str:
+        """``backend.path_for(ratio, metadata)``, from the host lengths alone: ``path_for`` would
+        first build the whole batch's forward state on every rank (the chunk cache: launches,
+        before the layer's arguments are checked, and work no rank uses)."""
+        if self._paths_of is None or self._paths_of[0] is not metadata or self._paths_of[1] != metadata.generation:
+            self._paths, self._paths_of = {}, (metadata, metadata.generation)
+        if ratio not in self._paths:
+            b = self.backend
+            setting = routing.REGULAR if b.cuda_graph else b.path_setting  # as path_for
+            self._paths[ratio] = routing.choose_path(setting, b.config, metadata, ratio, b.costs)
+        return self._paths[ratio]
 
     def for_layer(self, layer: int, metadata: BatchMetadata) -> SparsePrefillBackend:
-        path = self.backend.path_for(self.config.ratio_of(layer), metadata)
+        path = self.path_for(self.config.ratio_of(layer), metadata)
         if path not in self._by_path:
             b = self.backend
             self._by_path[path] = SparsePrefillBackend(
