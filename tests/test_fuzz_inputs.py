@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import sparse_prefill as sp
+from sparse_prefill import parallel
 from sparse_prefill.backend.chunk_cache import SparsePrefillChunkCache
 from sparse_prefill.ops.cache import library as cache_ops
 from sparse_prefill.ops.fp8_sparse_attn import gluon_kernel
@@ -67,6 +69,8 @@ class Entry:
     scales: tuple[str, ...] = ()
     # Arguments whose None is valid (the others must reject None).
     optional: tuple[str, ...] = field(default=())
+    # A parallel layer's: runs in a process group (of this process alone).
+    needs_group: bool = False
 
 
 def i32(values, device) -> torch.Tensor:
@@ -197,6 +201,72 @@ def call_chunk_cache(a: dict):
         impl="triton")
 
 
+# -- the parallel layers, in a process group of this process alone (rank 0 owns every row) -----
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo group of this process alone; destroyed afterwards (other tests need none)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def parallel_layer_args(device) -> dict:
+    batch = synthetic(device)
+    return dict(backend=sp.SparsePrefillBackend(batch.config, "sparse", impl="triton"), group=None)
+
+
+def begun(device, layer_type) -> tuple[object, sp.SyntheticBatch]:
+    """A parallel layer of ``layer_type`` over the synthetic batch, its forward begun."""
+    batch = synthetic(device)
+    layer = layer_type(sp.SparsePrefillBackend(batch.config, "sparse", impl="triton"))
+    layer.begin_forward(batch.metadata)
+    return layer, batch
+
+
+def store_kv_args(device, layer: int) -> dict:
+    cp, batch = begun(device, sp.ContextParallelPrefill)
+    _, _, caches, _, _ = batch.layer_inputs(layer)
+    ratio = batch.config.compress_ratios[layer]
+    entries = cp.entry_rows(ratio) if ratio else None
+    return {"_cp": cp, "layer": layer, "caches.swa": caches.swa, "caches.compressed": caches.compressed,
+            "k": bf16(batch.metadata.num_tokens, 512, device=device),
+            "compressed_k": None if entries is None else bf16(entries[1] - entries[0], 512, device=device),
+            "metadata": batch.metadata}
+
+
+def call_store_kv(a: dict):
+    return a["_cp"].store_kv(a["layer"], sp.LayerCaches(a["caches.swa"], a["caches.compressed"]), a["k"],
+                             a["compressed_k"], metadata=a["metadata"])
+
+
+def parallel_forward_args(device, layer_type, layer: int, gather: bool) -> dict:
+    par, batch = begun(device, layer_type)
+    _, q, caches, topk, sink = batch.layer_inputs(layer)
+    shape = (batch.metadata.num_tokens, batch.config.num_heads, 512)
+    return {"_layer": par, "layer": layer, "q": q, "caches.swa": caches.swa, "caches.compressed": caches.compressed,
+            "topk_indices": topk, "attn_sink": sink, "metadata": batch.metadata, "gather": gather,
+            "out": torch.empty(shape, dtype=torch.bfloat16, device=device)}
+
+
+def call_parallel_forward(a: dict):
+    return a["_layer"].forward(a["layer"], a["q"], sp.LayerCaches(a["caches.swa"], a["caches.compressed"]),
+                               a["topk_indices"], a["attn_sink"], metadata=a["metadata"], gather=a["gather"],
+                               out=a["out"])
+
+
+def batch_args(device, **more) -> dict:
+    batch = synthetic(device)
+    return dict(config=batch.config, metadata=batch.metadata, **more)
+
+
+def parallel_entry(call, base, **kw) -> Entry:
+    return Entry(call, base, needs_group=True, **kw)
+
+
+PARALLEL_FORWARD = dict(outputs=("out",), optional=("attn_sink", "out", "metadata"))
+
 ENTRIES = {
     "quantize_k_cache": Entry(lambda a: sp.quantize_k_cache(a["k"], a["layout"], impl="triton"),
                               lambda d: dict(k=bf16(2, 4, 1, 512, device=d), layout=V4)),
@@ -241,6 +311,41 @@ ENTRIES = {
         call_forward, lambda d: dict(forward_args(d, 2), path="regular"), outputs=("out",),
         optional=("topk_indices", "attn_sink", "out")),
     "value_checks": Entry(lambda a: sp.value_checks(a["enabled"]).__enter__(), lambda d: dict(enabled=True)),
+    "ContextParallelPrefill": parallel_entry(lambda a: sp.ContextParallelPrefill(**a), parallel_layer_args,
+                                             optional=("group",)),
+    "HeadParallelPrefill": parallel_entry(lambda a: sp.HeadParallelPrefill(**a), parallel_layer_args,
+                                          optional=("group",)),
+    "ContextParallelPrefill.begin_forward": parallel_entry(
+        lambda a: a["_cp"].begin_forward(a["metadata"]),
+        lambda d: dict(_cp=begun(d, sp.ContextParallelPrefill)[0], metadata=synthetic(d).metadata)),
+    "ContextParallelPrefill.entry_rows": parallel_entry(
+        lambda a: a["_cp"].entry_rows(a["ratio"]), lambda d: dict(_cp=begun(d, sp.ContextParallelPrefill)[0], ratio=4)),
+    "ContextParallelPrefill.store_kv ratio 1": parallel_entry(
+        call_store_kv, lambda d: store_kv_args(d, 0), outputs=("caches.swa",),
+        optional=("caches.compressed", "compressed_k", "metadata")),
+    "ContextParallelPrefill.store_kv ratio 4": parallel_entry(
+        call_store_kv, lambda d: store_kv_args(d, 1), outputs=("caches.swa", "caches.compressed"),
+        optional=("metadata",)),
+    "ContextParallelPrefill.forward ratio 4": parallel_entry(
+        call_parallel_forward, lambda d: parallel_forward_args(d, sp.ContextParallelPrefill, 1, True),
+        **PARALLEL_FORWARD),
+    "ContextParallelPrefill.forward ratio 128 sharded": parallel_entry(
+        call_parallel_forward, lambda d: parallel_forward_args(d, sp.ContextParallelPrefill, 2, False),
+        outputs=("out",), optional=("topk_indices", "attn_sink", "out", "metadata")),
+    "HeadParallelPrefill.forward ratio 4": parallel_entry(
+        call_parallel_forward, lambda d: parallel_forward_args(d, sp.HeadParallelPrefill, 1, False),
+        **PARALLEL_FORWARD),
+    "HeadParallelPrefill.forward ratio 1 gathered": parallel_entry(
+        call_parallel_forward, lambda d: parallel_forward_args(d, sp.HeadParallelPrefill, 0, True),
+        outputs=("out",), optional=("caches.compressed", "topk_indices", "attn_sink", "out", "metadata")),
+    "partition_rows": parallel_entry(lambda a: parallel.partition_rows(**a), lambda d: batch_args(d, world_size=2)),
+    "row_costs": parallel_entry(lambda a: parallel.row_costs(**a), batch_args),
+    "shard_metadata": parallel_entry(lambda a: parallel.shard_metadata(**a),
+                                     lambda d: dict(metadata=synthetic(d).metadata, start=2, stop=9, anchor=False)),
+    "new_entries": parallel_entry(lambda a: parallel.new_entries(**a),
+                                  lambda d: dict(metadata=synthetic(d).metadata, ratio=4)),
+    "new_slots": parallel_entry(lambda a: parallel.new_slots(**a),
+                                lambda d: dict(metadata=synthetic(d).metadata, ratio=128)),
 }
 
 
@@ -293,7 +398,7 @@ def scalar_mutations(value: object, is_scale: bool) -> dict[str, tuple[object, b
                 "floats": ([float(v) for v in value], True), "huge": ([2**40] * len(value), True)}
     if isinstance(value, str):
         return {"bogus": ("fast", True), "None": (None, True)}
-    return {}
+    return {"str": ("x", True), "int": (7, True)}  # an object (a backend, config, metadata)
 
 
 def mutations(entry: Entry, base: dict, device: torch.device):
@@ -344,10 +449,12 @@ MISMATCHES = ("grow", "empty", "device", "rank-", "rank+", "dtype", "int64")
 
 
 @pytest.mark.parametrize("entry_name", list(ENTRIES))
-def test_every_single_bad_argument_is_rejected_cleanly(entry_name, device):
+def test_every_single_bad_argument_is_rejected_cleanly(entry_name, device, request):
     entry = ENTRIES[entry_name]
     if entry_name.endswith("gluon") and gluon_kernel.unsupported_reason(device, V4) is not None:
         pytest.skip(f"Gluon kernel: {gluon_kernel.unsupported_reason(device, V4)}")
+    if entry.needs_group:
+        request.getfixturevalue("one_rank_group")
     base = entry.base(device)
     assert outcome(entry, dict(base)) is None, f"{entry_name}: the valid call was rejected"
     every_name = [n for k in base for n in arg_names(k)]
@@ -369,7 +476,7 @@ def test_every_single_bad_argument_is_rejected_cleanly(entry_name, device):
         assert names_an_argument(message, every_name), f"{label}: the message names no argument: {message}"
 
 
-def test_random_pairs_of_bad_arguments(device):
+def test_random_pairs_of_bad_arguments(device, one_rank_group):
     """Two arguments mutated at once, across all entry points: never anything but a clean error
     naming an argument (or acceptance), in bounded time (a fixed number of draws)."""
     rng = random.Random(17)

@@ -1,9 +1,13 @@
-"""What the ``sparse-prefill`` CLI runs: the GPU benchmarks, their plot, the demo and the
-randomized correctness sweep.
+"""All benchmark and profiling code: what the ``sparse-prefill`` CLI runs (the GPU benchmarks,
+their plot, the demo and the randomized correctness sweep) and the studies run on their own.
 
-One module per benchmark (``BENCHMARKS``), each with ``run(quick=..., progress=...)`` returning a
-:class:`~sparse_prefill.bench.common.BenchResult` (rows + markdown table), and its own ``main``
-with the knobs the CLI leaves out (``python -m sparse_prefill.bench.<name> --help``).
+One module per CLI benchmark (``BENCHMARKS``), each with ``run(quick=..., progress=...)``
+returning a :class:`~sparse_prefill.bench.common.BenchResult` (rows + markdown table), and its own
+``main`` with the knobs the CLI leaves out (``python -m sparse_prefill.bench.<name> --help``).
+Run only as ``python -m sparse_prefill.bench.<name>``: ``parallel`` (several GPUs),
+``stack_vs_original``, ``fp8_small_batch``, ``tune_sparse_attn``, ``profile_sparse_attn`` (one
+launch for ncu), ``compile_offline`` (ptxas' report without a GPU; Triton 3.6) and
+``device_session`` (one call on the GPU machine). Their results go to ``benchmarks/``.
 """
 
 from __future__ import annotations

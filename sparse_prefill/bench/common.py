@@ -17,6 +17,10 @@ from typing import TextIO
 import torch
 import triton
 
+# NVLink multicast off in NCCL, torch and NVSHMEM: on the shared GPU hosts a program that uses it
+# can take the host's GPUs out of service. Set before any process group or child process exists.
+NVLS_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
 
 @dataclass
 class BenchResult:
@@ -96,13 +100,20 @@ def write_outputs(out_dir: str, stem: str, markdown: str, data: object) -> list[
     JSON keys that are not strings (e.g. compress ratios) become strings; values JSON cannot
     hold are written with ``str``."""
     os.makedirs(out_dir, exist_ok=True)
-    md_path, json_path = (os.path.join(out_dir, f"{stem}.{ext}") for ext in ("md", "json"))
+    md_path = os.path.join(out_dir, f"{stem}.md")
     with open(md_path, "w") as f:
         f.write(markdown.rstrip("\n") + "\n")
-    with open(json_path, "w") as f:
+    return [md_path, write_json(out_dir, stem, data)]
+
+
+def write_json(out_dir: str, stem: str, data: object) -> str:
+    """Write ``out_dir/stem.json`` (creating the folder) as :func:`write_outputs` does; return its path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{stem}.json")
+    with open(path, "w") as f:
         json.dump(data, f, indent=1, default=str)
         f.write("\n")
-    return [md_path, json_path]
+    return path
 
 
 def require_cuda(what: str) -> str | None:
@@ -110,6 +121,14 @@ def require_cuda(what: str) -> str | None:
     if torch.cuda.is_available():
         return None
     return f"{what} needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured"
+
+
+def refuse_without_cuda(what: str) -> bool:
+    """True, after saying why on stderr, when there is no CUDA GPU (the caller exits 2)."""
+    why = require_cuda(what)
+    if why is not None:
+        print(why, file=sys.stderr)
+    return why is not None
 
 
 class Progress:

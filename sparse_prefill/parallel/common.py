@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from sparse_prefill._utils import check_tensor, value_checks_enabled
-from sparse_prefill.backend import BatchMetadata, ModelConfig, SparsePrefillBackend
+from sparse_prefill._utils import check_int, check_tensor, value_checks_enabled
+from sparse_prefill.backend import BatchMetadata, ModelConfig, SparsePrefillBackend, routing
+from sparse_prefill.backend.layer_kinds import SWA_RATIO
 
 # Fingerprints are compared through an all_reduce(MAX) of (fp, -fp): keep -fp representable.
 _FP_MASK = (1 << 62) - 1
@@ -65,6 +66,39 @@ def group_rank_world(group: object) -> tuple[dist.ProcessGroup, int, int]:
     return group, rank, dist.get_world_size(group)
 
 
+def check_metadata(metadata: object, config: ModelConfig | None = None, config_name: str = "config") -> BatchMetadata:
+    """``metadata`` checked as a BatchMetadata (TypeError naming it otherwise), built for
+    ``config`` when one is given (ValueError naming both otherwise)."""
+    if not isinstance(metadata, BatchMetadata):
+        raise TypeError(f"metadata must be a BatchMetadata, got {type(metadata).__name__}")
+    if config is not None and metadata.config != config:
+        raise ValueError(f"metadata was built for a different ModelConfig than {config_name}")
+    return metadata
+
+
+def check_batch(config: object, metadata: object) -> BatchMetadata:
+    """What the free functions taking a ``config`` and its batch's ``metadata`` accept."""
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+    return check_metadata(metadata, config)
+
+
+def check_ratio(config: ModelConfig, ratio: object, *, swa: bool = False) -> int:
+    """``ratio`` checked as the int compress ratio of some layer of ``config`` that has a
+    compressed cache (or, with ``swa``, 0: the SWA cache); errors name ``ratio``."""
+    check_int("ratio", ratio)
+    if not (swa and ratio == SWA_RATIO):
+        config.page_size_of(ratio)  # ValueError naming the ratio unless some layer uses it
+    return ratio
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` checked as a bool (a truthy string or int would silently pick a mode)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 class ParallelLayer:
     """What both parallel layers hold: the single-GPU ``backend``, its ``config``, the
     ``group`` with this process's ``rank`` and its ``world_size``, ``stats``, and per-forward
@@ -85,10 +119,7 @@ class ParallelLayer:
 
     def _check_batch(self, metadata: object) -> BatchMetadata:
         """``metadata`` of the backend's config, the same on every rank (see check_same_batch)."""
-        if not isinstance(metadata, BatchMetadata):
-            raise TypeError(f"metadata must be a BatchMetadata, got {type(metadata).__name__}")
-        if metadata.config != self.config:
-            raise ValueError("metadata was built for a different ModelConfig than the backend's")
+        check_metadata(metadata, self.config, "the backend's (backend.config)")
         check_same_batch(self.config, metadata, self.group, self.stats)
         return metadata
 
@@ -108,16 +139,30 @@ class LocalBackends:
 
     A rank attends a part of the batch (some rows, or some heads); left to route on its part,
     it could pick another path than one GPU does on the whole batch and give other bits. So
-    every layer takes ``backend.path_for(ratio, metadata)`` of the whole batch.
+    every layer takes the path ``backend.path_for(ratio, metadata)`` gives the whole batch.
     """
 
     def __init__(self, backend: SparsePrefillBackend, config: ModelConfig) -> None:
         self.backend = backend
         self.config = config
         self._by_path: dict[str, SparsePrefillBackend] = {}
+        self._paths: dict[int, str] = {}
+        self._paths_of: tuple[BatchMetadata, int] | None = None  # (metadata, generation)
+
+    def path_for(self, ratio: int, metadata: BatchMetadata) -> str:
+        """``backend.path_for(ratio, metadata)``, from the host lengths alone: ``path_for`` would
+        first build the whole batch's forward state on every rank (the chunk cache: launches,
+        before the layer's arguments are checked, and work no rank uses)."""
+        if self._paths_of is None or self._paths_of[0] is not metadata or self._paths_of[1] != metadata.generation:
+            self._paths, self._paths_of = {}, (metadata, metadata.generation)
+        if ratio not in self._paths:
+            b = self.backend
+            setting = routing.REGULAR if b.cuda_graph else b.path_setting  # as path_for
+            self._paths[ratio] = routing.choose_path(setting, b.config, metadata, ratio, b.costs)
+        return self._paths[ratio]
 
     def for_layer(self, layer: int, metadata: BatchMetadata) -> SparsePrefillBackend:
-        path = self.backend.path_for(self.config.ratio_of(layer), metadata)
+        path = self.path_for(self.config.ratio_of(layer), metadata)
         if path not in self._by_path:
             b = self.backend
             self._by_path[path] = SparsePrefillBackend(

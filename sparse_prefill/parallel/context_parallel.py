@@ -41,10 +41,16 @@ from sparse_prefill.parallel.common import (
     LocalBackends,
     ParallelLayer,
     broadcast_shards,
+    check_batch,
+    check_bool,
+    check_metadata,
+    check_ratio,
     output_buffer,
 )
 
 RowRange = tuple[int, int]
+# Beyond any context-parallel group; it bounds the host work (one range per rank) of a bad value.
+MAX_WORLD_SIZE = 1 << 16
 
 
 def row_costs(config: ModelConfig, metadata: BatchMetadata) -> torch.Tensor:
@@ -53,8 +59,10 @@ def row_costs(config: ModelConfig, metadata: BatchMetadata) -> torch.Tensor:
     Returns ``[num_tokens]`` int64 on the CPU: for the row at absolute position ``p``, the keys
     it attends to, summed over ``config.compress_ratios``: the window ``min(p + 1, W)`` per
     layer, plus ``min((p + 1) // ratio, topk)`` per top-k layer and ``(p + 1) // ratio`` per
-    dense layer. Rows near the start of a request cost less.
+    dense layer. Rows near the start of a request cost less. TypeError/ValueError name
+    ``config`` or ``metadata`` unless ``metadata`` is a BatchMetadata built for ``config``.
     """
+    check_batch(config, metadata)
     pos = torch.cat([
         torch.arange(p, s, dtype=torch.int64) for p, s in zip(metadata.prefix_lens_host, metadata.seq_lens_host)
     ])
@@ -76,7 +84,7 @@ def partition_rows(config: ModelConfig, metadata: BatchMetadata, world_size: int
 
     Args:
         config, metadata: the model and the whole batch.
-        world_size: number of ranks, ``>= 1``.
+        world_size: number of ranks, ``1 .. MAX_WORLD_SIZE``.
 
     Returns:
         ``world_size`` half-open ranges ``(start, stop)`` of query rows (engine order), in rank
@@ -85,7 +93,8 @@ def partition_rows(config: ModelConfig, metadata: BatchMetadata, world_size: int
         may be empty when there are fewer rows than ranks. Deterministic (host integers only),
         so every rank computes the same split.
     """
-    check_int("world_size", world_size, lo=1)
+    check_batch(config, metadata)
+    check_int("world_size", world_size, lo=1, hi=MAX_WORLD_SIZE)
     csum = row_costs(config, metadata).cumsum(0)
     total = int(csum[-1])
     # Rows before boundary b cost before[b]; b = 0 .. num_tokens.
@@ -131,6 +140,8 @@ def shard_metadata(metadata: BatchMetadata, start: int, stop: int, *, anchor: bo
         :class:`BatchMetadata` of ``stop - start`` rows (``+ 1`` with ``anchor``), same config
         and forward mode. Built on the host lengths; value checks re-run on the sub-tables.
     """
+    check_metadata(metadata)
+    check_bool("anchor", anchor)
     check_int("start", start, lo=0, hi=metadata.num_tokens - 1)
     check_int("stop", stop, lo=start + 1, hi=metadata.num_tokens)
     return _sub_batch(metadata, *_sub_requests(metadata, start, stop), anchor)
@@ -163,7 +174,11 @@ def new_entries(metadata: BatchMetadata, ratio: int) -> tuple[torch.Tensor, torc
         ``(row, request, entry)``, ``[E]`` int64 CPU tensors in row order (host arithmetic):
         the completing row, its request and the request-local entry id ``j`` (its slot is
         ``compressed_token_tables[ratio][request, entry]``).
+
+    Raises TypeError/ValueError naming ``ratio`` unless it is a compressed ratio of
+    ``metadata.config`` (naming ``metadata`` unless it is a BatchMetadata).
     """
+    check_ratio(check_metadata(metadata).config, ratio)
     rows, reqs, entries = [], [], []
     q0 = 0
     for r, (p, s) in enumerate(zip(metadata.prefix_lens_host, metadata.seq_lens_host)):
@@ -185,11 +200,12 @@ def new_slots(metadata: BatchMetadata, ratio: int) -> torch.Tensor:
         ``compressed_token_tables[ratio][request, entry]`` of each entry of
         :func:`new_entries` (same order).
 
-    Raises ValueError naming the ratio unless it is 0 or a compressed ratio of ``metadata.config``.
+    Raises TypeError/ValueError naming the ratio unless it is 0 or a compressed ratio of
+    ``metadata.config`` (naming ``metadata`` unless it is a BatchMetadata).
     """
+    check_ratio(check_metadata(metadata).config, ratio, swa=True)
     if ratio == SWA_RATIO:
         return metadata.swa_token_table[metadata.query_req, metadata.query_pos.long()]
-    metadata.config.page_size_of(ratio)  # ValueError unless some layer uses ratio
     return _entry_slots(metadata, ratio, *new_entries(metadata, ratio))
 
 
@@ -300,7 +316,7 @@ class ContextParallelPrefill(ParallelLayer):
         """This rank's ``(start, stop)`` among the chunk's new compressed entries of ``ratio``
         (in row order: the entries its rows complete), i.e. which rows ``store_kv`` expects in
         ``compressed_k``."""
-        self.config.page_size_of(ratio)  # ValueError unless some layer uses ratio
+        check_ratio(self.config, ratio)
         return self._current(None).scope(ratio)[0][self.rank]
 
     # -- KV store ------------------------------------------------------------------------------
@@ -334,23 +350,21 @@ class ContextParallelPrefill(ParallelLayer):
         """
         st = self._current(metadata)
         ratio = self.config.ratio_of(layer)
-        if not isinstance(caches, tuple) or len(caches) != 2:
-            raise TypeError(f"caches must be a LayerCaches(swa, compressed) pair, got {type(caches).__name__}")
-        caches = LayerCaches(*caches)
-        scopes = [(SWA_RATIO, caches.swa, "caches.swa", k, "k", self.config.swa_page_size)]
+        # The backend's own checks of a layer's caches (page bytes, contiguity, and with value
+        # checks the batch's largest slot against their capacity), before any collective.
+        caches = self.backend._check_caches(caches, ratio, st.metadata)
+        scopes = [(SWA_RATIO, caches.swa, k, "k", self.config.swa_page_size)]
         if ratio == SWA_RATIO:
             if compressed_k is not None:
                 raise ValueError(f"compressed_k is for ratio > 0 layers; layer {layer} has ratio 0 (SWA only)")
         else:
-            scopes.append((ratio, caches.compressed, "caches.compressed", compressed_k, "compressed_k",
-                           self.config.page_size_of(ratio)))
+            scopes.append((ratio, caches.compressed, compressed_k, "compressed_k", self.config.page_size_of(ratio)))
         device, d = st.metadata.device, self.config.head_dim
         plans = []
-        for scope, cache, cache_name, rows, name, page_size in scopes:
+        for scope, cache, rows, name, page_size in scopes:
             ranges, slots = st.scope(scope)
             a, b = ranges[self.rank]
             check_tensor(name, rows, dtypes=(torch.bfloat16,), shape=(b - a, d), device=device)
-            check_tensor(cache_name, cache, dtypes=(torch.uint8,), shape=(None, None), device=device)
             plans.append((cache, rows, ranges, slots, page_size))
         for cache, rows, ranges, slots, page_size in plans:
             buf = torch.empty(ranges[-1][1], d, dtype=torch.bfloat16, device=device)
@@ -398,6 +412,7 @@ class ContextParallelPrefill(ParallelLayer):
         st = self._current(metadata)
         cfg = self.config
         ratio = cfg.ratio_of(layer)
+        check_bool("gather", gather)
         start, stop = st.start, st.stop
         n, h, d = stop - start, cfg.num_heads, cfg.head_dim
         device = st.metadata.device

@@ -24,6 +24,7 @@ from sparse_prefill.parallel.common import (
     LocalBackends,
     ParallelLayer,
     broadcast_shards,
+    check_bool,
     output_buffer,
 )
 
@@ -122,6 +123,7 @@ class HeadParallelPrefill(ParallelLayer):
             adds ``num_tokens * h_q * 1024`` bytes to ``stats.out_bytes``.
         """
         md, _, local_md = self._current(metadata)
+        check_bool("gather", gather)
         cfg, h_q, h_loc = self.config, self.config.num_heads, self.local_config.num_heads
         n, d = md.num_tokens, cfg.head_dim
         q = self._local_heads("q", q, 1, torch.bfloat16, (n, h_q, d))

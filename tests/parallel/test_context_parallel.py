@@ -240,7 +240,7 @@ def test_partition_rows_gives_cheap_early_rows_to_one_rank():
 def test_partition_rows_checks_world_size():
     case = Case(*MIXED)
     md = _metadata(case)
-    with pytest.raises(ValueError, match=r"world_size must be in \[1, None\], got 0"):
+    with pytest.raises(ValueError, match=r"world_size must be in \[1, 65536\], got 0"):
         partition_rows(case.config, md, 0)
     with pytest.raises(TypeError, match="world_size must be an int"):
         partition_rows(case.config, md, 2.0)

@@ -1,7 +1,7 @@
 """Prefill across GPUs: context and head parallelism on 1, 2 and 4 GPUs (NCCL).
 
 One prefill chunk of 131072 new tokens (one request, no cached prefix, by default) over the
-10-layer stack of ``bench_backend.py`` (ratios 0, 4, 128, 4, 4, 128, 4, 0, 4, 128; W 128, page
+10-layer stack of ``sparse_prefill.bench.backend`` (ratios 0, 4, 128, 4, 4, 128, 4, 0, 4, 128; W 128, page
 size 64, h_q 128 / topk 1024). Synthetic batch: ``make_synthetic_batch`` (the same seed on every
 rank, so every rank holds the same batch and caches), value checks off.
 
@@ -22,39 +22,38 @@ forward's collectives moved (``CommStats``: every rank's shard once; a rank rece
 own), rows per rank and peak GPU memory.
 
 NVLink multicast stays off: ``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` and
-``NVSHMEM_DISABLE_NVLS=1`` are set below, before torch is imported and before any process group
-or child process exists (children inherit them).
+``NVSHMEM_DISABLE_NVLS=1`` are set below, before any process group, symmetric-memory buffer or
+child process exists (children inherit them; NCCL and torch read them there, not at import, and
+``sparse_prefill.bench.device_session`` sets them for its children before torch starts).
 
 Prints markdown; ``--out DIR`` also writes DIR/parallel.md and DIR/parallel.json. Exits 2 when
 fewer GPUs than the largest world size are visible (``--smoke`` runs tiny shapes on the CPU
 with gloo, to check the script itself).
 
-    PYTHONPATH=. python benchmarks/bench_parallel.py [--out DIR] [--worlds 1,2,4] [--smoke]
+    python -m sparse_prefill.bench.parallel [--out DIR] [--worlds 1,2,4] [--smoke]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import statistics
+import sys
+import tempfile
+import time
 
-NVLS_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sparse_prefill import value_checks
+from sparse_prefill.backend import ModelConfig, SparsePrefillBackend, make_synthetic_batch
+from sparse_prefill.bench.common import NVLS_ENV, write_outputs
+from sparse_prefill.ops.cache import store_k_cache
+from sparse_prefill.parallel import ContextParallelPrefill, HeadParallelPrefill, new_slots
+
 os.environ.update(NVLS_ENV)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-
-from sparse_prefill import value_checks  # noqa: E402
-from sparse_prefill.backend import ModelConfig, SparsePrefillBackend, make_synthetic_batch  # noqa: E402
-from sparse_prefill.bench.common import write_outputs  # noqa: E402
-from sparse_prefill.ops.cache import store_k_cache  # noqa: E402
-from sparse_prefill.parallel import ContextParallelPrefill, HeadParallelPrefill, new_slots  # noqa: E402
 
 STACK = (0, 4, 128, 4, 4, 128, 4, 0, 4, 128)
 D = 512
@@ -328,7 +327,7 @@ def main(argv=None) -> int:
         need = max(args.worlds)
         if have < need:
             print(
-                f"bench_parallel: needs {need} GPUs for --worlds {','.join(map(str, args.worlds))}, "
+                f"bench.parallel: needs {need} GPUs for --worlds {','.join(map(str, args.worlds))}, "
                 f"{have} visible (use --smoke to check the script on the CPU)",
                 file=sys.stderr,
             )

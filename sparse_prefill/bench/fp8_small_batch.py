@@ -2,7 +2,7 @@
 and on the host, from one query up to ANCHORS.md's s_q 4096 (V4, page size 64, top-k unique ids
 into 8192 compressed tokens plus 128 window ids, attn_sink on, value checks off).
 
-    PYTHONPATH=. python benchmarks/fp8_small_batch.py
+    python -m sparse_prefill.bench.fp8_small_batch
 
 "GPU": median of ``triton.testing.do_bench``; "host": wall time per call of 200 calls queued back
 to back (the public wrapper's checks and the launch). Table in benchmarks/RESULTS.md.
@@ -16,6 +16,7 @@ import time
 import torch
 
 from sparse_prefill import KVCacheLayout, value_checks
+from sparse_prefill.bench.common import refuse_without_cuda
 from sparse_prefill.bench.sparse_attn import PAGE_SIZE, bench_us, new_outputs, random_bf16, unique_indices, window_ids
 from sparse_prefill.ops.cache import quantize_k_cache
 from sparse_prefill.ops.fp8_sparse_attn import paged_fp8_sparse_attn_fwd
@@ -27,8 +28,7 @@ HOST_CALLS = 200
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    if refuse_without_cuda("bench.fp8_small_batch"):
         return 2
     print("| h_q | s_q | Triton kernel GPU us | host us/call | Gluon kernel GPU us | host us/call |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -1,6 +1,6 @@
 """Compile the Gluon kernels for sm_90a without a GPU and print ptxas' resource report.
 
-    python benchmarks/compile_offline.py [--kernel sparse|fp8] [--d-qk 512|576] [KEY=VAL ...]
+    python -m sparse_prefill.bench.compile_offline [--d-qk 512|576] [KEY=VAL ...]
 
 Needs the Triton the device runs (3.6, whose wheel carries ptxas) and torch; it uses no GPU, so
 registers, spills, shared memory and ptxas' warnings (serialized wgmma, ignored setmaxnreg) are
@@ -20,12 +20,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import compile as triton_compile
 from triton.experimental.gluon._runtime import GluonASTSource
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from sparse_prefill.ops.sparse_attn import gluon_kernel as K
 
 
 def sparse_source(d_qk: int, tuning: dict[str, int]) -> GluonASTSource:
-    from sparse_prefill.ops.sparse_attn import gluon_kernel as K
-
     sig = {n: "*bf16" for n in ("q_ptr", "kv_ptr", "out_ptr")}
     sig.update({"idx_ptr": "*i32", "max_ptr": "*fp32", "lse_ptr": "*fp32", "sink_ptr": "*fp32",
                 "topk_len_ptr": "*i32"})

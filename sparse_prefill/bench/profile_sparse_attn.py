@@ -1,7 +1,7 @@
 """One launch of a sparse attention kernel on an ANCHORS shape, for ``ncu`` (CUDA only).
 
-    python benchmarks/profile_sparse_attn.py --kernel gluon|triton|flash_mla [--h-q 64 --topk 512
-        --s-kv 8192 --d-qk 512] [KEY=VAL ...]
+    python -m sparse_prefill.bench.profile_sparse_attn --kernel gluon|triton|flash_mla
+        [--h-q 64 --topk 512 --s-kv 8192 --d-qk 512] [KEY=VAL ...]
 
 Runs the kernel twice (the first compiles and warms up), so ``ncu --launch-skip 1
 --launch-count 1 -k regex:NAME`` profiles the second launch. KEY=VAL are launcher overrides.

@@ -1,6 +1,6 @@
 """Compare launch variants of the sparse attention kernel on one GPU in one call.
 
-    PYTHONPATH=. python benchmarks/tune_sparse_attn.py [--quick] [--out DIR]
+    python -m sparse_prefill.bench.tune_sparse_attn [--quick] [--out DIR]
 
 For each variant and shape: check against a float32 torch reference on a few rows, then time
 with triton.testing.do_bench (median) and print TFLOP/s, registers and spills; the fused FP8
@@ -13,12 +13,12 @@ FLOPs as FlashMLA counts them: 2 * s_q * topk * h_q * (d_qk + d_v).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 import triton
 
+from sparse_prefill.bench.common import refuse_without_cuda, write_json
 from sparse_prefill.bench.sparse_attn import FP8_ROWS, SPARSE_ROWS
 from sparse_prefill.layout import KVCacheLayout
 from sparse_prefill.ops.cache import quantize_k_cache
@@ -91,8 +91,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    if refuse_without_cuda("bench.tune_sparse_attn"):
         return 2
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
@@ -139,8 +138,7 @@ def main() -> int:
                   flush=True)
     results += tune_fp8(dev, s_q, args.quick)
     if args.out:
-        with open(f"{args.out}/tune_sparse_attn.json", "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.out, "tune_sparse_attn", results)
     return 0
 
 

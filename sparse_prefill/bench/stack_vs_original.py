@@ -1,6 +1,6 @@
 """Our sparse / auto paths against the original pipeline, whole 10-layer stacks back to back.
 
-    PYTHONPATH=. python benchmarks/stack_vs_original.py [--reps 5] [--rounds 3] [--out DIR]
+    python -m sparse_prefill.bench.stack_vs_original [--reps 5] [--rounds 3] [--out DIR]
 
 ``sparse_prefill.bench.backend`` times one stack at a time. An engine runs forward after forward
 with the GPU kept busy by the layers around attention, so what matters is whether the host can
@@ -15,7 +15,6 @@ Same batches as the backend benchmark (``STACK``, 4 requests, W 128, page size 6
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
@@ -33,6 +32,7 @@ from sparse_prefill.bench.backend import (
     OriginalPipeline,
     ours_kernel,
 )
+from sparse_prefill.bench.common import refuse_without_cuda, write_json
 
 
 def stacks_ms(pipe, out, reps: int) -> float:
@@ -59,8 +59,7 @@ def main() -> int:
     ap.add_argument("--chunks", default="8192,32768")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    if refuse_without_cuda("bench.stack_vs_original"):
         return 2
     rows = []
     print("| h_q/topk | chunk | prefix | sparse ms | auto ms | original (ours) ms | original / auto |")
@@ -91,8 +90,7 @@ def main() -> int:
                 del batch, pipes, out
                 torch.cuda.empty_cache()
     if args.out:
-        with open(f"{args.out}/stack_vs_original.json", "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(args.out, "stack_vs_original", rows)
     return 0
 
 
