@@ -1,12 +1,18 @@
 """build_chunk_indices (the chunk cache's fused build): Triton kernel against the composed
-references on random inputs, poisoned outputs, the registered op (opcheck, compile)."""
+references on random inputs, poisoned outputs, the registered op (opcheck, compile), and what one
+``SparsePrefillChunkCache.build`` dispatches and launches."""
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from sparse_prefill.ops.indices import chunk_indices, library
+from sparse_prefill._utils import value_checks
+from sparse_prefill.backend.chunk_cache import SparsePrefillChunkCache
+from sparse_prefill.ops.indices import chunk_indices, kernels, library
 from sparse_prefill.ops.indices.plan import swa_gather_len
 from tests.ops.test_indices import POISON, make_lens, token_table
 
@@ -103,3 +109,33 @@ def test_compile_fullgraph_matches_eager():
     compiled = torch.compile(build, fullgraph=True)(*args[:4])
     for x, y in zip(compiled, build(*args[:4])):
         assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+class _OpCounter(TorchDispatchMode):
+    """The ops a call dispatches at the top level (those inside a custom op are its own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_build_is_one_op_and_one_launch_per_ratio(device, monkeypatch):
+    """With value checks off the build dispatches the fused op and the top-k buffers'
+    allocations only, and the op launches one kernel per ratio."""
+    launches = []
+    run = kernels._chunk_kernel.run
+    monkeypatch.setattr(kernels._chunk_kernel, "run", lambda *a, **k: launches.append(1) or run(*a, **k))
+    seq, ext = [40, 9, 300, 77], [5, 9, 3, 0]
+    args = chunk_args(seq, ext, (0, 4, 128), (0, 128), 16, device)
+    with value_checks(False), _OpCounter() as counter:
+        SparsePrefillChunkCache.build(
+            key=1, seq_lens=args[0], extend_lens=args[1], swa_token_table=args[2], window_size=16,
+            ratios=(0, 4, 128), compressed_token_tables=args[3], topk=8, impl="triton",
+            host_lens=(seq, ext),
+        )
+    assert counter.ops == {"sparse_prefill.build_chunk_indices": 1, "aten.empty": 2}
+    assert len(launches) == 3
