@@ -139,3 +139,12 @@ def test_build_is_one_op_and_one_launch_per_ratio(device, monkeypatch):
         )
     assert counter.ops == {"sparse_prefill.build_chunk_indices": 1, "aten.empty": 2}
     assert len(launches) == 3
+
+
+def test_bench_smoke():
+    from sparse_prefill.bench import chunk_cache_build
+
+    result = chunk_cache_build.run(smoke=True)
+    assert [(r["chunk"], r["prefix"]) for r in result.rows] == [(64, 0), (64, 300)]
+    assert all(r["build_us"] > 0 and r["build_us_checked"] > 0 for r in result.rows)
+    assert "| h_q/topk | chunk | prefix | build us | launches |" in result.markdown
