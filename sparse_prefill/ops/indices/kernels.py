@@ -373,7 +373,12 @@ def _chunk_rows(block, num_tokens, seq_ptr, seq_stride, ext_ptr, ext_stride, num
     tl.store(lens_ptr + q, length.to(tl.int32), mask=live)
 
 
-@triton.jit
+# The sizes change every forward: specializing on them (value 1, multiples of 16) would compile
+# a new variant for every new pattern of sizes.
+@triton.jit(do_not_specialize=[
+    "num_reqs", "swa_stride0", "table_stride0", "num_compressed", "topk", "width", "num_tokens", "num_swa",
+    "qpos_end", "swa_end", "cids_end",
+])
 def _chunk_kernel(
     seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window,
     swa_table_ptr, swa_stride0, swa_stride1, table_ptr, table_stride0, table_stride1,
