@@ -35,7 +35,7 @@ import torch
 from sparse_prefill._utils import check_int, check_tensor, device_assert, resolve_impl, value_check_site
 from sparse_prefill.backend.layer_kinds import LayerKind, resolve_ratio_kinds
 from sparse_prefill.backend.reuse import stamp, unchanged
-from sparse_prefill.ops.indices import check_request_lengths, combine, swa_token_ids, workspace_plan
+from sparse_prefill.ops.indices import check_request_lengths, chunk_indices, combine
 from sparse_prefill.ops.indices.plan import (
     INT32_MAX,
     SwaTokenIds,
@@ -236,30 +236,21 @@ class SparsePrefillChunkCache:
             num_compressed[c] = sum(s // c for s in seq) if c > 0 else 0
             check_workspace_rows(num_compressed[c], num_swa)
 
-        query_start_loc = torch.nn.functional.pad(extend_lens.cumsum(0), (1, 0)).to(torch.int32)
-        first_query = seq_lens - extend_lens - query_start_loc[:-1]
-        query_pos = (
-            torch.repeat_interleave(first_query, extend_lens, output_size=num_tokens)
-            + torch.arange(num_tokens, dtype=torch.int32, device=device)
+        # Rows built once: SWA-only takes no entries; a dense ratio all of the longest request's.
+        row_topks = [
+            -1 if kinds[c] is LayerKind.TOPK else 0 if c == 0 else max((s // c for s, e in zip(seq, ext) if e), default=0)
+            for c in ratio_list
+        ]
+        chunk = chunk_indices(
+            seq_lens, extend_lens, swa_token_table, tables, ratio_list, row_topks, window_size, num_tokens, num_swa,
+            [num_compressed[c] for c in ratio_list], impl,
         )
-        swa = swa_token_ids(seq_lens, extend_lens, swa_token_table, window_size, num_swa, impl)
-        plans = {
-            c: workspace_plan(seq_lens, swa, c, tables.get(c), num_compressed[c], impl) for c in ratio_list
-        }
-        rows = {}
-        for c in ratio_list:
-            if kinds[c] is LayerKind.TOPK:
-                width = combined_width(topk, window_size)
-                rows[c] = (
-                    torch.empty((num_tokens, width), dtype=torch.int32, device=device),
-                    torch.empty(num_tokens, dtype=torch.int32, device=device),
-                )
-                continue
-            # SWA-only takes no entries; a dense ratio takes all of the longest request's.
-            entries = 0 if c == 0 else max((s // c for s, e in zip(seq, ext) if e), default=0)
-            rows[c] = combine(
-                None, query_start_loc, query_pos, seq_lens, swa.gather_lens, plans[c].compressed_base,
-                plans[c].swa_base, window_size, c, entries, None, None, impl,
+        rows = dict(chunk.rows)
+        width = combined_width(topk, window_size) if topk_ratios else 0
+        for c in topk_ratios:  # recombined per layer into these
+            rows[c] = (
+                torch.empty((num_tokens, width), dtype=torch.int32, device=device),
+                torch.empty(num_tokens, dtype=torch.int32, device=device),
             )
         return cls(
             key=key,
@@ -268,10 +259,10 @@ class SparsePrefillChunkCache:
             window_size=window_size,
             topk=topk,
             kinds=kinds,
-            query_start_loc=query_start_loc,
-            query_pos=query_pos,
-            swa=swa,
-            plans=plans,
+            query_start_loc=chunk.query_start_loc,
+            query_pos=chunk.query_pos,
+            swa=chunk.swa,
+            plans=chunk.plans,
             rows=rows,
             impl=impl,
         )

@@ -301,13 +301,19 @@ def in_turn(fn, args: Sequence):
     return call
 
 
-def run_case(h_q, topk, chunk, prefix, device, measure_memory=True) -> dict:
+def case_batch(h_q, topk, chunk, prefix, device, layers=None):
+    """The synthetic batch of one case over ``STACK``: ``NUM_REQS`` requests of ``chunk //
+    NUM_REQS`` new tokens after ``prefix`` cached ones each (``layers``: as ``make_synthetic_batch``)."""
     cfg = ModelConfig(num_heads=h_q, compress_ratios=STACK, topk=topk, window_size=WINDOW,
                       swa_page_size=PAGE, compressed_page_size=PAGE)
     extend = chunk // NUM_REQS
-    batch = make_synthetic_batch(cfg, [prefix] * NUM_REQS, [extend] * NUM_REQS, device=device, seed=0,
-                                 share_q=True, k_std=0.1, k_mean=0.05)
-    md = batch.metadata
+    return make_synthetic_batch(cfg, [prefix] * NUM_REQS, [extend] * NUM_REQS, device=device, seed=0,
+                                share_q=True, k_std=0.1, k_mean=0.05, layers=layers)
+
+
+def run_case(h_q, topk, chunk, prefix, device, measure_memory=True) -> dict:
+    batch = case_batch(h_q, topk, chunk, prefix, device)
+    cfg, md = batch.config, batch.metadata
     out = torch.empty_like(batch.q[0])
     case = dict(h_q=h_q, topk=topk, chunk=chunk, prefix=prefix, layers={}, stack_us={}, peak_mb={}, errors={})
     auto = SparsePrefillBackend(cfg, "auto")
@@ -552,6 +558,17 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def each_case(shapes, chunks, prefixes, progress: Progress, measure) -> list:
+    """``measure(h_q, topk, chunk, prefix)`` of every case in turn, one progress step each."""
+    rows = []
+    for h, k in shapes:
+        for c in chunks:
+            for p in prefixes:
+                progress.step(f"h_q {h} topk {k}, chunk {c}, prefix {p}")
+                rows.append(measure(h, k, c, p))
+    return rows
+
+
 def run(
     *, quick: bool = False, smoke: bool = False, shapes: Sequence[tuple[int, int]] = SHAPES,
     chunks: Sequence[int] = CHUNKS, prefixes: Sequence[int] = PREFIXES, progress: Progress = SILENT,
@@ -571,12 +588,7 @@ def run(
     cases_n = len(shapes) * len(chunks) * len(prefixes)
     progress.section("backend", 2 * cases_n + 1 + len(anchors) + len(shapes))
     with value_checks(False):
-        cases = []
-        for h, k in shapes:
-            for c in chunks:
-                for p in prefixes:
-                    progress.step(f"h_q {h} topk {k}, chunk {c}, prefix {p}")
-                    cases.append(run_case(h, k, c, p, device))
+        cases = each_case(shapes, chunks, prefixes, progress, lambda h, k, c, p: run_case(h, k, c, p, device))
         progress.step("fixed costs (small batch)")
         latency = run_case(shapes[0][0], shapes[0][1], NUM_REQS * LATENCY_EXTEND, 0, device, measure_memory=False)
         anchor = []
@@ -604,9 +616,11 @@ def run(
                        markdown(result), cases, extra)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", metavar="DIR", help="directory for backend.md and backend.json")
+def case_main(argv: Sequence[str] | None, doc: str, name: str, run) -> int:
+    """The ``main`` of a benchmark of these cases (``--shapes`` x ``--chunks`` x ``--prefixes``,
+    ``--smoke``, ``--out``): ``run(smoke=, shapes=, chunks=, prefixes=, progress=)`` measures."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", metavar="DIR", help=f"directory for {name}.md and {name}.json")
     ap.add_argument("--chunks", default=",".join(map(str, CHUNKS)))
     ap.add_argument("--prefixes", default=",".join(map(str, PREFIXES)))
     ap.add_argument("--shapes", default=",".join(f"{h}:{k}" for h, k in SHAPES), help="h_q:topk,...")
@@ -617,9 +631,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return bench_main(
         args.out,
         lambda progress: run(smoke=args.smoke, shapes=shapes, chunks=chunks, prefixes=prefixes, progress=progress),
-        None if args.smoke else require_cuda("the backend benchmark"),
+        None if args.smoke else require_cuda(f"the {name} benchmark"),
     )
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return case_main(argv, __doc__, "backend", run)
 
 if __name__ == "__main__":
     sys.exit(main())

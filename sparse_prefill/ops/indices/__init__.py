@@ -23,12 +23,15 @@ from sparse_prefill._utils import (
     values_readable,
 )
 from sparse_prefill.ops.indices.library import (
+    build_chunk_indices_op,
     build_swa_token_ids_op,
     build_workspace_plan_op,
     combine_topk_swa_indices_op,
+    unflatten_chunk_indices,
 )
 from sparse_prefill.ops.indices.plan import (
     INT32_MAX,
+    ChunkIndices,
     MAX_ROW_ENTRIES,
     SwaTokenIds,
     WorkspacePlan,
@@ -497,3 +500,24 @@ def combine_topk_swa_indices(
     elif site == "device":
         _assert_combine_values(*args)
     return combine(*args, out_indices, out_lens, impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# build_chunk_indices (the chunk cache's build; it validates)
+
+
+def chunk_indices(
+    seq_lens, extend_lens, swa_token_table, compressed_token_tables, ratios, row_topks, window_size,
+    num_tokens, num_swa, num_compressed, impl,
+) -> ChunkIndices:
+    """Every layer-independent index of a chunk at once, without validation (sizes exact): the
+    query rows, the SWA gather, the plan of each of ``ratios`` and, for each ratio ``k`` with
+    ``row_topks[k] >= 0``, its rows of entries ``0 .. row_topks[k] - 1``. Equal to
+    ``build_swa_token_ids``, ``build_workspace_plan`` and ``combine_topk_swa_indices`` with
+    ``topk_indices=None`` in turn; the Triton path is one launch per ratio."""
+    tables = [compressed_token_tables[c] for c in ratios if c > 0]
+    flat = build_chunk_indices_op(
+        seq_lens, extend_lens, swa_token_table, tables, ratios, row_topks, window_size, num_tokens, num_swa,
+        num_compressed, impl,
+    )
+    return unflatten_chunk_indices(flat, ratios, row_topks)

@@ -13,7 +13,13 @@ import triton
 import triton.language as tl
 
 from sparse_prefill._utils import cdiv
-from sparse_prefill.ops.indices.plan import SwaTokenIds, WorkspacePlan, combined_width, swa_gather_lens
+from sparse_prefill.ops.indices.plan import (
+    ChunkIndices,
+    SwaTokenIds,
+    WorkspacePlan,
+    combined_width,
+    swa_gather_lens,
+)
 
 _GATHER_BLOCK = 1024
 
@@ -220,3 +226,219 @@ def combine_topk_swa_indices_triton(
         BLOCK_K=min(max(triton.next_power_of_2(topk), 16), 1024),
         BLOCK_W=256,
     )
+
+
+# The chunk build: one launch per compress ratio. Its programs need per-request prefix sums
+# that no earlier launch wrote, so each scans the [R] lengths itself, _SCAN_R requests a step:
+# a few vector ops for the usual handful of requests, where a separate launch would cost more.
+_SCAN_R = 16
+_CHUNK_BLOCK = 256  # elements per program of the flat outputs
+_ROWS_Q = 16  # combined rows per program
+_ROWS_W = 128  # columns per store of the combined rows
+
+
+@triton.jit
+def _request_step(seq_ptr, seq_stride, ext_ptr, ext_stride, r0, num_reqs, window, divisor, has_entries,
+                  q_start, s_start, c_start, SCAN_R: tl.constexpr):
+    """Requests ``r0 .. r0 + SCAN_R - 1`` (lengths 0 past the last), all int64: index,
+    seq_len, extend_len, SWA gather length, complete compressed entries; the first query, SWA
+    row and compressed row of each (exclusive prefix sums after the ``*_start`` of the
+    requests before ``r0``); and the three starts of the next step."""
+    rr = r0 + tl.arange(0, SCAN_R)
+    ok = rr < num_reqs
+    seq = tl.load(seq_ptr + rr * seq_stride, mask=ok, other=0).to(tl.int64)
+    ext = tl.load(ext_ptr + rr * ext_stride, mask=ok, other=0).to(tl.int64)
+    gather = tl.where(ext > 0, tl.minimum(seq, ext + (window - 1)), 0)
+    entries = (seq // divisor) * has_entries
+    q_first = q_start + tl.cumsum(ext, axis=0) - ext
+    s_first = s_start + tl.cumsum(gather, axis=0) - gather
+    c_first = c_start + tl.cumsum(entries, axis=0) - entries
+    return (rr.to(tl.int64), seq, ext, gather, entries, q_first, s_first, c_first,
+            q_start + tl.sum(ext, axis=0), s_start + tl.sum(gather, axis=0), c_start + tl.sum(entries, axis=0))
+
+
+@triton.jit
+def _pick(hit, values):
+    """``values[r]`` of the one request ``r`` each row of ``hit [rows, SCAN_R]`` hits (else 0)."""
+    return tl.sum(tl.where(hit, values[None, :], 0), axis=1)
+
+
+@triton.jit
+def _chunk_vectors(seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window, divisor, has_entries,
+                   num_compressed, first, qsl_ptr, first_pos_ptr, gather_ptr, offsets_ptr, cbase_ptr, sbase_ptr,
+                   SCAN_R: tl.constexpr):
+    """The ``[R]`` vectors: this ratio's bases and, in the first launch, the shared ones."""
+    if first:
+        tl.store(qsl_ptr, 0)
+        tl.store(offsets_ptr, tl.zeros([], tl.int64))
+    q_start = tl.zeros([], tl.int64)
+    s_start = tl.zeros([], tl.int64)
+    c_start = tl.zeros([], tl.int64)
+    for r0 in range(0, num_reqs, SCAN_R):
+        rr, seq, ext, gather, entries, q_first, s_first, c_first, q_start, s_start, c_start = _request_step(
+            seq_ptr, seq_stride, ext_ptr, ext_stride, r0, num_reqs, window, divisor, has_entries,
+            q_start, s_start, c_start, SCAN_R,
+        )
+        ok = rr < num_reqs
+        if first:
+            tl.store(qsl_ptr + rr + 1, (q_first + ext).to(tl.int32), mask=ok)
+            tl.store(first_pos_ptr + rr, (seq - gather).to(tl.int32), mask=ok)
+            tl.store(gather_ptr + rr, gather.to(tl.int32), mask=ok)
+            tl.store(offsets_ptr + rr + 1, s_first + gather, mask=ok)
+        tl.store(cbase_ptr + rr, c_first.to(tl.int32), mask=ok)
+        tl.store(sbase_ptr + rr, (s_first + num_compressed).to(tl.int32), mask=ok)
+
+
+@triton.jit
+def _locate(idx, seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window, divisor, has_entries, num_compressed,
+            KIND: tl.constexpr, SCAN_R: tl.constexpr):
+    """The request of each of the flat indices ``idx`` (0 past the end) when the requests'
+    segments lie back to back, KIND 0: extend_len each (query rows), 1: gather_len (SWA ids),
+    2: complete entries (compressed ids). Returns per index: the request, the position or column
+    its index stands for minus the index, and the request's seq_len, workspace row of its SWA
+    position 0 and first compressed row."""
+    req = tl.zeros(idx.shape, tl.int64)
+    col = tl.zeros(idx.shape, tl.int64)
+    seq_of = tl.zeros(idx.shape, tl.int64)
+    win_row = tl.zeros(idx.shape, tl.int64)
+    cbase = tl.zeros(idx.shape, tl.int64)
+    q_start = tl.zeros([], tl.int64)
+    s_start = tl.zeros([], tl.int64)
+    c_start = tl.zeros([], tl.int64)
+    for r0 in range(0, num_reqs, SCAN_R):
+        rr, seq, ext, gather, entries, q_first, s_first, c_first, q_start, s_start, c_start = _request_step(
+            seq_ptr, seq_stride, ext_ptr, ext_stride, r0, num_reqs, window, divisor, has_entries,
+            q_start, s_start, c_start, SCAN_R,
+        )
+        # Each segment's length, first index and the position (column) that index stands for.
+        if KIND == 0:
+            lens = ext
+            seg_first = q_first
+            origin = seq - ext
+        elif KIND == 1:
+            lens = gather
+            seg_first = s_first
+            origin = seq - gather
+        else:
+            lens = entries
+            seg_first = c_first
+            origin = entries * 0
+        hit = (idx[:, None] >= seg_first[None, :]) & (idx[:, None] < (seg_first + lens)[None, :])
+        req += _pick(hit, rr)
+        col += _pick(hit, origin - seg_first)
+        seq_of += _pick(hit, seq)
+        win_row += _pick(hit, s_first + num_compressed - (seq - gather))
+        cbase += _pick(hit, c_first)
+    return req, col, seq_of, win_row, cbase
+
+
+@triton.jit
+def _chunk_segments(block, total, seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window, divisor,
+                    has_entries, table_ptr, table_stride0, table_stride1, out_ptr,
+                    KIND: tl.constexpr, SCAN_R: tl.constexpr, BLOCK: tl.constexpr):
+    """One block of a flat per-token output (``_locate``'s KIND): query positions, or the SWA
+    / compressed token ids looked up in the table."""
+    idx = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    req, col, _, _, _ = _locate(idx, seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window, divisor,
+                                has_entries, 0, KIND, SCAN_R)
+    col += idx
+    mask = idx < total
+    if KIND == 0:
+        tl.store(out_ptr + idx, col.to(tl.int32), mask=mask)
+    else:
+        src = table_ptr + req * table_stride0 + col * table_stride1
+        tl.store(out_ptr + idx, tl.load(src, mask=mask), mask=mask)
+
+
+@triton.jit
+def _chunk_rows(block, num_tokens, seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window, divisor,
+                has_entries, num_compressed, topk, width, rows_ptr, lens_ptr,
+                SCAN_R: tl.constexpr, ROWS_Q: tl.constexpr, ROWS_W: tl.constexpr):
+    """Combined rows of queries ``block * ROWS_Q ..`` taking entries ``0 .. topk - 1``: what
+    ``_combine_kernel`` writes without top-k picks (the visible entries, the window, then -1)."""
+    q = block.to(tl.int64) * ROWS_Q + tl.arange(0, ROWS_Q)
+    _, p, seq, win_row, cbase = _locate(q, seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window, divisor,
+                                        has_entries, num_compressed, 0, SCAN_R)
+    p += q  # the query's absolute position
+    visible = tl.minimum(tl.minimum((p + 1) // divisor, seq // divisor) * has_entries, topk)
+    win_start = tl.maximum(p - window + 1, 0)
+    length = visible + p - win_start + 1
+    live = q < num_tokens
+    row = rows_ptr + q * width
+    for o0 in range(0, width, ROWS_W):
+        o = o0 + tl.arange(0, ROWS_W)[None, :]
+        win = win_row[:, None] + win_start[:, None] + (o - visible[:, None])
+        val = tl.where(o < visible[:, None], cbase[:, None] + o, tl.where(o < length[:, None], win, -1))
+        tl.store(row[:, None] + o, val.to(tl.int32), mask=live[:, None] & (o < width))
+    tl.store(lens_ptr + q, length.to(tl.int32), mask=live)
+
+
+# The sizes change every forward: specializing on them (value 1, multiples of 16) would compile
+# a new variant for every new pattern of sizes.
+@triton.jit(do_not_specialize=[
+    "num_reqs", "swa_stride0", "table_stride0", "num_compressed", "topk", "width", "num_tokens", "num_swa",
+    "qpos_end", "swa_end", "cids_end",
+])
+def _chunk_kernel(
+    seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window,
+    swa_table_ptr, swa_stride0, swa_stride1, table_ptr, table_stride0, table_stride1,
+    qsl_ptr, qpos_ptr, swa_ids_ptr, first_pos_ptr, gather_ptr, offsets_ptr,
+    cids_ptr, cbase_ptr, sbase_ptr, rows_ptr, lens_ptr,
+    divisor, has_entries, num_compressed, topk, width, num_tokens, num_swa,
+    first, qpos_end, swa_end, cids_end,
+    SCAN_R: tl.constexpr, BLOCK: tl.constexpr, ROWS_Q: tl.constexpr, ROWS_W: tl.constexpr,
+):
+    """One ratio's share of the chunk build; programs by range: 0 the [R] vectors, then
+    (first launch only) query positions and SWA ids, then compressed ids, then combined rows."""
+    pid = tl.program_id(0)
+    if pid == 0:
+        _chunk_vectors(seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window, divisor, has_entries,
+                       num_compressed, first, qsl_ptr, first_pos_ptr, gather_ptr, offsets_ptr,
+                       cbase_ptr, sbase_ptr, SCAN_R)
+    elif pid < qpos_end:
+        _chunk_segments(pid - 1, num_tokens, seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window,
+                        divisor, has_entries, table_ptr, table_stride0, table_stride1, qpos_ptr, 0, SCAN_R, BLOCK)
+    elif pid < swa_end:
+        _chunk_segments(pid - qpos_end, num_swa, seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window,
+                        divisor, has_entries, swa_table_ptr, swa_stride0, swa_stride1, swa_ids_ptr, 1,
+                        SCAN_R, BLOCK)
+    elif pid < cids_end:
+        _chunk_segments(pid - swa_end, num_compressed, seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs,
+                        window, divisor, has_entries, table_ptr, table_stride0, table_stride1, cids_ptr, 2,
+                        SCAN_R, BLOCK)
+    else:
+        _chunk_rows(pid - cids_end, num_tokens, seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window,
+                    divisor, has_entries, num_compressed, topk, width, rows_ptr, lens_ptr,
+                    SCAN_R, ROWS_Q, ROWS_W)
+
+
+def build_chunk_indices_triton(
+    seq_lens: torch.Tensor,
+    extend_lens: torch.Tensor,
+    swa_token_table: torch.Tensor,
+    compressed_token_tables: dict[int, torch.Tensor],
+    row_topks: list[int],
+    window_size: int,
+    out: ChunkIndices,
+) -> None:
+    """Fill ``out`` (``empty_chunk_indices``): one launch per ratio."""
+    num_reqs, num_tokens, num_swa = seq_lens.shape[0], out.query_pos.shape[0], out.swa.token_ids.shape[0]
+    swa = out.swa
+    for k, ((c, plan), topk) in enumerate(zip(out.plans.items(), row_topks)):
+        table = compressed_token_tables.get(c, swa_token_table)  # ratio 0 reads none
+        rows, lens = out.rows.get(c, (out.query_pos, out.query_pos))  # not written without rows
+        n_c = plan.num_compressed_rows
+        first = k == 0  # the first launch also writes what the ratios share
+        qpos_end = 1 + (cdiv(num_tokens, _CHUNK_BLOCK) if first else 0)
+        swa_end = qpos_end + (cdiv(num_swa, _CHUNK_BLOCK) if first else 0)
+        cids_end = swa_end + cdiv(n_c, _CHUNK_BLOCK)
+        row_blocks = cdiv(num_tokens, _ROWS_Q) if topk >= 0 else 0
+        _chunk_kernel[(cids_end + row_blocks,)](
+            seq_lens, seq_lens.stride(0), extend_lens, extend_lens.stride(0), num_reqs, window_size,
+            swa_token_table, *swa_token_table.stride(), table, *table.stride(),
+            out.query_start_loc, out.query_pos, swa.token_ids, swa.first_pos, swa.gather_lens, swa.offsets,
+            plan.compressed_token_ids, plan.compressed_base, plan.swa_base, rows, lens,
+            max(c, 1), int(c > 0), n_c, max(topk, 0), rows.shape[-1] if topk >= 0 else 0, num_tokens, num_swa,
+            int(first), qpos_end, swa_end, cids_end,
+            SCAN_R=_SCAN_R, BLOCK=_CHUNK_BLOCK, ROWS_Q=_ROWS_Q, ROWS_W=_ROWS_W,
+        )

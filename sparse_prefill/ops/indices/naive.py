@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_prefill.ops.indices.plan import SwaTokenIds, WorkspacePlan, combined_width
+from sparse_prefill.ops.indices.plan import ChunkIndices, SwaTokenIds, WorkspacePlan, combined_width
 
 
 def _gather_rows(table: torch.Tensor, starts: list[int], ends: list[int]) -> torch.Tensor:
@@ -107,3 +107,32 @@ def combine_topk_swa_indices_ref(
     out = torch.full((n, width + 1), -1, dtype=torch.int64, device=dev)
     out.scatter_(1, dest, cand)
     return out[:, :width].to(torch.int32), keep.sum(dim=1).to(torch.int32)
+
+
+def build_chunk_indices_ref(
+    seq_lens: torch.Tensor,
+    extend_lens: torch.Tensor,
+    swa_token_table: torch.Tensor,
+    compressed_token_tables: dict[int, torch.Tensor],
+    ratios: list[int],
+    row_topks: list[int],
+    window_size: int,
+    num_tokens: int,
+) -> ChunkIndices:
+    """``build_chunk_indices`` on validated inputs: the per-op references composed."""
+    n = num_tokens
+    query_start_loc = torch.nn.functional.pad(extend_lens.cumsum(0), (1, 0)).to(torch.int32)
+    first_query = seq_lens - extend_lens - query_start_loc[:-1]
+    query_pos = torch.repeat_interleave(first_query, extend_lens, output_size=n) + torch.arange(
+        n, dtype=torch.int32, device=seq_lens.device
+    )
+    swa = build_swa_token_ids_ref(seq_lens, extend_lens, swa_token_table, window_size)
+    plans, rows = {}, {}
+    for c, topk in zip(ratios, row_topks):
+        plan = plans[c] = build_workspace_plan_ref(seq_lens, swa, c, compressed_token_tables.get(c))
+        if topk >= 0:
+            rows[c] = combine_topk_swa_indices_ref(
+                None, query_start_loc, query_pos, seq_lens, swa.gather_lens, plan.compressed_base,
+                plan.swa_base, window_size, max(c, 1), topk,
+            )
+    return ChunkIndices(query_start_loc, query_pos, swa, plans, rows)

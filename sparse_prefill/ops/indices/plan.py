@@ -107,6 +107,47 @@ class WorkspacePlan(NamedTuple):
         return slice(self.num_compressed_rows, self.num_rows)
 
 
+class ChunkIndices(NamedTuple):
+    """What every layer of a chunk shares (``build_chunk_indices``); ``R`` requests, ``N`` queries.
+
+    query_start_loc: ``[R + 1]`` int32 cumulative extend lengths, from 0.
+    query_pos:       ``[N]`` int32 absolute position of each query, request by request.
+    swa:             the SWA gather (``build_swa_token_ids``).
+    plans:           ratio -> its ``WorkspacePlan`` (``build_workspace_plan``).
+    rows:            ratio -> ``(indices [N, width] int32, lens [N] int32)`` of the ratios whose
+                     rows take entries ``0 .. topk - 1`` (``combine_topk_swa_indices`` with
+                     ``topk_indices=None``): SWA-only and dense ratios.
+    """
+
+    query_start_loc: torch.Tensor
+    query_pos: torch.Tensor
+    swa: SwaTokenIds
+    plans: dict[int, WorkspacePlan]
+    rows: dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+def empty_chunk_indices(
+    seq_lens: torch.Tensor,
+    ratios: list[int],
+    row_topks: list[int],
+    window_size: int,
+    num_tokens: int,
+    num_swa: int,
+    num_compressed: list[int],
+) -> ChunkIndices:
+    """Uninitialized ``ChunkIndices`` of these sizes (``row_topks[k] < 0``: no rows for
+    ``ratios[k]``), on ``seq_lens``' device (fake tensors under ``torch.compile``)."""
+    num_reqs = seq_lens.shape[0]
+    empty = seq_lens.new_empty  # int32
+    swa = SwaTokenIds(empty(num_swa), empty(num_reqs), empty(num_reqs), empty(num_reqs + 1, dtype=torch.int64))
+    plans, rows = {}, {}
+    for c, topk, n_c in zip(ratios, row_topks, num_compressed):
+        plans[c] = WorkspacePlan(c, empty(n_c), swa.token_ids, empty(num_reqs), empty(num_reqs))
+        if topk >= 0:
+            rows[c] = empty((num_tokens, combined_width(topk, window_size))), empty(num_tokens)
+    return ChunkIndices(empty(num_reqs + 1), empty(num_tokens), swa, plans, rows)
+
+
 def check_workspace_rows(num_compressed: int, num_swa: int) -> None:
     """Raise unless the workspace rows fit int32 (combined indices are int32 rows)."""
     if num_compressed + num_swa > INT32_MAX:

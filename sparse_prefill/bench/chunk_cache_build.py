@@ -1,0 +1,96 @@
+"""The per-forward chunk-cache build alone: what ``bench.backend`` reports as ``chunk_cache_us``.
+
+For the backend benchmark's batches (its ``case_batch``: the ``STACK`` of ratios 0, 4 and 128, 4
+requests, W = 128) at each chunk size and cached prefix, it measures ``ChunkCachePipeline.begin``
+(``begin_forward`` with the sparse path, i.e. ``SparsePrefillChunkCache.build``, and the workspace
+allocation) with value checks off, as ``bench.backend`` does, and on (the default: ``host_lens``
+are then checked against the length tensors on the device):
+
+* ``build us``: the median of ``triton.testing.do_bench`` (CUDA-event time of back-to-back
+  calls: the host's time when its Python and launches take longer than the GPU's work);
+* ``launches``: kernels, copies and memsets the call puts on the GPU (``torch.profiler``);
+* ``device us``: their summed GPU time.
+
+Prints markdown; ``--out DIR`` also writes DIR/chunk_cache_build.md and .json. Exits 2 without
+CUDA (``--smoke`` runs tiny shapes on any device, to check the script itself; no launch counts).
+
+    python -m sparse_prefill.bench.chunk_cache_build [--out DIR] [--shapes 64:512,128:1024]
+        [--chunks 8192,32768] [--prefixes 0,16384] [--smoke]
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+
+from sparse_prefill import value_checks
+from sparse_prefill.bench.backend import (
+    CHUNKS,
+    PREFIXES,
+    SHAPES,
+    ChunkCachePipeline,
+    case_batch,
+    case_main,
+    each_case,
+    ours_kernel,
+)
+from sparse_prefill.bench.common import SILENT, BenchResult, Progress, fmt, markdown_table, median_us
+
+
+def device_work(fn: Callable[[], object]) -> tuple[int | None, float | None]:
+    """``(launches, device us)`` of one call of ``fn`` (after a warm-up call): the GPU kernels,
+    copies and memsets it queues and their summed time; ``(None, None)`` without CUDA."""
+    fn()
+    if not torch.cuda.is_available():
+        return None, None
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize()
+    gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(gpu), sum(e.time_range.elapsed_us() for e in gpu)
+
+
+def run_case(h_q: int, topk: int, chunk: int, prefix: int, device: torch.device) -> dict:
+    pipe = ChunkCachePipeline(case_batch(h_q, topk, chunk, prefix, device, layers=()), ours_kernel)
+    row = dict(h_q=h_q, topk=topk, chunk=chunk, prefix=prefix)
+    for suffix, checks in (("", False), ("_checked", True)):
+        with value_checks(checks):
+            row[f"build_us{suffix}"] = median_us(pipe.begin)
+            row[f"launches{suffix}"], row[f"device_us{suffix}"] = device_work(pipe.begin)
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    columns = ["h_q/topk", "chunk", "prefix", "build us", "launches", "device us",
+               "build us (checks on)", "launches (checks on)", "device us (checks on)"]
+    cells = [[f"{r['h_q']}/{r['topk']}", r["chunk"], r["prefix"], fmt(r["build_us"]), fmt(r["launches"], "d"),
+              fmt(r["device_us"]), fmt(r["build_us_checked"]), fmt(r["launches_checked"], "d"),
+              fmt(r["device_us_checked"])]
+             for r in rows]
+    return "\n".join(["Median us of do_bench.", "", *markdown_table(columns, cells), ""])
+
+
+def run(
+    *, smoke: bool = False, shapes: Sequence[tuple[int, int]] = SHAPES, chunks: Sequence[int] = CHUNKS,
+    prefixes: Sequence[int] = PREFIXES, progress: Progress = SILENT,
+) -> BenchResult:
+    """Measure on CUDA (``smoke``: tiny shapes on whatever device there is)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if smoke:
+        shapes, chunks, prefixes = [(4, 16)], [64], [0, 300]
+    progress.section("chunk_cache_build", len(shapes) * len(chunks) * len(prefixes))
+    rows = each_case(shapes, chunks, prefixes, progress, lambda h, k, c, p: run_case(h, k, c, p, device))
+    return BenchResult("chunk_cache_build", "The per-forward chunk-cache build (begin_forward, sparse path)",
+                       markdown(rows), rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return case_main(argv, __doc__, "chunk_cache_build", run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

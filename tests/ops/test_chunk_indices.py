@@ -1,0 +1,150 @@
+"""build_chunk_indices (the chunk cache's fused build): Triton kernel against the composed
+references on random inputs, poisoned outputs, the registered op (opcheck, compile), and what one
+``SparsePrefillChunkCache.build`` dispatches and launches."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sparse_prefill._utils import value_checks
+from sparse_prefill.backend.chunk_cache import SparsePrefillChunkCache
+from sparse_prefill.ops.indices import chunk_indices, kernels, library
+from sparse_prefill.ops.indices.plan import swa_gather_len
+from tests.ops.test_indices import POISON, make_lens, token_table
+
+
+def chunk_args(seq, ext, ratios, dense, window, device, strided=False):
+    """``chunk_indices``' arguments for host lengths ``seq`` / ``ext``: rows for the ratios in
+    ``dense`` (0 included), top-k (no rows) for the others."""
+    num_reqs = len(seq)
+    if strided:  # every other element of a longer vector
+        lens = torch.tensor([v for pair in zip(seq, ext) for v in pair], dtype=torch.int32, device=device)
+        seq_t, ext_t = lens[0::2], lens[1::2]
+    else:
+        seq_t, ext_t = (torch.tensor(v, dtype=torch.int32, device=device) for v in (seq, ext))
+    longest = max(seq, default=0)
+    tables = {c: token_table(num_reqs, longest // c + 2, device, transposed=strided) for c in ratios if c > 0}
+    row_topks = [
+        (max((s // c for s, e in zip(seq, ext) if e), default=0) if c else 0) if c in dense else -1 for c in ratios
+    ]
+    num_swa = sum(swa_gather_len(s, e, window) for s, e in zip(seq, ext))
+    num_compressed = [sum(s // c for s in seq) if c else 0 for c in ratios]
+    return (seq_t, ext_t, token_table(num_reqs, longest + 3, device, transposed=strided), tables, list(ratios),
+            row_topks, window, sum(ext), num_swa, num_compressed)
+
+
+def flat(ci):
+    return library.flatten_chunk_indices(ci)
+
+
+def assert_chunk_equal(a, b):
+    fa, fb = flat(a), flat(b)
+    assert len(fa) == len(fb)
+    for i, (x, y) in enumerate(zip(fa, fb)):
+        assert x.dtype == y.dtype and x.shape == y.shape, i
+        assert torch.equal(x.cpu(), y.cpu()), i
+    assert all(p.swa_token_ids is a.swa.token_ids for p in a.plans.values())
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """The Triton path's outputs start as POISON, so an element the kernel misses fails."""
+    empty = library.empty_chunk_indices
+
+    def poisoned_empty(*args):
+        out = empty(*args)
+        for t in flat(out):
+            t.fill_(POISON)
+        return out
+
+    monkeypatch.setattr(library, "empty_chunk_indices", poisoned_empty)
+
+
+CASES = [
+    # (seq_lens, extend_lens): prefix 0, a zero extend, an empty request, odd sizes
+    ([40, 9, 300], [5, 9, 3]),
+    ([5, 0, 37, 130], [0, 0, 20, 129]),
+    ([1], [1]),
+    ([0, 0], [0, 0]),
+    ([], []),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize(
+    ("ratios", "dense"),
+    [((0, 4, 128), (0, 128)), ((0, 1, 2, 4, 128), (0, 128)), ((4,), ()), ((2, 3, 128), (3,))],
+)
+@pytest.mark.parametrize("window", [1, 16])
+def test_kernel_matches_reference(device, poisoned, case, ratios, dense, window):
+    seq, ext = CASES[case]
+    args = chunk_args(seq, ext, ratios, dense, window, device)
+    assert_chunk_equal(chunk_indices(*args, "triton"), chunk_indices(*args, "reference"))
+
+
+@pytest.mark.parametrize("num_reqs", [3, 17, 40])  # one, two and three scans of 16 requests
+def test_kernel_matches_reference_random(device, poisoned, num_reqs):
+    seq, ext = (t.tolist() for t in make_lens(num_reqs, 400, 40, min_extend=0))
+    args = chunk_args(seq, ext, (0, 4, 128), (0, 128), 128, device, strided=True)
+    assert_chunk_equal(chunk_indices(*args, "triton"), chunk_indices(*args, "reference"))
+
+
+def test_opcheck():
+    seq, ext = make_lens(3, 300, 40, min_extend=0)
+    args = list(chunk_args(seq.tolist(), ext.tolist(), (0, 4, 128), (0, 128), 16, "cpu"))
+    args[3] = list(args[3].values())
+    torch.library.opcheck(library.build_chunk_indices_op, (*args, "reference"))
+
+
+def test_compile_fullgraph_matches_eager():
+    args = chunk_args([40, 9, 300], [5, 9, 3], (0, 4, 128), (0, 128), 16, "cpu")
+
+    def build(seq_lens, extend_lens, swa_table, tables):
+        return flat(chunk_indices(seq_lens, extend_lens, swa_table, tables, *args[4:], "reference"))
+
+    compiled = torch.compile(build, fullgraph=True)(*args[:4])
+    for x, y in zip(compiled, build(*args[:4])):
+        assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+class _OpCounter(TorchDispatchMode):
+    """The ops a call dispatches at the top level (those inside a custom op are its own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_build_is_one_op_and_one_launch_per_ratio(device, monkeypatch):
+    """With value checks off the build dispatches the fused op and the top-k buffers'
+    allocations only, and the op launches one kernel per ratio."""
+    launches = []
+    run = kernels._chunk_kernel.run
+    monkeypatch.setattr(kernels._chunk_kernel, "run", lambda *a, **k: launches.append(1) or run(*a, **k))
+    seq, ext = [40, 9, 300, 77], [5, 9, 3, 0]
+    args = chunk_args(seq, ext, (0, 4, 128), (0, 128), 16, device)
+    with value_checks(False), _OpCounter() as counter:
+        SparsePrefillChunkCache.build(
+            key=1, seq_lens=args[0], extend_lens=args[1], swa_token_table=args[2], window_size=16,
+            ratios=(0, 4, 128), compressed_token_tables=args[3], topk=8, impl="triton",
+            host_lens=(seq, ext),
+        )
+    assert counter.ops == {"sparse_prefill.build_chunk_indices": 1, "aten.empty": 2}
+    assert len(launches) == 3
+
+
+def test_bench_smoke():
+    from sparse_prefill.bench import chunk_cache_build
+
+    result = chunk_cache_build.run(smoke=True)
+    assert [(r["chunk"], r["prefix"]) for r in result.rows] == [(64, 0), (64, 300)]
+    assert all(r["build_us"] > 0 and r["build_us_checked"] > 0 for r in result.rows)
+    assert "| h_q/topk | chunk | prefix | build us | launches |" in result.markdown
