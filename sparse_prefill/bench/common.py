@@ -17,6 +17,8 @@ from typing import TextIO
 import torch
 import triton
 
+from sparse_prefill.ops import kernel_choice
+
 
 @dataclass
 class BenchResult:
@@ -63,6 +65,16 @@ def import_flash_mla():
     except ImportError:
         return None
     return flash_mla
+
+
+def own_attn_impl(device: torch.device, h_q: int, d_qk: int = 512) -> str:
+    """The ``impl`` that "auto" picks for ``sparse_attn_fwd`` with ``h_q`` heads on ``device``
+    among this library's own kernels, never FlashMLA's (``kernel_choice.AUTO_PREFERS`` would take
+    it where ``flash_mla`` imports): what benchmarks time as "ours". Inputs are assumed 16-byte
+    aligned (the Gluon kernel's copies), as the benchmarks' are; ``paged_fp8_sparse_attn_fwd``
+    takes the same value (its "auto" never picks FlashMLA)."""
+    shape = {"h_q": h_q, "d_qk": d_qk}
+    return kernel_choice.first_taker(kernel_choice.SPARSE_ATTN, device, shape, ours_only=True)
 
 
 def machine() -> dict:
