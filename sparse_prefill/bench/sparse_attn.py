@@ -8,8 +8,9 @@
 sparse_attn_fwd: the eight rows of ANCHORS.md's first table (s_q 4096, random unique indices per
 row, attn_sink on), FLOPs ``2 * s_q * topk * h_q * (d_qk + d_v)`` as FlashMLA counts them, and
 the ratio ``FlashMLA us / our us`` (> 1: we are faster), FlashMLA timed in the same run when
-``flash_mla`` imports. The default row times the kernel ``impl="auto"`` runs (the Gluon kernel on
-Hopper from ``MIN_AUTO_HEADS`` heads on), with both kernels' times beside it. Then h_q 8, 16 and
+``flash_mla`` imports. The default row times the kernel ``impl="auto"`` runs among ours, never
+FlashMLA's (the Gluon kernel on Hopper from ``MIN_AUTO_HEADS`` heads on), with both kernels' times
+beside it. Then h_q 8, 16 and
 32 with topk 512 and 1024 (s_kv 32768), which FlashMLA cannot run: an engine pads q to 64 heads
 and pays FlashMLA's 64-head time. That padded time is measured when ``flash_mla`` imports; otherwise it is derived
 from ANCHORS.md: topk 512 is the h_q 64 / topk 512 / s_kv 32768 row (623 us), topk 1024 is

@@ -54,8 +54,9 @@ class Impl:
         shape_reason: ``(device, shape) -> why it does not take these shapes`` (None: it does).
         data_reason: ``(q, kv) -> why it cannot read these tensors`` (None: it can); called
             inside the torch op (real tensors), for ``sparse_attn_fwd`` only.
-        auto: ``(device, shape) -> whether "auto" takes it`` on CUDA where it can run (checked
-            in order; None: never). The last entry of a family must take every call.
+        auto: ``(device, shape) -> whether "auto" takes it`` for CUDA tensors, where it runs
+            included (asked in the family's order; None: never). The last entry of a family
+            takes every call.
         ours: this library's own kernel (benchmarks time these as "ours").
     """
 
