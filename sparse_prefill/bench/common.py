@@ -17,7 +17,7 @@ from typing import TextIO
 import torch
 import triton
 
-from sparse_prefill.ops import kernel_choice
+from sparse_prefill.ops import flashmla_impl, kernel_choice
 
 
 @dataclass
@@ -68,12 +68,14 @@ def import_flash_mla():
 
 
 def own_attn_impl(device: torch.device, h_q: int, d_qk: int = 512) -> str:
-    """The ``impl`` that "auto" picks for ``sparse_attn_fwd`` with ``h_q`` heads on ``device``
-    among this library's own kernels, never FlashMLA's (``kernel_choice.AUTO_PREFERS`` would take
-    it where ``flash_mla`` imports): what benchmarks time as "ours". Inputs are assumed 16-byte
-    aligned (the Gluon kernel's copies), as the benchmarks' are; ``paged_fp8_sparse_attn_fwd``
-    takes the same value (its "auto" never picks FlashMLA)."""
+    """The ``impl`` to time this library's own attention kernels with (as "ours"): "auto" where
+    its choice is always ours, else (``flash_mla`` runs here and ``kernel_choice.AUTO_PREFERS``
+    names it for ``h_q`` / ``d_qk``) the kernel "auto" takes among ours, by name. The same value
+    serves ``paged_fp8_sparse_attn_fwd`` (whose "auto" is never FlashMLA's): there it is the
+    Gluon kernel exactly where its own "auto" is."""
     shape = {"h_q": h_q, "d_qk": d_qk}
+    if kernel_choice.auto_prefers(kernel_choice.SPARSE_ATTN, shape) is None or flashmla_impl.device_reason(device):
+        return "auto"
     return kernel_choice.first_taker(kernel_choice.SPARSE_ATTN, device, shape, ours_only=True)
 
 

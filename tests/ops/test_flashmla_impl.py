@@ -9,7 +9,6 @@ finite values."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 
 import pytest
@@ -23,7 +22,7 @@ from sparse_prefill.ops.fp8_sparse_attn import paged_fp8_sparse_attn_fwd
 from sparse_prefill.ops.sparse_attn import sparse_attn_fwd
 from sparse_prefill.ops.sparse_attn.naive import sparse_attn_fwd_naive
 from tests.ops.test_fp8_sparse_attn import Fp8Case, make_fp8_case
-from tests.ops.test_kernel_choice import forget_flash_mla
+from tests.ops.conftest import forget_flash_mla
 from tests.ops.test_sparse_attn import SM_SCALE, make_case, poisoned_outputs, random_values
 from tests.test_flash_mla import DECODE_LSE_TOL, DECODE_OUT_TOL
 from tests.tolerance import OUT_TOL, assert_attn_close, assert_close
@@ -32,11 +31,8 @@ V4, V32 = KVCacheLayout.V4, KVCacheLayout.V32
 
 
 @pytest.fixture
-def drop_in_as_flash_mla(monkeypatch):
-    monkeypatch.setitem(sys.modules, "flash_mla", drop_in)
-    forget_flash_mla()
-    yield
-    forget_flash_mla()
+def drop_in_as_flash_mla(flash_mla_as):
+    flash_mla_as(drop_in)
 
 
 def fp8_launch(case: Fp8Case) -> tuple:

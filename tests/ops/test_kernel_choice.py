@@ -6,7 +6,6 @@ faked where a test needs a GPU's answer)."""
 from __future__ import annotations
 
 import logging
-import sys
 import types
 
 import pytest
@@ -18,6 +17,7 @@ from sparse_prefill.ops import flashmla_impl, kernel_choice
 from sparse_prefill.ops.fp8_sparse_attn import gluon_kernel as fp8_gluon
 from sparse_prefill.ops.kernel_choice import PAGED_FP8, SPARSE_ATTN
 from sparse_prefill.ops.sparse_attn import gluon_kernel as attn_gluon
+from tests.ops.conftest import forget_flash_mla
 from tests.ops.test_fp8_sparse_attn import make_fp8_case
 from tests.ops.test_sparse_attn import make_case
 
@@ -30,27 +30,15 @@ def shape(h_q=64, d_qk=512, topk=512, s_q=16, layout=V4):
     return {"s_q": s_q, "h_q": h_q, "d_qk": d_qk, "topk": topk, "layout": layout}
 
 
-def forget_flash_mla():
-    flashmla_impl.flash_mla_module.cache_clear()
-    flashmla_impl._device_reason.cache_clear()
+@pytest.fixture
+def no_flash_mla(flash_mla_as):
+    flash_mla_as(None)
 
 
 @pytest.fixture
-def no_flash_mla(monkeypatch):
-    """``import flash_mla`` fails (None in sys.modules makes the import raise ImportError)."""
-    monkeypatch.setitem(sys.modules, "flash_mla", None)
-    forget_flash_mla()
-    yield
-    forget_flash_mla()
-
-
-@pytest.fixture
-def fake_flash_mla(monkeypatch):
-    """``import flash_mla`` gives a stand-in module (its kernels are never called here)."""
-    monkeypatch.setitem(sys.modules, "flash_mla", types.ModuleType("flash_mla"))
-    forget_flash_mla()
-    yield
-    forget_flash_mla()
+def fake_flash_mla(flash_mla_as):
+    """A stand-in module whose kernels are never called here."""
+    flash_mla_as(types.ModuleType("flash_mla"))
 
 
 @pytest.fixture
@@ -224,3 +212,14 @@ def test_backend_takes_every_attention_impl(no_flash_mla):
         kernel_choice.check_device(SPARSE_ATTN, "flashmla", CPU)
     with pytest.raises(ValueError, match="impl='gluon' cannot run here: it reads the V4 layout only"):
         kernel_choice.check_device(PAGED_FP8, "gluon", CUDA, KVCacheLayout.V32)
+
+
+def test_benchmarks_time_our_kernel_even_where_auto_takes_flashmla(hopper_with_flash_mla, monkeypatch):
+    from sparse_prefill.bench.common import own_attn_impl
+
+    assert own_attn_impl(CUDA, 64) == "triton" and own_attn_impl(CUDA, 128, 576) == "triton"
+    monkeypatch.setattr(attn_gluon, "auto_picks_gluon", lambda device, h_q: True)
+    assert own_attn_impl(CUDA, 64) == "gluon"
+    assert own_attn_impl(CUDA, 32) == "auto"  # auto never takes FlashMLA there
+    monkeypatch.setattr(flashmla_impl, "_device_reason", lambda device: "flash_mla does not import")
+    assert own_attn_impl(CUDA, 64) == "auto"
