@@ -5,7 +5,8 @@ dequantize) -> ``ops.indices`` (SWA ids, workspace plan, combined index rows) ->
 ``ops.sparse_attn`` / ``ops.fp8_sparse_attn`` (the attention kernels) -> ``backend`` (chunk cache,
 routing, the per-layer entry point) -> ``parallel`` (several ranks) -> ``cli``.
 
-CUDA tensors run the Triton kernels; CPU tensors run the PyTorch references (``impl="triton"``
+CUDA tensors run the Triton kernels (the attention ops: the kernel ``ops/kernel_choice.py`` picks,
+Gluon or FlashMLA's where faster); CPU tensors run the PyTorch references (``impl="triton"``
 runs the kernels under Triton's interpreter when ``TRITON_INTERPRET=1`` was set before import).
 """
 

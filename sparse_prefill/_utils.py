@@ -4,7 +4,7 @@ Every public op takes ``impl`` ("auto" | "triton" | "reference"). "auto" runs th
 for CUDA tensors and the PyTorch reference for CPU tensors. "triton" on CPU tensors runs the
 kernel under Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``) before
 ``sparse_prefill`` is imported, because ``triton.jit`` reads it when a kernel is decorated.
-``paged_fp8_sparse_attn_fwd`` also takes "gluon", its warp-specialized Hopper kernel.
+The two attention ops also take "gluon" and "flashmla"; their choice is ``ops/kernel_choice.py``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ sparse FP8 mode) and ``flash_mla.flash_mla_sparse_fwd`` changes one line::
 
 The functions take FlashMLA's arguments, in its order, and return what it returns:
 
-- ``flash_mla_sparse_fwd`` is ``sparse_attn_fwd`` (any ``h_q`` in 1..128, any ``topk``).
+- ``flash_mla_sparse_fwd`` is ``sparse_attn_fwd`` (any ``h_q`` in 1..128, any ``topk``; its
+  ``impl="auto"``, so FlashMLA's own kernel where that is installed and measured faster).
 - ``flash_mla_with_kvcache`` with ``indices`` is ``paged_fp8_sparse_attn_fwd`` over FlashMLA's
   float8 views of the paged caches (``[num_blocks, page_block_size, 1, 584]`` for DeepSeek-V4 /
   "MODEL1", ``[..., 656]`` for V3.2), ``[b, s_q]`` flattened to rows. Its dense mode

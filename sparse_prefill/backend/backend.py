@@ -45,6 +45,8 @@ from sparse_prefill.backend.layer_kinds import SWA_RATIO, LayerKind
 from sparse_prefill.backend.metadata import BatchMetadata, LayerCaches
 from sparse_prefill.backend.reuse import stamp, unchanged
 from sparse_prefill.ops.cache import dequantize_k_cache_paged
+from sparse_prefill.ops import kernel_choice
+from sparse_prefill.ops.flashmla_impl import FLASHMLA_DECODE_MAX_ROWS
 from sparse_prefill.ops.fp8_sparse_attn import paged_fp8_sparse_attn_fwd
 from sparse_prefill.ops.sparse_attn import sparse_attn_fwd
 
@@ -143,8 +145,13 @@ class SparsePrefillBackend:
         config: the model (:class:`ModelConfig`).
         path: "auto" (the routing rule of ``routing.py``; defers to ``$SPARSE_PREFILL_PATH``),
             "sparse" or "regular" (forced for extend batches; decode is always regular).
-        impl: the ops' implementation: "auto" (Triton on CUDA, PyTorch reference on CPU),
-            "triton" or "reference".
+        impl: the attention ops' implementation (``sparse_attn_fwd`` / ``paged_fp8_sparse_attn_fwd``):
+            "auto" (their own choice: ``ops/kernel_choice.py``), "triton", "gluon", "flashmla"
+            (FlashMLA's kernels; the regular path then runs at most ``FLASHMLA_DECODE_MAX_ROWS``
+            rows a launch) or "reference". The index and cache ops take the same value where
+            they have it ("auto", "triton", "reference"), else "auto" (their Triton kernels on
+            CUDA). An implementation that cannot run on the batch's device raises ValueError at
+            the layer's start.
         max_query_rows: at most this many query rows per attention launch (None: no limit;
             kernels handle any row count, this bounds per-launch transients).
         costs: the routing cost model's constants (``routing.DEFAULT_COSTS``).
@@ -188,9 +195,9 @@ class SparsePrefillBackend:
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
         self.config = config
         self.path_setting = routing.path_setting(path)
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        self.impl = impl
+        self.impl = kernel_choice.check_name(impl)
+        # The index and cache ops have no Gluon or FlashMLA kernel.
+        self.ops_impl = impl if impl in IMPLS else "auto"
         if max_query_rows is not None:
             check_int("max_query_rows", max_query_rows, lo=1)
         self.max_query_rows = max_query_rows
@@ -339,10 +346,13 @@ class SparsePrefillBackend:
             check_no_overlap("out", out)
             check_disjoint("out", out, q=q, **{"caches.swa": caches.swa, "caches.compressed": caches.compressed},
                            topk_indices=topk_indices, attn_sink=attn_sink)
-        resolve_impl(self.impl, device)
+        resolve_impl(self.ops_impl, device)
 
         state = self._current(metadata)
-        if self.path_for(ratio) == routing.SPARSE:
+        sparse = self.path_for(ratio) == routing.SPARSE
+        op = kernel_choice.SPARSE_ATTN if sparse else kernel_choice.PAGED_FP8
+        kernel_choice.check_device(op, self.impl, device, cfg.layout)
+        if sparse:
             self._forward_sparse(state, ratio, q, caches, topk_indices, attn_sink, out)
         else:
             self._forward_regular(state, ratio, q, caches, topk_indices, attn_sink, out)
@@ -414,7 +424,7 @@ class SparsePrefillBackend:
                 compressed_token_tables={r: md.compressed_token_tables[r] for r in ratios if r > 0},
                 topk=cfg.topk if any(r in cfg.topk_ratios for r in ratios) else None,
                 ratio_kinds=cfg.ratio_kinds,
-                impl=self.impl,
+                impl=self.ops_impl,
                 host_lens=(md.seq_lens_host, md.extend_lens_host),
             )
             state.workspaces, state.filled = {}, {}
@@ -437,7 +447,7 @@ class SparsePrefillBackend:
             if unchanged(state.filled.get((ratio, name)), cache):
                 continue  # the region holds this cache's tokens already (a shared cache)
             state.filled[(ratio, name)] = None  # being overwritten
-            dequantize_k_cache_paged(cache, ids, page_size, cfg.layout, out=ws[rows], impl=self.impl)
+            dequantize_k_cache_paged(cache, ids, page_size, cfg.layout, out=ws[rows], impl=self.ops_impl)
             state.filled[(ratio, name)] = stamp(cache)
         for a, b in self._row_blocks(q.shape[0]):
             sparse_attn_fwd(
@@ -491,7 +501,9 @@ class SparsePrefillBackend:
         if shared_dense:
             dense_ids, dense_lens = self._shared_rows(state, ratio)
         # Top-k picks (and a large dense layer) map per block of rows: that bounds the transients.
-        for a, b in self._row_blocks(q.shape[0], REGULAR_INDEX_ROWS):
+        # FlashMLA's decode kernel takes at most FLASHMLA_DECODE_MAX_ROWS rows (it aborts past them).
+        limit = min(REGULAR_INDEX_ROWS, FLASHMLA_DECODE_MAX_ROWS) if self.impl == "flashmla" else REGULAR_INDEX_ROWS
+        for a, b in self._row_blocks(q.shape[0], limit):
             common = dict(attn_sink=attn_sink, layout=cfg.layout, d_v=cfg.head_dim, out=out[a:b], impl=self.impl)
             if kind is LayerKind.SWA:
                 paged_fp8_sparse_attn_fwd(

@@ -59,9 +59,12 @@ from sparse_prefill.bench.common import (
     fmt,
     import_flash_mla,
     median_us,
+    own_attn_impl,
     require_cuda,
 )
+from sparse_prefill.layout import KVCacheLayout
 from sparse_prefill.ops.cache import dequantize_k_cache_paged, quantize_k_cache
+from sparse_prefill.ops.flashmla_impl import FLASHMLA_DECODE_MAX_ROWS, cache_view
 from sparse_prefill.ops.fp8_sparse_attn import paged_fp8_sparse_attn_fwd
 from sparse_prefill.ops.indices import build_swa_token_ids, combine_topk_swa_indices, combined_width
 from sparse_prefill.ops.sparse_attn import sparse_attn_fwd
@@ -114,7 +117,9 @@ def attn_tflops(kv_entries: int, num_heads: int, us: float) -> float:
 
 
 def ours_kernel(q, kv, indices, lens, sink, scale, out):
-    sparse_attn_fwd(q, kv, indices[:, None, :], scale, 512, sink, lens, out=out)
+    # Our kernel, by name: "auto" would run FlashMLA's where it is installed and faster.
+    sparse_attn_fwd(q, kv, indices[:, None, :], scale, 512, sink, lens, out=out,
+                    impl=own_attn_impl(q.device, q.shape[1], q.shape[2]))
 
 
 def flashmla_kernel(q, kv, indices, lens, sink, scale, out):
@@ -208,8 +213,7 @@ class FlashMLARegularPipeline:
 
     @staticmethod
     def _cache(cache, page_size):
-        # FlashMLA's MODEL1 view: [pages, P, 1, 584] over the page's data + scale bytes.
-        return cache.view(torch.float8_e4m3fn)[:, : page_size * 584].view(cache.shape[0], page_size, 1, 584)
+        return cache_view(cache, page_size, KVCacheLayout.V4)
 
     @staticmethod
     def _pad64(ids):
@@ -249,19 +253,14 @@ class FlashMLARegularPipeline:
 class BackendPipeline:
     def __init__(self, batch, path):
         self.batch = batch
-        self.backend = SparsePrefillBackend(batch.config, path)
+        impl = own_attn_impl(batch.metadata.device, batch.config.num_heads)  # ours, not FlashMLA's
+        self.backend = SparsePrefillBackend(batch.config, path, impl=impl)
 
     def begin(self):
         self.backend.begin_forward(self.batch.metadata)
 
     def layer(self, layer, out):
         self.backend.forward(*self.batch.layer_inputs(layer), out=out)
-
-
-# FlashMLA's FP8 decode kernel aborts the whole process past this many query rows on the H200
-# (``get_decoding_sched_meta.cu:111: invalid argument`` at 32768; 8192 works): the failure the
-# original change routed around. Its column is measured only up to here.
-FLASHMLA_DECODE_MAX_ROWS = 8192
 
 
 def pipeline_factories(num_tokens: int) -> dict:
@@ -276,6 +275,8 @@ def pipeline_factories(num_tokens: int) -> dict:
     if flash_mla is not None:
         found["original (FlashMLA)"] = (OriginalPipeline, flashmla_kernel)
         found["sparse (FlashMLA kernel)"] = (ChunkCachePipeline, flashmla_kernel)
+        # FlashMLA's decode kernel aborts the process past FLASHMLA_DECODE_MAX_ROWS rows (the
+        # failure the original change routed around): its column is measured only up to there.
         if num_tokens <= FLASHMLA_DECODE_MAX_ROWS:
             found["regular (FlashMLA decode)"] = (FlashMLARegularPipeline,)
     return found

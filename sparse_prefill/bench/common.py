@@ -17,6 +17,8 @@ from typing import TextIO
 import torch
 import triton
 
+from sparse_prefill.ops import flashmla_impl, kernel_choice
+
 # NVLink multicast off in NCCL, torch and NVSHMEM: on the shared GPU hosts a program that uses it
 # can take the host's GPUs out of service. Set before any process group or child process exists.
 NVLS_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -67,6 +69,18 @@ def import_flash_mla():
     except ImportError:
         return None
     return flash_mla
+
+
+def own_attn_impl(device: torch.device, h_q: int, d_qk: int = 512) -> str:
+    """The ``impl`` to time this library's own attention kernels with (as "ours"): "auto" where
+    its choice is always ours, else (``flash_mla`` runs here and ``kernel_choice.AUTO_PREFERS``
+    names it for ``h_q`` / ``d_qk``) the kernel "auto" takes among ours, by name. The same value
+    serves ``paged_fp8_sparse_attn_fwd`` (whose "auto" is never FlashMLA's): there it is the
+    Gluon kernel exactly where its own "auto" is."""
+    shape = {"h_q": h_q, "d_qk": d_qk}
+    if kernel_choice.auto_prefers(kernel_choice.SPARSE_ATTN, shape) is None or flashmla_impl.device_reason(device):
+        return "auto"
+    return kernel_choice.first_taker(kernel_choice.SPARSE_ATTN, device, shape, ours_only=True)
 
 
 def machine() -> dict:

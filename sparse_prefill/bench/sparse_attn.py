@@ -8,8 +8,9 @@
 sparse_attn_fwd: the eight rows of ANCHORS.md's first table (s_q 4096, random unique indices per
 row, attn_sink on), FLOPs ``2 * s_q * topk * h_q * (d_qk + d_v)`` as FlashMLA counts them, and
 the ratio ``FlashMLA us / our us`` (> 1: we are faster), FlashMLA timed in the same run when
-``flash_mla`` imports. The default row times the kernel ``impl="auto"`` runs (the Gluon kernel on
-Hopper from ``MIN_AUTO_HEADS`` heads on), with both kernels' times beside it. Then h_q 8, 16 and
+``flash_mla`` imports. The default row times the kernel ``impl="auto"`` runs among ours, never
+FlashMLA's (the Gluon kernel on Hopper from ``MIN_AUTO_HEADS`` heads on), with both kernels' times
+beside it. Then h_q 8, 16 and
 32 with topk 512 and 1024 (s_kv 32768), which FlashMLA cannot run: an engine pads q to 64 heads
 and pays FlashMLA's 64-head time. That padded time is measured when ``flash_mla`` imports; otherwise it is derived
 from ANCHORS.md: topk 512 is the h_q 64 / topk 512 / s_kv 32768 row (623 us), topk 1024 is
@@ -273,7 +274,8 @@ def window_ids(s_q: int, page_size: int) -> tuple[torch.Tensor, int]:
 def bench_fp8(report: Report, variants: list[dict], quick: bool, flash_mla, progress: Progress) -> None:
     from sparse_prefill.ops.fp8_sparse_attn import gluon_kernel
     from sparse_prefill.ops.fp8_sparse_attn.kernel import paged_fp8_sparse_attn_triton
-    from sparse_prefill.ops.sparse_attn.library import pick_kernel
+    from sparse_prefill.ops.sparse_attn import gluon_kernel as attn_gluon
+    from sparse_prefill.ops.sparse_attn.library import launcher
 
     layout = KVCacheLayout.V4
     use_gluon = gluon_kernel.auto_picks_gluon(torch.device("cuda"), layout)
@@ -305,7 +307,8 @@ def bench_fp8(report: Report, variants: list[dict], quick: bool, flash_mla, prog
             flash_us = bench_us(lambda: flash_mla.flash_mla_sparse_fwd(
                 q, workspace[:, None], ws_idx[:, None], sm_scale, D_V, sink))
         ws_outputs = new_outputs(S_Q, h_q)
-        ws_kernel = pick_kernel("auto", q, workspace)  # what sparse_attn_fwd runs on it
+        # What sparse_attn_fwd's "auto" runs on it among our kernels (FlashMLA's time is beside it).
+        ws_kernel = launcher("gluon" if attn_gluon.auto_picks_gluon(q.device, h_q) else "triton")
         ws_us = bench_us(lambda: ws_kernel(q, workspace, ws_idx, sm_scale, sink, None, *ws_outputs))
         scopes = (q, comp_cache, comp_ids, PAGE_SIZE, swa_cache, swa_ids, PAGE_SIZE, None, None, sm_scale, sink)
         def launch(outputs: tuple, variant: dict) -> object:

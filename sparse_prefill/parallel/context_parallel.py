@@ -240,7 +240,7 @@ class _State:
             parts = _sub_requests(metadata, start, stop)
             _, prefix, extend = parts
             self.anchor = (
-                resolve_impl(cp.backend.impl, metadata.device) == "reference"
+                resolve_impl(cp.backend.ops_impl, metadata.device) == "reference"
                 and max(p + e for p, e in zip(prefix, extend)) < metadata.max_seq_len
             )
             self.local = _sub_batch(metadata, *parts, self.anchor)
@@ -371,7 +371,7 @@ class ContextParallelPrefill(ParallelLayer):
             a, b = ranges[self.rank]
             buf[a:b].copy_(rows)
             self.stats.kv_bytes += broadcast_shards(buf, ranges, self.group)
-            store_k_cache(cache, buf, slots, page_size, self.config.layout, impl=self.backend.impl)
+            store_k_cache(cache, buf, slots, page_size, self.config.layout, impl=self.backend.ops_impl)
 
     # -- attention -----------------------------------------------------------------------------
 

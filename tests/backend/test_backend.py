@@ -507,6 +507,39 @@ def test_gpu_chunk_32768(num_heads, topk):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("num_heads, topk", [(64, 512), (128, 1024)])
+def test_gpu_flashmla_impl(num_heads, topk):
+    """``impl="flashmla"``: FlashMLA's kernels on both paths (index and cache ops: ours). The
+    sparse path against naive.py, the regular one (9300 rows: two launches of at most 8192,
+    FlashMLA's decode limit) against the default backend with the tolerances tests/test_flash_mla.py
+    compares FlashMLA's decode kernel with ours."""
+    from sparse_prefill.ops import flashmla_impl
+    from tests.ops.test_flashmla_impl import require_flashmla
+    from tests.test_flash_mla import DECODE_OUT_TOL
+
+    require_flashmla()
+    cfg = v4_config(num_heads, topk)
+    layers = (0, 1, 2)
+    batch = make_synthetic_batch(cfg, [0, 16384], [9000, 300], device="cuda", seed=11, share_q=True, q_std=1.0,
+                                 k_std=0.1, k_mean=0.05, layers=layers)
+    assert batch.metadata.num_tokens > flashmla_impl.FLASHMLA_DECODE_MAX_ROWS
+    with value_checks(False):
+        for path in ("sparse", "regular"):
+            flashmla, default = SparsePrefillBackend(cfg, path, impl="flashmla"), SparsePrefillBackend(cfg, path)
+            assert flashmla.ops_impl == "auto"
+            flashmla.begin_forward(batch.metadata)
+            default.begin_forward(batch.metadata)
+            for layer in layers:
+                out = flashmla.forward(*batch.layer_inputs(layer))
+                name = f"{path} layer {layer}"
+                if path == "sparse":
+                    ref = naive_layer_forward(cfg, batch.metadata, *batch.layer_inputs(layer))
+                    assert_close(name, out, ref, **OUT_TOL)
+                else:
+                    assert_close(name, out.float(), default.forward(*batch.layer_inputs(layer)).float(), **DECODE_OUT_TOL)
+
+
+@pytest.mark.gpu
 def test_gpu_chunk_65536():
     check_gpu_batch(v4_config(64, 512), [0, 16384], [32768] * 2)
 

@@ -2,18 +2,18 @@
 "regular path", FlashMLA ``flash_mla_with_kvcache`` sparse FP8 semantics), no bf16 workspace.
 
 Two kernels: ``gluon_kernel.py`` (warp-specialized, Hopper, V4 layout) and ``kernel.py``
-(Triton, any CUDA GPU, both layouts); ``naive.py`` is the reference both are tested against."""
+(Triton, any CUDA GPU, both layouts); ``naive.py`` is the reference both are tested against.
+``impl="flashmla"`` runs FlashMLA's decode kernel instead (``ops/flashmla_impl.py``)."""
 
 from __future__ import annotations
 
 import torch
 
-from sparse_prefill._utils import resolve_impl
 from sparse_prefill.layout import KVCacheLayout
+from sparse_prefill.ops import kernel_choice
 from sparse_prefill.ops.cache import check_cache
 from sparse_prefill.ops.fp8_sparse_attn.library import paged_fp8_sparse_attn_fwd_op
 from sparse_prefill.ops.sparse_attn import (
-    ATTN_IMPLS,
     D_V,
     AttnOutputs,
     check_indices,
@@ -25,7 +25,6 @@ from sparse_prefill.ops.sparse_attn import (
 )
 
 __all__ = ["paged_fp8_sparse_attn_fwd"]
-
 
 
 def _check_cache(
@@ -90,12 +89,17 @@ def paged_fp8_sparse_attn_fwd(
         d_v: value dims, must be 512.
         out: optional, [s_q, h_q, d_v], bfloat16, preallocated output whose elements do not
             share memory (no stride 0 / ``expand``); written and returned.
-        impl: "auto", "gluon", "triton" or "reference". "auto": for CUDA tensors the Gluon kernel
-            where it runs (V4 layout, an sm_90 GPU, a Triton version it was validated with: 3.6),
-            else the Triton kernel; for CPU tensors the PyTorch reference. "gluon": the
-            warp-specialized Hopper kernel (ValueError where it cannot run). "triton": the
-            Triton kernel (on CPU needs ``TRITON_INTERPRET=1``). All give the same result up to
-            float summation order.
+        impl: "auto", "gluon", "triton", "flashmla" or "reference" (``ops/kernel_choice.py``
+            declares them). "auto": for CUDA tensors the Gluon kernel where it runs (V4 layout,
+            an sm_90 GPU, a Triton version it was validated with: 3.6), else the Triton kernel
+            (never FlashMLA's: slower, ``kernel_choice.AUTO_PREFERS``); for CPU tensors the
+            PyTorch reference. "gluon": the warp-specialized Hopper kernel (ValueError where it
+            cannot run). "triton": the Triton kernel (on CPU needs ``TRITON_INTERPRET=1``).
+            "flashmla": FlashMLA's sparse FP8 decode kernel (``flash_mla_with_kvcache``, one
+            query per batch row; ``flash_mla`` importable, an sm_90 GPU, h_q 64 or 128, at most
+            ``FLASHMLA_DECODE_MAX_ROWS`` = 8192 rows: it aborted the process on 32768), else
+            ValueError saying why; it does not compute ``max_logits`` (returned as NaN). All give
+            the same out and lse up to float summation order.
 
     Every tensor must be on ``q``'s device; q, the index rows and out need unit stride in their
     last dim (other dims take any stride). Violations raise TypeError/ValueError naming the
@@ -136,7 +140,8 @@ def paged_fp8_sparse_attn_fwd(
     topk_length = check_lengths("topk_length", topk_length, s_q, topk, device)
     if extra_indices is not None:
         extra_topk_length = check_lengths("extra_topk_length", extra_topk_length, s_q, extra_topk, device)
-    impl = _resolve_fp8_impl(impl, device, layout)
+    shape = {"s_q": s_q, "h_q": h_q, "d_qk": layout.dim, "topk": topk, "layout": layout}
+    impl = kernel_choice.resolve(kernel_choice.PAGED_FP8, impl, device, shape)
     out, max_logits, lse = prepare_outputs(
         out, s_q, h_q, d_v, device, q=q, cache=cache, indices=indices, extra_cache=extra_cache,
         extra_indices=extra_indices, attn_sink=attn_sink, topk_length=topk_length, extra_topk_length=extra_topk_length)
@@ -148,19 +153,3 @@ def paged_fp8_sparse_attn_fwd(
         extra_topk_length, sm_scale, attn_sink, layout.name, d_v, out, max_logits, lse, impl,
     )
     return out, max_logits, lse
-
-
-def _resolve_fp8_impl(impl: object, device: torch.device, layout: KVCacheLayout) -> str:
-    """``impl`` (see ``paged_fp8_sparse_attn_fwd``) -> "gluon", "triton" or "reference"."""
-    if impl not in ATTN_IMPLS:
-        raise ValueError(f"impl must be one of {ATTN_IMPLS}, got {impl!r}")
-    from sparse_prefill.ops.fp8_sparse_attn import gluon_kernel
-
-    if impl == "auto" and device.type == "cuda":
-        return "gluon" if gluon_kernel.auto_picks_gluon(device, layout) else "triton"
-    if impl == "gluon":
-        reason = gluon_kernel.unsupported_reason(device, layout)
-        if reason is not None:
-            raise ValueError(f"impl='gluon' cannot run here: {reason}")
-        return "gluon"
-    return resolve_impl(impl, device)

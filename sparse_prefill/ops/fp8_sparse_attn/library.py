@@ -1,6 +1,6 @@
 """``paged_fp8_sparse_attn_fwd`` as a registered torch op (``ops/registry.py``). It takes
 validated arguments (``ops/fp8_sparse_attn/__init__.py`` checks them), the resolved ``impl``
-("gluon", "triton" or "reference"), ``layout`` as the ``KVCacheLayout`` member's name and the
+("gluon", "triton", "flashmla" or "reference": ``kernel_choice.resolve``), ``layout`` as the ``KVCacheLayout`` member's name and the
 preallocated outputs, which it writes (declared mutated)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from sparse_prefill.layout import KVCacheLayout
+from sparse_prefill.ops.flashmla_impl import paged_fp8_sparse_attn_flashmla
 from sparse_prefill.ops.fp8_sparse_attn.naive import paged_fp8_sparse_attn_fwd_naive
 from sparse_prefill.ops.registry import define_op, writes_only
 from sparse_prefill.ops.sparse_attn.library import ATTN_OUTPUTS_SCHEMA, write_reference
@@ -47,6 +48,8 @@ def _paged_fp8_sparse_attn_fwd(
         from sparse_prefill.ops.fp8_sparse_attn.gluon_kernel import paged_fp8_sparse_attn_gluon
 
         paged_fp8_sparse_attn_gluon(*scopes, out, max_logits, lse)
+    elif impl == "flashmla":
+        paged_fp8_sparse_attn_flashmla(*scopes, kv_layout, out, max_logits, lse)
     else:
         from sparse_prefill.ops.fp8_sparse_attn.kernel import paged_fp8_sparse_attn_triton
 

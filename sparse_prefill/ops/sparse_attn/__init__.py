@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from sparse_prefill._utils import (
-    IMPLS,
     check_disjoint,
     check_float32_scale,
     check_int,
@@ -17,9 +16,9 @@ from sparse_prefill._utils import (
     check_tensor,
     check_unit_stride,
     device_assert,
-    resolve_impl,
     value_check_site,
 )
+from sparse_prefill.ops import kernel_choice
 from sparse_prefill.ops.sparse_attn.library import sparse_attn_fwd_op
 
 __all__ = ["sparse_attn_fwd"]
@@ -27,7 +26,6 @@ __all__ = ["sparse_attn_fwd"]
 MAX_HEADS = 128
 D_V = 512
 INT32_MAX = 2**31 - 1
-ATTN_IMPLS = (*IMPLS, "gluon")  # both attention ops: the Hopper kernels
 
 AttnOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -150,13 +148,20 @@ def sparse_attn_fwd(
         out: optional, [s_q, h_q, d_v], bfloat16, preallocated output (e.g. a slice of a larger
             buffer) whose elements do not share memory (no stride 0 / ``expand``) and that shares
             none with an input; written and returned.
-        impl: "auto", "gluon", "triton" or "reference". "auto": for CUDA tensors the
+        impl: "auto", "gluon", "triton", "flashmla" or "reference" (``ops/kernel_choice.py``
+            declares them). "auto": for CUDA tensors FlashMLA's ``flash_mla_sparse_fwd`` where
+            ``kernel_choice.AUTO_PREFERS`` says it is faster (h_q 64 / d_qk 512, h_q 128 / d_qk
+            512 or 576, measured on an H200) and "flashmla" can run the call, else the
             warp-specialized Hopper kernel (``gluon_kernel.py``) where ``auto_picks_gluon`` says
             so (sm_90, a validated Triton, ``h_q >= MIN_AUTO_HEADS``) and ``q``/``kv`` start
             16-byte aligned with row strides that are multiples of 16 elements, else the Triton
-            kernel; for CPU tensors the PyTorch reference. "gluon": that kernel or ValueError
-            saying why it cannot run. "triton": the Triton kernel (on CPU needs
-            ``TRITON_INTERPRET=1``). The kernels agree up to float summation order.
+            kernel; the choice is made from the real tensors, once per call, and logged once (INFO)
+            when it is FlashMLA's. For CPU tensors "auto" is the PyTorch reference. "gluon": that
+            kernel or ValueError saying why it cannot run. "triton": the Triton kernel (on CPU
+            needs ``TRITON_INTERPRET=1``). "flashmla": FlashMLA's kernel (``ops/flashmla_impl.py``;
+            ``flash_mla`` importable, an sm_90 GPU, h_q 64 or 128, ``topk`` a multiple of 128,
+            16-byte aligned rows), else ValueError saying why. The kernels agree up to float
+            summation order (FlashMLA: within the tolerances of tests/tolerance.py).
 
     Every tensor must be on ``q``'s device and have unit stride in its last dim (other dims take
     any stride). Violations raise TypeError/ValueError naming the argument, before any launch.
@@ -185,7 +190,7 @@ def sparse_attn_fwd(
     sm_scale = check_scale_and_d_v(sm_scale, d_v)
     attn_sink = check_sink(attn_sink, h_q, device)
     topk_length = check_lengths("topk_length", topk_length, s_q, topk, device)
-    impl = _resolve_attn_impl(impl, device)
+    impl = kernel_choice.resolve(kernel_choice.SPARSE_ATTN, impl, device, kernel_choice.sparse_attn_shape(q, indices))
     out, max_logits, lse = prepare_outputs(out, s_q, h_q, d_v, device, q=q, kv=kv, indices=indices,
                                            attn_sink=attn_sink, topk_length=topk_length)
     if s_q == 0:
@@ -193,22 +198,3 @@ def sparse_attn_fwd(
 
     sparse_attn_fwd_op(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, out, max_logits, lse, impl)
     return out, max_logits, lse
-
-
-def _resolve_attn_impl(impl: object, device: torch.device) -> str:
-    """``impl`` (see ``sparse_attn_fwd``) -> "reference", "triton", "gluon" or, for "auto" on
-    CUDA, "auto": the op's implementation then picks the Gluon or the Triton kernel from the
-    real tensors (``library.pick_kernel``: an alignment check reads data pointers, which
-    ``torch.compile``'s fake tensors do not have)."""
-    if impl not in ATTN_IMPLS:
-        raise ValueError(f"impl must be one of {ATTN_IMPLS}, got {impl!r}")
-    if impl == "auto" and device.type == "cuda":
-        return "auto"
-    if impl == "gluon":
-        from sparse_prefill.ops.sparse_attn import gluon_kernel
-
-        reason = gluon_kernel.unsupported_reason(device)
-        if reason is not None:
-            raise ValueError(f"impl='gluon' cannot run here: {reason}")
-        return "gluon"
-    return resolve_impl(impl, device)

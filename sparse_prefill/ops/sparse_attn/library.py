@@ -1,6 +1,7 @@
 """``sparse_attn_fwd`` as a registered torch op (``ops/registry.py``). It takes validated
-arguments (``ops/sparse_attn/__init__.py`` checks them), the resolved ``impl`` and the
-preallocated outputs, which it writes."""
+arguments (``ops/sparse_attn/__init__.py`` checks them), the resolved ``impl`` ("auto" on CUDA:
+``kernel_choice.pick`` decides here, from the real tensors) and the preallocated outputs, which
+it writes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Callable
 
 import torch
 
+from sparse_prefill.ops import kernel_choice
+from sparse_prefill.ops.flashmla_impl import sparse_attn_fwd_flashmla
 from sparse_prefill.ops.registry import define_op, writes_only
 from sparse_prefill.ops.sparse_attn.naive import sparse_attn_fwd_naive
 
@@ -39,26 +42,22 @@ def _sparse_attn_fwd(
         reference = sparse_attn_fwd_naive(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
         write_reference(reference, out, max_logits, lse)
         return
-    launch = pick_kernel(impl, q, kv)
-    launch(q, kv[:, 0], indices[:, 0], sm_scale, attn_sink, topk_length, out, max_logits, lse)
+    impl = kernel_choice.pick(impl, q, kv, indices)
+    if impl == "flashmla":
+        sparse_attn_fwd_flashmla(q, kv, indices, sm_scale, attn_sink, topk_length, out, max_logits, lse)
+        return
+    launcher(impl)(q, kv[:, 0], indices[:, 0], sm_scale, attn_sink, topk_length, out, max_logits, lse)
 
 
-def pick_kernel(impl: str, q: torch.Tensor, kv: torch.Tensor) -> Callable[..., object]:
-    """The launcher of ``impl`` ("gluon", "triton", or "auto": the Gluon kernel where
-    ``auto_picks_gluon`` says so and the tensors' alignment admits its 16-byte copies, else the
-    Triton kernel). "gluon" on misaligned tensors raises ValueError before any launch."""
-    from sparse_prefill.ops.sparse_attn import gluon_kernel
+def launcher(impl: str) -> Callable[..., object]:
+    """The launcher of our kernel ``impl`` ("gluon" or "triton"; see ``kernel_choice``), which
+    takes ``kv`` [s_kv, d_qk] and ``indices`` [s_q, topk]."""
+    if impl == "gluon":
+        from sparse_prefill.ops.sparse_attn.gluon_kernel import sparse_attn_fwd_gluon
+
+        return sparse_attn_fwd_gluon
     from sparse_prefill.ops.sparse_attn.kernel import sparse_attn_fwd_triton
 
-    if impl == "triton":
-        return sparse_attn_fwd_triton
-    reason = gluon_kernel.inputs_reason(q, kv)
-    if impl == "gluon":
-        if reason is not None:
-            raise ValueError(f"impl='gluon' cannot run here: {reason}")
-        return gluon_kernel.sparse_attn_fwd_gluon
-    if reason is None and gluon_kernel.auto_picks_gluon(q.device, q.shape[1]):
-        return gluon_kernel.sparse_attn_fwd_gluon
     return sparse_attn_fwd_triton
 
 
