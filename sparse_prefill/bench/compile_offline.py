@@ -1,6 +1,10 @@
 """Compile the Gluon kernels for sm_90a without a GPU and print ptxas' resource report.
 
-    python -m sparse_prefill.bench.compile_offline [--d-qk 512|576] [KEY=VAL ...]
+    python -m sparse_prefill.bench.compile_offline [--kernel wide|few] [--d-qk 512|576]
+        [--h-q N] [KEY=VAL ...]
+
+``wide``: the 64-head kernel (``gluon_kernel.py``); ``few``: the few-head kernel
+(``gluon_few_heads.py``) for ``--h-q`` heads.
 
 Needs the Triton the device runs (3.6, whose wheel carries ptxas) and torch; it uses no GPU, so
 registers, spills, shared memory and ptxas' warnings (serialized wgmma, ignored setmaxnreg) are
@@ -20,37 +24,49 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import compile as triton_compile
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from sparse_prefill.ops.sparse_attn import gluon_kernel as K
+from sparse_prefill.ops.sparse_attn import gluon_few_heads, gluon_kernel
 
 
-def sparse_source(d_qk: int, tuning: dict[str, int]) -> GluonASTSource:
-    sig = {n: "*bf16" for n in ("q_ptr", "kv_ptr", "out_ptr")}
-    sig.update({"idx_ptr": "*i32", "max_ptr": "*fp32", "lse_ptr": "*fp32", "sink_ptr": "*fp32",
-                "topk_len_ptr": "*i32"})
+def sparse_source(kernel: str, d_qk: int, h_q: int, tuning: dict[str, int]) -> GluonASTSource:
+    """The kernel's source with the signature both kernels share (the launchers' ``launch_args``)
+    and the constants a launch for ``d_qk`` / ``h_q`` gives it."""
+    sig = {n: "*bf16" for n in ("q_ptr", "kv_ptr")}
+    sig.update({"idx_ptr": "*i32", "out_ptr": "*bf16", "max_ptr": "*fp32", "lse_ptr": "*fp32",
+                "sink_ptr": "*fp32", "topk_len_ptr": "*i32"})
     for n in ("s_kv", "h_q", "topk"):
         sig[n] = "i32"
     sig["qk_scale_log2"] = "fp32"
     for n in ("stride_q_s", "stride_q_h", "stride_kv_s", "stride_i_s", "stride_o_s", "stride_o_h",
-              "stride_ml_s", "n_items"):
+              "stride_ml_s"):
         sig[n] = "i32"
-    consts = {"NUM_HEAD_BLOCKS": 2, "D_TAIL": d_qk - 512, "HAS_SINK": True, "HAS_TOPK_LEN": True,
-              **K.DEFAULT_TUNING, **tuning}
+    consts = {"D_TAIL": d_qk - 512, "HAS_SINK": True, "HAS_TOPK_LEN": True}
+    if kernel == "few":
+        fn, tail_arg = gluon_few_heads._sparse_attn_few_heads_kernel, "s_q"
+        consts = {"HN": gluon_few_heads.heads_tile(h_q), **consts, **gluon_few_heads.DEFAULT_TUNING,
+                  "STAGES": gluon_few_heads.kv_stages(d_qk)}
+    else:
+        fn, tail_arg = gluon_kernel._sparse_attn_ws_kernel, "n_items"
+        consts = {"NUM_HEAD_BLOCKS": -(-h_q // 64), **consts, **gluon_kernel.DEFAULT_TUNING}
+    sig[tail_arg] = "i32"
+    consts.update(tuning)
     sig.update({k: "constexpr" for k in consts})
     # What the JIT's specialization sees on real inputs: 16-byte aligned pointers and strides
     # divisible by 16 (arguments listed in do_not_specialize get none).
-    skip = set(K._sparse_attn_ws_kernel.do_not_specialize) | {"qk_scale_log2"}
+    skip = set(fn.do_not_specialize) | {"qk_scale_log2"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
              if t != "constexpr" and n not in skip}
-    return GluonASTSource(K._sparse_attn_ws_kernel, sig, constexprs=consts, attrs=attrs)
+    return GluonASTSource(fn, sig, constexprs=consts, attrs=attrs)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kernel", default="wide", choices=("wide", "few"))
     parser.add_argument("--d-qk", type=int, default=512, choices=(512, 576))
+    parser.add_argument("--h-q", type=int, default=128)
     parser.add_argument("tuning", nargs="*", help="KEY=VAL overrides")
     args = parser.parse_args()
     tuning = {k: int(v) for k, v in (t.split("=") for t in args.tuning)}
-    src = sparse_source(args.d_qk, tuning)
+    src = sparse_source(args.kernel, args.d_qk, args.h_q, tuning)
     compiled = triton_compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     ptx = compiled.asm["ptx"]
     print("shared bytes:", compiled.metadata.shared)

@@ -354,8 +354,10 @@ def test_gluon_kernel_says_where_it_cannot_run():
     case = make_case(2, 10, 64, 512, 4, "cpu")
     with pytest.raises(ValueError, match="impl='gluon' cannot run here: it needs CUDA tensors"):
         sparse_attn_fwd(*case.args(), impl="gluon")
-    with pytest.raises(ValueError, match="unknown tuning keys"):
-        gluon_kernel.sparse_attn_fwd_gluon(*[None] * 9, BLOCK_N=32)
+    # Both kernels behind the launcher check their own tuning keys before any launch.
+    for h_q in (8, 64):
+        with pytest.raises(ValueError, match="unknown tuning keys"):
+            gluon_kernel.sparse_attn_fwd_gluon(torch.empty(1, h_q, 512), *[None] * 8, BLOCK_N=32)
 
 
 @pytest.mark.parametrize("width,offset,ok", [(512, 0, True), (576, 0, True), (520, 0, False), (512, 4, False)])

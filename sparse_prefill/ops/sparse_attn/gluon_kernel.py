@@ -35,9 +35,14 @@ from sparse_prefill.ops.fp8_sparse_attn.gluon_kernel import GLUON_IMPORTED, auto
 DEFAULT_TUNING = {"MATH_REGS": 216, "PRODUCER_REGS": 56}
 
 
-# "auto" runs this kernel for at least this many heads (below, the Triton kernel's smaller head
-# blocks waste less of the 64-row MMA tile; benchmarks/NOTES.md).
-MIN_AUTO_HEADS = 17
+# Up to this many heads the launcher runs the few-head kernel (gluon_few_heads.py: keys along M,
+# heads along N) instead of this one's 64-head tiles.
+FEW_HEADS = 16
+
+# "auto" runs the Gluon kernels (this one or the few-head one) for at least this many heads:
+# every count since the few-head kernel (1.3-1.4x the Triton kernel at 8 and 16 heads;
+# benchmarks/RESULTS.md).
+MIN_AUTO_HEADS = 1
 
 
 def unsupported_reason(device: torch.device) -> str | None:
@@ -462,8 +467,32 @@ def sparse_attn_fwd_gluon(
     **tuning: int,
 ) -> object:
     """Launch on validated inputs (as ``kernel.sparse_attn_fwd_triton``; ``unsupported_reason``
-    must be None), ``s_q >= 1``. ``tuning`` overrides ``DEFAULT_TUNING``. Returns Triton's
-    handle of the compiled kernel."""
+    must be None), ``s_q >= 1``: up to ``FEW_HEADS`` heads the few-head kernel
+    (``gluon_few_heads.py``), else this file's (``sparse_attn_fwd_gluon_wide``). ``tuning``
+    overrides the ``DEFAULT_TUNING`` of the kernel that runs. Returns Triton's handle of the
+    compiled kernel."""
+    if q.shape[1] <= FEW_HEADS:
+        from sparse_prefill.ops.sparse_attn.gluon_few_heads import sparse_attn_fwd_gluon_few_heads
+
+        return sparse_attn_fwd_gluon_few_heads(q, kv, indices, sm_scale, attn_sink, topk_length, out, max_logits,
+                                               lse, **tuning)
+    return sparse_attn_fwd_gluon_wide(q, kv, indices, sm_scale, attn_sink, topk_length, out, max_logits, lse,
+                                      **tuning)
+
+
+def sparse_attn_fwd_gluon_wide(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    attn_sink: torch.Tensor | None,
+    topk_length: torch.Tensor | None,
+    out: torch.Tensor,
+    max_logits: torch.Tensor,
+    lse: torch.Tensor,
+    **tuning: int,
+) -> object:
+    """This file's kernel (64-head tiles) for any h_q; ``tuning`` overrides ``DEFAULT_TUNING``."""
     from sparse_prefill.ops.sparse_attn.kernel import launch_args
 
     unknown = set(tuning) - set(DEFAULT_TUNING)
