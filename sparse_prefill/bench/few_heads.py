@@ -117,13 +117,7 @@ def gather_runs(kv: torch.Tensor, idx: torch.Tensor, topk: int) -> dict:
 
 
 # Triton variants of sparse_attn_fwd_triton timed on the few-head rows (launcher overrides).
-TRITON_VARIANTS = {
-    "Triton default": {},
-    "Triton BLOCK_N 32": dict(BLOCK_N=32),
-    "Triton keys along M, BLOCK_N 64": dict(KEYS_ALONG_M=1),
-    "Triton keys along M, BLOCK_N 32": dict(KEYS_ALONG_M=1, BLOCK_N=32),
-    "Triton keys along M, BLOCK_N 32, 3 stages": dict(KEYS_ALONG_M=1, BLOCK_N=32, NUM_STAGES=3),
-}
+TRITON_VARIANTS = {"Triton default": {}, "Triton BLOCK_N 32": {"BLOCK_N": 32}}
 
 
 # Launcher overrides of the few-head Gluon kernel (gluon_few_heads.DEFAULT_TUNING).

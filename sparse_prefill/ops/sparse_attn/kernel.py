@@ -183,57 +183,6 @@ def _sparse_attn_fwd_kernel(
                        stride_o_s, stride_o_h, stride_ml_s, tl.arange(0, D_MAIN), HAS_SINK, UPCAST)
 
 
-@triton.jit
-def _sparse_attn_fwd_keys_m_kernel(
-    q_ptr, kv_ptr, idx_ptr, out_ptr, max_ptr, lse_ptr, sink_ptr, topk_len_ptr,
-    s_kv, h_q, topk, qk_scale_log2,
-    stride_q_s, stride_q_h, stride_kv_s, stride_i_s, stride_o_s, stride_o_h, stride_ml_s,
-    NUM_HEAD_BLOCKS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
-    HAS_SINK: tl.constexpr, HAS_TOPK_LEN: tl.constexpr, UPCAST: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
-):
-    """The same result with keys along the MMAs' M and heads along N (``S^T = K Q^T``,
-    ``O^T += V^T P^T``): for a few heads the M side of an MMA tile has a minimum (16 or 64
-    rows) that heads would pad, while N can be as small as 8 (``keys_along_m`` in the config)."""
-    tok, offs_h, mask_h, q, q_tail = load_query_block(q_ptr, stride_q_s, stride_q_h, h_q, NUM_HEAD_BLOCKS,
-                                                      BLOCK_H, D_MAIN, D_TAIL)
-    n_keys = topk
-    if HAS_TOPK_LEN:
-        n_keys = tl.minimum(tl.load(topk_len_ptr + tok), topk)
-    idx_row = idx_ptr + tok.to(tl.int64) * stride_i_s
-    q_t = mma_operand(tl.trans(q), UPCAST)
-    q_tail_t = mma_operand(tl.trans(q_tail), UPCAST)
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc_t = tl.zeros([D_MAIN, BLOCK_H], tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_MAIN)
-    offs_t = D_MAIN + tl.arange(0, D_TAIL if D_TAIL > 0 else 16)
-    idx_next = tl.load(idx_row + offs_n, mask=offs_n < n_keys, other=-1)
-    for start in tl.range(0, n_keys, BLOCK_N, num_stages=NUM_STAGES):
-        valid = (start + offs_n < n_keys) & (idx_next >= 0) & (idx_next < s_kv)
-        kv_rows = kv_ptr + tl.where(valid, idx_next, 0).to(tl.int64)[:, None] * stride_kv_s
-        k = tl.load(kv_rows + offs_d[None, :], mask=valid[:, None], other=0.0)
-        s_t = tl.dot(mma_operand(k, UPCAST), q_t)
-        if D_TAIL > 0:
-            k_tail = tl.load(kv_rows + offs_t[None, :], mask=valid[:, None], other=0.0)
-            s_t += tl.dot(mma_operand(k_tail, UPCAST), q_tail_t)
-        offs_next = start + BLOCK_N + offs_n
-        idx_next = tl.load(idx_row + offs_next, mask=offs_next < n_keys, other=-1)
-        s_t = tl.where(valid[:, None], s_t * qk_scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s_t, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p_t = tl.math.exp2(s_t - m_safe[None, :])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p_t, 0)
-        acc_t = tl.dot(mma_operand(tl.trans(k), UPCAST), mma_operand(to_bf16(p_t, UPCAST), UPCAST),
-                       acc_t * alpha[None, :])
-        m_i = m_new
-    store_attn_outputs(out_ptr, max_ptr, lse_ptr, sink_ptr, m_i, l_i, tl.trans(acc_t), tok, offs_h, mask_h,
-                       stride_o_s, stride_o_h, stride_ml_s, offs_d, HAS_SINK, UPCAST)
-
-
 def pick_config(h_q: int, d_qk: int = 512, paged_fp8: bool = False, **tuning: int) -> dict[str, int]:
     """Block shape and launch knobs, measured on the H100 (benchmarks/NOTES.md); ``tuning``
     overrides them (benchmarks compare variants with it)."""
@@ -242,8 +191,7 @@ def pick_config(h_q: int, d_qk: int = 512, paged_fp8: bool = False, **tuning: in
     cfg = {"BLOCK_H": block_h, "BLOCK_N": 64, "num_warps": num_warps, "NUM_STAGES": 2,
            # Two warp groups share the scores only with 8 warps; with d_qk 576 the split
            # measured slower (the tail's dot falls back to duplicated layouts).
-           "SPLIT_QK": int(num_warps == 8 and d_qk == 512),
-           "KEYS_ALONG_M": 0}
+           "SPLIT_QK": int(num_warps == 8 and d_qk == 512)}
     if paged_fp8 or INTERPRET:
         # The FP8 tile is dequantized in registers: pipelining its loads only adds pressure.
         cfg["NUM_STAGES"] = 1
@@ -298,13 +246,10 @@ def sparse_attn_fwd_triton(
     num_head_blocks = cdiv(h_q, cfg["BLOCK_H"])
     d_main = 512  # also d_v: the wrapper only admits d_v == 512
     grid = (s_q * num_head_blocks,)
-    kernel, extra = _sparse_attn_fwd_kernel, {"SPLIT_QK": cfg["SPLIT_QK"]}
-    if cfg["KEYS_ALONG_M"]:
-        kernel, extra = _sparse_attn_fwd_keys_m_kernel, {}
-    return kernel[grid](
+    return _sparse_attn_fwd_kernel[grid](
         *launch_args(q, kv, indices, sm_scale, attn_sink, topk_length, out, max_logits, lse),
         NUM_HEAD_BLOCKS=num_head_blocks, BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"],
         D_MAIN=d_main, D_TAIL=d_qk - d_main,
         HAS_SINK=attn_sink is not None, HAS_TOPK_LEN=topk_length is not None, UPCAST=INTERPRET,
-        NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"], **extra,
+        NUM_STAGES=cfg["NUM_STAGES"], SPLIT_QK=cfg["SPLIT_QK"], num_warps=cfg["num_warps"],
     )
