@@ -81,10 +81,16 @@ def sparse_shape_reason(device: torch.device, shape) -> str | None:
 
 def decode_shape_reason(device: torch.device, shape) -> str | None:
     """Why FlashMLA's sparse FP8 decode does not take a ``paged_fp8_sparse_attn_fwd`` call of
-    ``shape`` (s_q, h_q), None if it does."""
+    ``shape`` (s_q, h_q, layout, and whether it has an extra scope or lengths: ``extra``,
+    ``lengths``), None if it does."""
     if shape["s_q"] > FLASHMLA_DECODE_MAX_ROWS:
         return (f"FlashMLA's FP8 decode kernel aborted the process on 32768 query rows and ran on "
                 f"{FLASHMLA_DECODE_MAX_ROWS} (H200): at most {FLASHMLA_DECODE_MAX_ROWS} rows, got {shape['s_q']}")
+    if shape["layout"] is KVCacheLayout.V32 and (shape.get("extra") or shape.get("lengths")):
+        # Seen on the H200 with FlashMLA 9241ae3 (benchmarks/data/gpu_tests_h200_third_session.log):
+        # the V3.2 layout ran without them and crashed the process (segfault) with either.
+        return ("FlashMLA's FP8 decode kernel crashed the process on the V3.2 layout with an extra scope or "
+                "topk_length / extra_topk_length (H200); with V3.2 it takes neither")
     return _heads_reason(shape["h_q"])
 
 

@@ -125,6 +125,17 @@ def test_flashmla_decode_admission(s_q, h_q, why):
     assert reason is None if why is None else why in reason
 
 
+@pytest.mark.parametrize("layout", [V4, KVCacheLayout.V32])
+@pytest.mark.parametrize("extra,lengths", [(False, False), (True, False), (False, True)])
+def test_flashmla_decode_v32_takes_no_extra_scope_or_lengths(layout, extra, lengths):
+    """FlashMLA's decode kernel crashed the process on V3.2 with either (H200): refused."""
+    reason = flashmla_impl.decode_shape_reason(CUDA, {**shape(layout=layout), "extra": extra, "lengths": lengths})
+    if layout is KVCacheLayout.V32 and (extra or lengths):
+        assert "crashed the process on the V3.2 layout" in reason
+    else:
+        assert reason is None
+
+
 def test_flashmla_shape_limits_give_value_errors(hopper_with_flash_mla):
     for op, bad, match in [
         (SPARSE_ATTN, shape(h_q=32), "impl='flashmla' cannot run here: FlashMLA's kernels take h_q 64 or 128"),
