@@ -24,12 +24,15 @@ import torch.distributed as dist
 import sparse_prefill as sp
 from sparse_prefill import parallel
 from sparse_prefill.backend.chunk_cache import SparsePrefillChunkCache
+from sparse_prefill.ops import flashmla_impl
 from sparse_prefill.ops.cache import library as cache_ops
 from sparse_prefill.ops.fp8_sparse_attn import gluon_kernel
 from sparse_prefill.ops.indices import library as index_ops
 from sparse_prefill.ops.sparse_attn import gluon_kernel as attn_gluon
 from sparse_prefill.ops.fp8_sparse_attn import kernel as fp8_kernel
+from sparse_prefill.ops.fp8_sparse_attn import library as fp8_library
 from sparse_prefill.ops.sparse_attn import kernel as attn_kernel
+from sparse_prefill.ops.sparse_attn import library as attn_library
 
 V4, V32 = sp.KVCacheLayout.V4, sp.KVCacheLayout.V32
 CLEAN = (TypeError, ValueError)
@@ -39,23 +42,35 @@ class Launched(Exception):
     """A kernel launch was reached: every check passed."""
 
 
+# Every module that holds or imports a kernel launcher: the ops' kernel and library modules.
+LAUNCHER_MODULES = (attn_kernel, attn_gluon, attn_library, fp8_kernel, gluon_kernel, fp8_library, cache_ops,
+                    index_ops, flashmla_impl)
+LAUNCHER = re.compile(r"\w+_(triton|gluon|gluon_wide|flashmla)$")
+
+
+def launcher_names(module) -> list[str]:
+    """The launchers a module holds: functions named ``*_triton``, ``*_gluon``, ``*_gluon_wide``
+    or ``*_flashmla`` (on CUDA an accepted fuzz call reaches one; with bad data it could fault the
+    GPU, so every one of them, FlashMLA's included, is replaced)."""
+    return [name for name, value in vars(module).items() if LAUNCHER.match(name) and callable(value)]
+
+
 @pytest.fixture(autouse=True)
 def no_launch(monkeypatch):
     def sentinel(*args, **kwargs):
         raise Launched
 
-    for module, name in [
-        (attn_kernel, "sparse_attn_fwd_triton"),
-        (fp8_kernel, "paged_fp8_sparse_attn_triton"),
-        (gluon_kernel, "paged_fp8_sparse_attn_gluon"),
-        (attn_gluon, "sparse_attn_fwd_gluon"),
-        (cache_ops, "store_k_cache_triton"),
-        (cache_ops, "dequantize_k_cache_paged_triton"),
-        (index_ops, "build_swa_token_ids_triton"),
-        (index_ops, "build_workspace_plan_triton"),
-        (index_ops, "combine_topk_swa_indices_triton"),
-    ]:
-        monkeypatch.setattr(module, name, sentinel)
+    for module in LAUNCHER_MODULES:
+        for name in launcher_names(module):
+            monkeypatch.setattr(module, name, sentinel)
+
+
+def test_every_launcher_is_replaced():
+    names = {name for module in LAUNCHER_MODULES for name in launcher_names(module)}
+    assert {"sparse_attn_fwd_triton", "sparse_attn_fwd_gluon", "sparse_attn_fwd_flashmla",
+            "paged_fp8_sparse_attn_triton", "paged_fp8_sparse_attn_gluon", "paged_fp8_sparse_attn_flashmla",
+            "store_k_cache_triton", "dequantize_k_cache_paged_triton", "build_chunk_indices_triton",
+            "build_swa_token_ids_triton", "build_workspace_plan_triton", "combine_topk_swa_indices_triton"} <= names
 
 
 @dataclass
