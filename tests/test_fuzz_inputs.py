@@ -12,6 +12,7 @@ out-of-range scalar, an output whose elements share memory) must be rejected.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 from collections.abc import Callable
@@ -55,14 +56,24 @@ def launcher_names(module) -> list[str]:
     return [name for name, value in vars(module).items() if LAUNCHER.match(name) and callable(value)]
 
 
-@pytest.fixture(autouse=True)
-def no_launch(monkeypatch):
+@pytest.fixture
+def arm(monkeypatch):
+    """Returns ``arm()``: call it once the valid arguments are built (on CUDA building them runs
+    kernels); from then on every launcher raises ``Launched``, and value checks run on the host
+    for CUDA tensors too (by default they are device asserts, which a bad value turns into a
+    failed stream and a dead CUDA context for every later test, not a ValueError to read)."""
     def sentinel(*args, **kwargs):
         raise Launched
 
-    for module in LAUNCHER_MODULES:
-        for name in launcher_names(module):
-            monkeypatch.setattr(module, name, sentinel)
+    with contextlib.ExitStack() as stack:
+        def arm_now():
+            for module in LAUNCHER_MODULES:
+                for name in launcher_names(module):
+                    monkeypatch.setattr(module, name, sentinel)
+            stack.enter_context(sp.value_checks("strict"))
+
+        yield arm_now
+        monkeypatch.undo()  # before value checks go back: nothing patched outlives the test
 
 
 def test_every_launcher_is_replaced():
@@ -464,15 +475,16 @@ MISMATCHES = ("grow", "empty", "device", "rank-", "rank+", "dtype", "int64")
 
 
 @pytest.mark.parametrize("entry_name", list(ENTRIES))
-def test_every_single_bad_argument_is_rejected_cleanly(entry_name, device, request):
+def test_every_single_bad_argument_is_rejected_cleanly(entry_name, device, request, arm):
     entry = ENTRIES[entry_name]
     if entry_name.endswith("gluon") and gluon_kernel.unsupported_reason(device, V4) is not None:
         pytest.skip(f"Gluon kernel: {gluon_kernel.unsupported_reason(device, V4)}")
     if entry.needs_group:
         request.getfixturevalue("one_rank_group")
     base = entry.base(device)
+    arm()
     assert outcome(entry, dict(base)) is None, f"{entry_name}: the valid call was rejected"
-    every_name = [n for k in base for n in arg_names(k)]
+    every_name = [*(n for k in base for n in arg_names(k)), "impl"]
     cases = list(mutations(entry, base, device))
     assert len(cases) >= 3
     for name, what, value, must_reject in cases:
@@ -486,18 +498,19 @@ def test_every_single_bad_argument_is_rejected_cleanly(entry_name, device, reque
         if names_an_argument(message, arg_names(name)):
             continue
         # Only a mismatch between two arguments (sizes, devices, dtypes; the layout against
-        # the cache) may blame the other one of the pair.
+        # the cache; a device against the forced impl) may blame the other one of the pair.
         assert what in MISMATCHES or name == "layout", f"{label}: the message does not name {name}: {message}"
         assert names_an_argument(message, every_name), f"{label}: the message names no argument: {message}"
 
 
-def test_random_pairs_of_bad_arguments(device, one_rank_group):
+def test_random_pairs_of_bad_arguments(device, one_rank_group, arm):
     """Two arguments mutated at once, across all entry points: never anything but a clean error
     naming an argument (or acceptance), in bounded time (a fixed number of draws)."""
     rng = random.Random(17)
     entries = {n: e for n, e in ENTRIES.items() if not n.endswith("gluon") or gluon_kernel.unsupported_reason(device, V4) is None}
     bases = {name: e.base(device) for name, e in entries.items()}
     pools = {name: list(mutations(e, bases[name], device)) for name, e in entries.items()}
+    arm()
     for _ in range(300):
         entry_name = rng.choice([n for n in entries if len({m[0] for m in pools[n]}) > 1])
         entry, base = entries[entry_name], bases[entry_name]
@@ -511,5 +524,5 @@ def test_random_pairs_of_bad_arguments(device, one_rank_group):
             assert not (first[3] or second[3]), f"{label} was accepted"
             continue
         assert isinstance(err, CLEAN), f"{label} raised {type(err).__name__}: {err}"
-        assert names_an_argument(str(err), [n for k in base for n in arg_names(k)]), \
+        assert names_an_argument(str(err), [*(n for k in base for n in arg_names(k)), "impl"]), \
             f"{label}: the message names no argument: {err}"

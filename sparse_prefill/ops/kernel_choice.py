@@ -10,9 +10,9 @@ that completes "impl='<name>' cannot run here: ...", None where it can run.
 Two entry points, both ValueError naming ``impl`` and the reason, before any launch:
 
 - :func:`resolve` runs in the op's Python wrapper: it checks ``impl`` against the device and the
-  shapes and returns the implementation, or "auto" for ``sparse_attn_fwd`` on CUDA (its choice
-  reads data pointers, which ``torch.compile``'s fake tensors lack, so it is made inside the
-  registered torch op: the impl string is part of the op's schema).
+  shapes and returns the implementation, or "auto" on CUDA (the choice reads data pointers,
+  which ``torch.compile``'s fake tensors lack, so it is made inside the registered torch op: the
+  impl string is part of the op's schema).
 - :func:`pick` runs inside the registered op, on real tensors: the data checks, and the final
   ``auto`` choice.
 """
@@ -52,8 +52,8 @@ class Impl:
         name: the ``impl`` string that selects it.
         device_reason: ``(device, shape) -> why it cannot run on device`` (None: it can).
         shape_reason: ``(device, shape) -> why it does not take these shapes`` (None: it does).
-        data_reason: ``(q, kv) -> why it cannot read these tensors`` (None: it can); called
-            inside the torch op (real tensors), for ``sparse_attn_fwd`` only.
+        data_reason: ``(q, kv) -> why it cannot read these tensors`` (None: it can; ``kv`` is
+            the FP8 op's main cache); called inside the torch op (real tensors).
         auto: ``(device, shape) -> whether "auto" takes it`` for CUDA tensors, where it runs
             included (asked in the family's order; None: never). The last entry of a family
             takes every call.
@@ -73,16 +73,14 @@ class Impl:
 
 
 # ---------------------------------------------------------------------------------------------
-# Where "auto" prefers FlashMLA's kernel: (op, h_q, d_qk) -> impl, only the shapes measured
-# faster in the same call on an H200 (benchmarks/RESULTS.md, "H200, 2026-12-02", first table:
-# flash_mla us / our us 0.89-0.97 at h_q 64 / d_qk 512 and h_q 128 / d_qk 512 and 576; ours wins
-# below 64 heads, which FlashMLA must pad). paged_fp8_sparse_attn_fwd has no entry: FlashMLA's
-# FP8 decode kernel took 1.4-2.5x the time of our paths on the same layer stacks ("The backend
-# end to end", same section).
+# Where "auto" prefers FlashMLA's kernel: (op, h_q, d_qk) -> impl, only the shapes where it was
+# measured faster in the same call on an H200 (benchmarks/RESULTS.md, "H200, 2026-12-03": flash_mla
+# us / our us 1.01, 0.99, 0.98 over the three h_q 64 / d_qk 512 rows; ours 0.99-1.04 at h_q 128 /
+# d_qk 512 and 1.05 at 576, and 1.02-1.41 below 64 heads, which FlashMLA must pad).
+# paged_fp8_sparse_attn_fwd has no entry: FlashMLA's FP8 decode kernel took 1.4-2.5x the time of
+# our paths on the same layer stacks (RESULTS.md, "H200, 2026-12-02", the backend end to end).
 AUTO_PREFERS = {
     (SPARSE_ATTN, 64, 512): "flashmla",
-    (SPARSE_ATTN, 128, 512): "flashmla",
-    (SPARSE_ATTN, 128, 576): "flashmla",
 }
 
 _LOGGED: set[str] = set()  # ops whose auto choice of FlashMLA was logged (once per process)
@@ -144,6 +142,12 @@ def _fp8_gluon_reason(device: torch.device, shape: Shape) -> str | None:
     return gluon_kernel.unsupported_reason(device, shape["layout"])
 
 
+def _fp8_gluon_inputs(q: torch.Tensor, cache: torch.Tensor) -> str | None:
+    from sparse_prefill.ops.fp8_sparse_attn import gluon_kernel
+
+    return gluon_kernel.inputs_reason(q, cache)
+
+
 def _fp8_gluon_auto(device: torch.device, shape: Shape) -> bool:
     from sparse_prefill.ops.fp8_sparse_attn import gluon_kernel
 
@@ -160,7 +164,7 @@ SPARSE_ATTN_IMPLS = (
 PAGED_FP8_IMPLS = (
     Impl("reference"),
     Impl("flashmla", flashmla_impl.device_reason, flashmla_impl.decode_shape_reason, ours=False),
-    Impl("gluon", _fp8_gluon_reason, auto=_fp8_gluon_auto),
+    Impl("gluon", _fp8_gluon_reason, data_reason=_fp8_gluon_inputs, auto=_fp8_gluon_auto),
     Impl("triton", _triton_reason, auto=_always),
 )
 FAMILIES: dict[str, tuple[Impl, ...]] = {SPARSE_ATTN: SPARSE_ATTN_IMPLS, PAGED_FP8: PAGED_FP8_IMPLS}
@@ -210,13 +214,11 @@ def first_taker(op: str, device: torch.device, shape: Shape, tensors: tuple[torc
 
 def resolve(op: str, impl: object, device: torch.device, shape: Shape) -> str:
     """``impl`` of a call of ``op`` on ``device`` with ``shape`` -> the implementation to run, or
-    "auto" (``sparse_attn_fwd`` on CUDA: :func:`pick` decides inside the torch op). "auto" on CPU
-    is the PyTorch reference. ValueError naming ``impl`` and the reason where it cannot run."""
+    "auto" (on CUDA: :func:`pick` decides inside the torch op). "auto" on CPU is the PyTorch
+    reference. ValueError naming ``impl`` and the reason where it cannot run."""
     check_name(impl)
     if impl == "auto":
-        if device.type != "cuda":
-            return "reference"
-        return "auto" if op == SPARSE_ATTN else first_taker(op, device, shape)
+        return "auto" if device.type == "cuda" else "reference"
     _raise(impl, _entry(op, impl).reason(device, shape))
     return impl
 
@@ -227,11 +229,20 @@ def sparse_attn_shape(q: torch.Tensor, indices: torch.Tensor) -> dict[str, int]:
     return {"s_q": s_q, "h_q": h_q, "d_qk": d_qk, "topk": indices.shape[-1]}
 
 
-def pick(impl: str, q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor) -> str:
-    """Inside the torch op of ``sparse_attn_fwd``, on real tensors: the resolved ``impl`` once
-    its ``data_reason`` passes (ValueError naming it and the reason where not), or for "auto"
-    the :func:`first_taker`."""
+def paged_fp8_shape(q: torch.Tensor, indices: torch.Tensor, layout: KVCacheLayout, extra: bool,
+                    lengths: bool) -> dict[str, object]:
+    """The call facts of ``paged_fp8_sparse_attn_fwd`` (q [s_q, h_q, d_qk], indices [s_q, topk];
+    ``extra``: an extra scope is given, ``lengths``: either top-k length is)."""
+    s_q, h_q, d_qk = q.shape
+    return {"s_q": s_q, "h_q": h_q, "d_qk": d_qk, "topk": indices.shape[-1], "layout": layout,
+            "extra": extra, "lengths": lengths}
+
+
+def pick(op: str, impl: str, shape: Shape, q: torch.Tensor, kv: torch.Tensor) -> str:
+    """Inside the torch op of ``op``, on real tensors (``kv``: the FP8 op's main cache): the
+    resolved ``impl`` once its ``data_reason`` passes (ValueError naming it and the reason where
+    not), or for "auto" the :func:`first_taker`."""
     if impl == "auto":
-        return first_taker(SPARSE_ATTN, q.device, sparse_attn_shape(q, indices), (q, kv))
-    _raise(impl, _entry(SPARSE_ATTN, impl).data_reason(q, kv))
+        return first_taker(op, q.device, shape, (q, kv))
+    _raise(impl, _entry(op, impl).data_reason(q, kv))
     return impl

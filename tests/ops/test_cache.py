@@ -363,9 +363,18 @@ def _v4_cache(page_size: int = 64, num_pages: int = 2) -> torch.Tensor:
     return torch.zeros(num_pages, KVCacheLayout.V4.page_bytes(page_size), dtype=torch.uint8)
 
 
-def test_bad_inputs_raise_before_writing():
+def on_device(value, device: torch.device):
+    """A tensor moved to ``device`` with its strides (a transposed or sliced view stays one);
+    anything else as it is."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=device).copy_(value)
+
+
+@value_checks("strict")  # on CUDA too, the value checks raise ValueError here
+def test_bad_inputs_raise_before_writing(device):
     L4, L32 = KVCacheLayout.V4, KVCacheLayout.V32
-    cache = _v4_cache()
+    cache = _v4_cache().to(device)
     k = torch.zeros(3, 512, dtype=torch.bfloat16)
     slots = torch.tensor([0, 1, 2])
     bad_store = [
@@ -389,9 +398,9 @@ def test_bad_inputs_raise_before_writing():
     for exc, match, change in bad_store:
         args = dict(cache=cache, k=k, slot_ids=slots, page_size=64, layout=L4, impl="triton") | change
         with pytest.raises(exc, match=match):
-            store_k_cache(**args)
+            store_k_cache(**{name: on_device(value, device) for name, value in args.items()})
         assert bool((cache == 0).all())
-    store_k_cache(cache, k, torch.tensor([-1, -1, 7]), 64)  # padding may repeat
+    store_k_cache(cache, k.to(device), torch.tensor([-1, -1, 7], device=device), 64)  # padding may repeat
 
     ids = torch.tensor([0, 127, -5])
     bad_gather = [
@@ -407,7 +416,7 @@ def test_bad_inputs_raise_before_writing():
     for exc, match, change in bad_gather:
         args = dict(cache=cache, token_ids=ids, page_size=64, layout=L4, out=None, impl="triton") | change
         with pytest.raises(exc, match=match):
-            dequantize_k_cache_paged(**args)
+            dequantize_k_cache_paged(**{name: on_device(value, device) for name, value in args.items()})
 
     with pytest.raises(ValueError, match="page size"):
         quantize_k_cache(torch.zeros(2, 0, 1, 512, dtype=torch.bfloat16))
@@ -429,8 +438,8 @@ def test_value_checks_off_skips_capacity_check(layout, device):
     whole = valid_cache(2 * half, page_size, layout)
     beyond = torch.tensor([half * page_size + 5, 2])
     k = random_k(2, layout)
-    with pytest.raises(ValueError, match="capacity"):
-        dequantize_k_cache_paged(whole[:half], beyond, page_size, layout, impl="triton")
+    with value_checks("strict"), pytest.raises(ValueError, match="capacity"):
+        dequantize_k_cache_paged(whole.to(device)[:half], beyond.to(device), page_size, layout, impl="triton")
     with value_checks(False):
         whole_dev = whole.to(device, copy=True)
         got = dequantize_k_cache_paged(whole_dev[:half], beyond.to(device), page_size, layout, impl="triton")

@@ -260,11 +260,20 @@ def test_kernel_strided_inputs_and_out_buffer(device, impl):
         lengths = strided_copy(scope.lengths, unit_last=False)
         return replace(scope, indices=strided_copy(scope.indices), lengths=lengths)
 
-    strided = Fp8Case(strided_copy(case.q), strided_scope(case.main), strided_scope(case.extra),
-                      strided_copy(case.attn_sink, unit_last=False), V4)
+    def strided(aligned: bool) -> Fp8Case:
+        return Fp8Case(strided_copy(case.q, aligned=aligned), strided_scope(case.main), strided_scope(case.extra),
+                       strided_copy(case.attn_sink, unit_last=False), V4)
+
+    inputs = strided(aligned=False)
+    if impl == "gluon":
+        # An odd q offset or stride: the Gluon kernel refuses it by name, auto takes Triton's.
+        with pytest.raises(ValueError, match="impl='gluon' cannot run here: q must start 16-byte aligned"):
+            paged_fp8_sparse_attn_fwd(*inputs.args(), **inputs.kwargs(), impl=impl)
+        assert_attn_close(paged_fp8_sparse_attn_fwd(*inputs.args(), **inputs.kwargs(), impl="auto"), case.reference())
+        inputs = strided(aligned=True)
     big = torch.full((3, 16, 2 * D_V), float("nan"), dtype=torch.bfloat16, device=device)
     out = big[:, :, D_V:]
-    result = paged_fp8_sparse_attn_fwd(*strided.args(), **strided.kwargs(), out=out, impl=impl)
+    result = paged_fp8_sparse_attn_fwd(*inputs.args(), **inputs.kwargs(), out=out, impl=impl)
     assert result[0] is out
     assert torch.isnan(big[:, :, :D_V]).all(), "wrote outside the out view"
     assert_attn_close(result, case.reference())

@@ -157,9 +157,7 @@ def test_flashmla_input_alignment_rule(width, offset, ok):
 
 def test_auto_table_names_flashmla_only_where_measured_faster():
     assert kernel_choice.auto_prefers(SPARSE_ATTN, shape(h_q=64, d_qk=512)) == "flashmla"
-    assert kernel_choice.auto_prefers(SPARSE_ATTN, shape(h_q=128, d_qk=512)) == "flashmla"
-    assert kernel_choice.auto_prefers(SPARSE_ATTN, shape(h_q=128, d_qk=576)) == "flashmla"
-    for h_q, d_qk in [(64, 576), (32, 512), (16, 512), (8, 576)]:
+    for h_q, d_qk in [(128, 512), (128, 576), (64, 576), (32, 512), (16, 512), (8, 576)]:
         assert kernel_choice.auto_prefers(SPARSE_ATTN, shape(h_q=h_q, d_qk=d_qk)) is None
     for h_q in (64, 128):
         assert kernel_choice.auto_prefers(PAGED_FP8, shape(h_q=h_q)) is None
@@ -181,7 +179,7 @@ def test_auto_takes_flashmla_where_the_table_says_and_logs_once(hopper_with_flas
     assert kernel_choice.first_taker(SPARSE_ATTN, CUDA, shape(), (q, misaligned)) == "triton"
     assert kernel_choice.first_taker(SPARSE_ATTN, CUDA, shape(), (q, kv), ours_only=True) == "triton"
     assert kernel_choice.first_taker(PAGED_FP8, CUDA, shape()) == "triton"
-    assert kernel_choice.resolve(PAGED_FP8, "auto", CUDA, shape()) == "triton"
+    assert kernel_choice.resolve(PAGED_FP8, "auto", CUDA, shape()) == "auto"  # decided inside the op
 
 
 def test_auto_order_of_our_kernels(hopper_with_flash_mla, monkeypatch):
@@ -191,7 +189,7 @@ def test_auto_order_of_our_kernels(hopper_with_flash_mla, monkeypatch):
     monkeypatch.setattr(fp8_gluon, "auto_picks_gluon", lambda device, layout: layout is V4)
     q = torch.zeros(4, 32, 512, dtype=torch.bfloat16)
     kv = torch.zeros(10, 1, 512, dtype=torch.bfloat16)
-    assert kernel_choice.pick("auto", q, kv, torch.zeros(4, 1, 128, dtype=torch.int32)) == "gluon"
+    assert kernel_choice.pick(SPARSE_ATTN, "auto", shape(h_q=32, topk=128, s_q=4), q, kv) == "gluon"
     assert kernel_choice.first_taker(SPARSE_ATTN, CUDA, shape(h_q=8)) == "gluon"  # the few-head kernel
     assert kernel_choice.first_taker(SPARSE_ATTN, CUDA, shape(), ours_only=True) == "gluon"
     assert kernel_choice.first_taker(PAGED_FP8, CUDA, shape()) == "gluon"
@@ -202,12 +200,26 @@ def test_pick_checks_the_data_of_a_named_impl(hopper_with_flash_mla):
     """Inside the op, a named kernel whose data checks fail raises ValueError naming it."""
     q = torch.zeros(4, 64, 512, dtype=torch.bfloat16)
     misaligned = torch.zeros(10 * 512 + 4, dtype=torch.bfloat16)[4:].view(10, 1, 512)
-    indices = torch.zeros(4, 1, 128, dtype=torch.int32)
     for impl, match in [("flashmla", "impl='flashmla' cannot run here: kv must start"),
                         ("gluon", "impl='gluon' cannot run here: kv must start")]:
         with pytest.raises(ValueError, match=match):
-            kernel_choice.pick(impl, q, misaligned, indices)
-    assert kernel_choice.pick("triton", q, misaligned, indices) == "triton"
+            kernel_choice.pick(SPARSE_ATTN, impl, shape(topk=128, s_q=4), q, misaligned)
+    assert kernel_choice.pick(SPARSE_ATTN, "triton", shape(topk=128, s_q=4), q, misaligned) == "triton"
+
+
+def test_fp8_gluon_needs_aligned_q_and_auto_falls_back(hopper_with_flash_mla, monkeypatch):
+    """The FP8 Gluon kernel copies q rows with 16-byte ``cp.async``: a q at an odd offset (or
+    with a row stride not a multiple of 16) is refused by name, and ``auto`` takes Triton."""
+    monkeypatch.setattr(fp8_gluon, "auto_picks_gluon", lambda device, layout: layout is V4)
+    cache = torch.zeros(3, V4.page_bytes(64), dtype=torch.uint8)
+    q = torch.zeros(4, 64, 512, dtype=torch.bfloat16)
+    odd = torch.zeros(4 * 64 * 512 + 3, dtype=torch.bfloat16)[3:].view(4, 64, 512)
+    fp8 = shape(topk=128, s_q=4)
+    assert kernel_choice.pick(PAGED_FP8, "auto", fp8, q, cache) == "gluon"
+    assert kernel_choice.pick(PAGED_FP8, "auto", fp8, odd, cache) == "triton"
+    with pytest.raises(ValueError, match=r"impl='gluon' cannot run here: q must start 16-byte aligned"):
+        kernel_choice.pick(PAGED_FP8, "gluon", fp8, odd, cache)
+    assert kernel_choice.pick(PAGED_FP8, "triton", fp8, odd, cache) == "triton"
 
 
 def test_backend_takes_every_attention_impl(no_flash_mla):
@@ -228,7 +240,7 @@ def test_backend_takes_every_attention_impl(no_flash_mla):
 def test_benchmarks_time_our_kernel_even_where_auto_takes_flashmla(hopper_with_flash_mla, monkeypatch):
     from sparse_prefill.bench.common import own_attn_impl
 
-    assert own_attn_impl(CUDA, 64) == "triton" and own_attn_impl(CUDA, 128, 576) == "triton"
+    assert own_attn_impl(CUDA, 64) == "triton" and own_attn_impl(CUDA, 128, 576) == "auto"
     monkeypatch.setattr(attn_gluon, "auto_picks_gluon", lambda device, h_q: True)
     assert own_attn_impl(CUDA, 64) == "gluon"
     assert own_attn_impl(CUDA, 32) == "auto"  # auto never takes FlashMLA there

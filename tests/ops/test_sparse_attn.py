@@ -113,15 +113,18 @@ def make_case(
     return Case(q, kv, idx[:, None, :].contiguous(), SM_SCALE, attn_sink, topk_length)
 
 
-def strided_copy(t: torch.Tensor | None, unit_last: bool = True) -> torch.Tensor | None:
-    """The same values in a non-contiguous view with an odd storage offset: every dim strided by
-    2 (the last by 1 when ``unit_last``), inside a NaN/-1 filled buffer."""
+def strided_copy(t: torch.Tensor | None, unit_last: bool = True, aligned: bool = False) -> torch.Tensor | None:
+    """The same values in a non-contiguous view inside a NaN/-1 filled buffer: every dim strided
+    by 2 (the last by 1 when ``unit_last``), at an odd storage offset, or with ``aligned`` (and a
+    last dim a multiple of 16) at a 16-element offset with strides multiples of 16 (what the
+    Gluon kernels' 16-byte copies need)."""
     if t is None:
         return None
     pad = float("nan") if t.is_floating_point() else -1
     if unit_last:
-        big = torch.full([2 * n for n in t.shape[:-1]] + [t.shape[-1] + 7], pad, dtype=t.dtype, device=t.device)
-        view = big[tuple(slice(None, None, 2) for _ in t.shape[:-1]) + (slice(3, 3 + t.shape[-1]),)]
+        start = 16 if aligned else 3
+        big = torch.full([2 * n for n in t.shape[:-1]] + [t.shape[-1] + 2 * start], pad, dtype=t.dtype, device=t.device)
+        view = big[tuple(slice(None, None, 2) for _ in t.shape[:-1]) + (slice(start, start + t.shape[-1]),)]
     else:
         big = torch.full([2 * n + 1 for n in t.shape], pad, dtype=t.dtype, device=t.device)
         view = big[tuple(slice(1, None, 2) for _ in t.shape)]
@@ -129,10 +132,10 @@ def strided_copy(t: torch.Tensor | None, unit_last: bool = True) -> torch.Tensor
     return view
 
 
-def strided_case(case: Case) -> Case:
+def strided_case(case: Case, aligned: bool = False) -> Case:
     return Case(
-        strided_copy(case.q), strided_copy(case.kv), strided_copy(case.indices), case.sm_scale,
-        strided_copy(case.attn_sink, unit_last=False), strided_copy(case.topk_length, unit_last=False),
+        strided_copy(case.q, aligned=aligned), strided_copy(case.kv, aligned=aligned), strided_copy(case.indices),
+        case.sm_scale, strided_copy(case.attn_sink, unit_last=False), strided_copy(case.topk_length, unit_last=False),
     )
 
 
@@ -310,14 +313,21 @@ def test_kernel_special_rows(device, impl):
 def test_kernel_strided_inputs_and_out_buffer(device, impl):
     skip_unless_runs(impl, device)
     case = make_case(3, 120, 16, 576, 40, device)
+    ref = sparse_attn_fwd_naive(*case.args())
     strided = strided_case(case)
     assert not any(t.is_contiguous() for t in (strided.q, strided.kv, strided.indices, strided.topk_length))
+    if impl == "gluon":
+        # Odd offsets and strides: the Gluon kernel refuses them by name, auto takes Triton's.
+        with pytest.raises(ValueError, match="impl='gluon' cannot run here: q must start 16-byte aligned"):
+            sparse_attn_fwd(*strided.args(), impl=impl)
+        assert_attn_close(sparse_attn_fwd(*strided.args(), impl="auto"), ref)
+        strided = strided_case(case, aligned=True)
     big = torch.full((3, 16, 2 * D_V), float("nan"), dtype=torch.bfloat16, device=device)
     out = big[:, :, D_V:]
     result = sparse_attn_fwd(*strided.args(), out=out, impl=impl)
     assert result[0] is out
     assert torch.isnan(big[:, :, :D_V]).all(), "wrote outside the out view"
-    assert_attn_close(result, sparse_attn_fwd_naive(*case.args()))
+    assert_attn_close(result, ref)
 
 
 @pytest.mark.parametrize("impl", ["reference", *KERNELS])

@@ -140,8 +140,8 @@ def paged_fp8_sparse_attn_fwd(
     topk_length = check_lengths("topk_length", topk_length, s_q, topk, device)
     if extra_indices is not None:
         extra_topk_length = check_lengths("extra_topk_length", extra_topk_length, s_q, extra_topk, device)
-    shape = {"s_q": s_q, "h_q": h_q, "d_qk": layout.dim, "topk": topk, "layout": layout,
-             "extra": extra_cache is not None, "lengths": topk_length is not None or extra_topk_length is not None}
+    lengths = topk_length is not None or extra_topk_length is not None
+    shape = kernel_choice.paged_fp8_shape(q, indices, layout, extra_cache is not None, lengths)
     impl = kernel_choice.resolve(kernel_choice.PAGED_FP8, impl, device, shape)
     out, max_logits, lse = prepare_outputs(
         out, s_q, h_q, d_v, device, q=q, cache=cache, indices=indices, extra_cache=extra_cache,

@@ -86,6 +86,23 @@ def unsupported_reason(device: torch.device, layout: KVCacheLayout) -> str | Non
     return hopper_reason(device)
 
 
+def alignment_reason(*tensors: tuple[str, torch.Tensor, int]) -> str | None:
+    """Why the Gluon kernels' 16-byte copies cannot read these tensors (None if they can): each
+    ``(name, tensor, dims)`` must start 16-byte aligned with its first ``dims`` strides multiples
+    of 16 elements (what Triton's argument specialization proves alignment from)."""
+    for name, t, dims in tensors:
+        strides = t.stride()[:dims]
+        if t.data_ptr() % 16 or any(st % 16 for st in strides):
+            return f"{name} must start 16-byte aligned with strides {tuple(strides)} multiples of 16"
+    return None
+
+
+def inputs_reason(q: torch.Tensor, cache: torch.Tensor) -> str | None:
+    """Why this kernel cannot read ``q`` / ``cache`` (None if it can): its ``cp.async`` copies of
+    q rows need them 16-byte aligned, and its gathers a cache that starts so."""
+    return alignment_reason(("q", q, 2), ("cache", cache, 0))
+
+
 # Ops whose fallback warning was given (once per process, not per device).
 _WARNED: set[str] = set()
 

@@ -1,13 +1,14 @@
 """``paged_fp8_sparse_attn_fwd`` as a registered torch op (``ops/registry.py``). It takes
 validated arguments (``ops/fp8_sparse_attn/__init__.py`` checks them), the resolved ``impl``
-("gluon", "triton", "flashmla" or "reference": ``kernel_choice.resolve``), ``layout`` as the ``KVCacheLayout`` member's name and the
-preallocated outputs, which it writes (declared mutated)."""
+("auto" on CUDA: ``kernel_choice.pick`` decides here, from the real tensors), ``layout`` as the
+``KVCacheLayout`` member's name and the preallocated outputs, which it writes (declared mutated)."""
 
 from __future__ import annotations
 
 import torch
 
 from sparse_prefill.layout import KVCacheLayout
+from sparse_prefill.ops import kernel_choice
 from sparse_prefill.ops.flashmla_impl import paged_fp8_sparse_attn_flashmla
 from sparse_prefill.ops.fp8_sparse_attn.naive import paged_fp8_sparse_attn_fwd_naive
 from sparse_prefill.ops.registry import define_op, writes_only
@@ -42,6 +43,9 @@ def _paged_fp8_sparse_attn_fwd(
         )
         write_reference(reference, out, max_logits, lse)
         return
+    lengths = topk_length is not None or extra_topk_length is not None
+    shape = kernel_choice.paged_fp8_shape(q, indices, kv_layout, extra_cache is not None, lengths)
+    impl = kernel_choice.pick(kernel_choice.PAGED_FP8, impl, shape, q, cache)
     scopes = (q, cache, indices, page_size, extra_cache, extra_indices, extra_page_size, topk_length,
               extra_topk_length, sm_scale, attn_sink)
     if impl == "gluon":

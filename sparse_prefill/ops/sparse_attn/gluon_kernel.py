@@ -27,7 +27,7 @@ import functools
 import torch
 
 from sparse_prefill._utils import cdiv
-from sparse_prefill.ops.fp8_sparse_attn.gluon_kernel import GLUON_IMPORTED, auto_decision, hopper_reason
+from sparse_prefill.ops.fp8_sparse_attn.gluon_kernel import GLUON_IMPORTED, alignment_reason, auto_decision, hopper_reason
 
 # Registers per thread of math group 1 and the producer; math group 0 gets the rest of the 504
 # Triton shares among three warp groups: 216 / 232 / 56, the smallest producer budget measured
@@ -54,10 +54,7 @@ def inputs_reason(q: torch.Tensor, kv: torch.Tensor) -> str | None:
     """Why the kernel's 16-byte copies cannot read ``q`` / ``kv`` (None if they can): each must
     start 16-byte aligned with row strides that are multiples of 16 elements (what Triton's
     argument specialization proves alignment from)."""
-    for name, t, strides in (("q", q, q.stride()[:2]), ("kv", kv, kv.stride()[:1])):
-        if t.data_ptr() % 16 or any(st % 16 for st in strides):
-            return f"{name} must start 16-byte aligned with strides {tuple(strides)} multiples of 16"
-    return None
+    return alignment_reason(("q", q, 2), ("kv", kv, 1))
 
 
 @functools.lru_cache(maxsize=None)

@@ -42,7 +42,7 @@ def _sparse_attn_fwd(
         reference = sparse_attn_fwd_naive(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
         write_reference(reference, out, max_logits, lse)
         return
-    impl = kernel_choice.pick(impl, q, kv, indices)
+    impl = kernel_choice.pick(kernel_choice.SPARSE_ATTN, impl, kernel_choice.sparse_attn_shape(q, indices), q, kv)
     if impl == "flashmla":
         sparse_attn_fwd_flashmla(q, kv, indices, sm_scale, attn_sink, topk_length, out, max_logits, lse)
         return
