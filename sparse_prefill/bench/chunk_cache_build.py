@@ -8,8 +8,13 @@ are then checked against the length tensors on the device):
 
 * ``build us``: the median of ``triton.testing.do_bench`` (CUDA-event time of back-to-back
   calls: the host's time when its Python and launches take longer than the GPU's work);
+* ``host us``: the host's time per call (``time.perf_counter`` over back-to-back calls, no
+  sync inside: what the Python, the dispatcher and the launches cost, whatever the GPU does);
 * ``launches``: kernels, copies and memsets the call puts on the GPU (``torch.profiler``);
 * ``device us``: their summed GPU time.
+
+Under the table, the host profile of the last case's build with checks off (``cProfile``, the
+functions with the most time of their own): where the host time goes.
 
 Prints markdown; ``--out DIR`` also writes DIR/chunk_cache_build.md and .json. Exits 2 without
 CUDA (``--smoke`` runs tiny shapes on any device, to check the script itself; no launch counts).
@@ -20,7 +25,11 @@ CUDA (``--smoke`` runs tiny shapes on any device, to check the script itself; no
 
 from __future__ import annotations
 
+import cProfile
+import io
+import pstats
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -54,24 +63,66 @@ def device_work(fn: Callable[[], object]) -> tuple[int | None, float | None]:
     return len(gpu), sum(e.time_range.elapsed_us() for e in gpu)
 
 
-def run_case(h_q: int, topk: int, chunk: int, prefix: int, device: torch.device) -> dict:
+HOST_CALLS = 50
+PROFILE_LINES = 15
+
+
+def host_us(fn: Callable[[], object], calls: int = HOST_CALLS) -> float:
+    """Host time per call of ``fn`` over ``calls`` back-to-back calls (after a warm-up call),
+    with no sync inside the timed loop."""
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def host_profile(fn: Callable[[], object], calls: int = HOST_CALLS, lines: int = PROFILE_LINES) -> str:
+    """``cProfile`` of ``calls`` calls of ``fn``: the ``lines`` functions with the most time of
+    their own, as pstats prints them."""
+    fn()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).strip_dirs().sort_stats("tottime").print_stats(lines)
+    return text.getvalue().strip()
+
+
+def run_case(h_q: int, topk: int, chunk: int, prefix: int, device: torch.device) -> tuple[dict, str]:
+    """The case's row, and the host profile of its build with checks off."""
     pipe = ChunkCachePipeline(case_batch(h_q, topk, chunk, prefix, device, layers=()), ours_kernel)
     row = dict(h_q=h_q, topk=topk, chunk=chunk, prefix=prefix)
     for suffix, checks in (("", False), ("_checked", True)):
         with value_checks(checks):
             row[f"build_us{suffix}"] = median_us(pipe.begin)
+            row[f"host_us{suffix}"] = host_us(pipe.begin)
             row[f"launches{suffix}"], row[f"device_us{suffix}"] = device_work(pipe.begin)
-    return row
+    with value_checks(False):
+        profile = host_profile(pipe.begin)
+    return row, profile
 
 
-def markdown(rows: list[dict]) -> str:
-    columns = ["h_q/topk", "chunk", "prefix", "build us", "launches", "device us",
-               "build us (checks on)", "launches (checks on)", "device us (checks on)"]
-    cells = [[f"{r['h_q']}/{r['topk']}", r["chunk"], r["prefix"], fmt(r["build_us"]), fmt(r["launches"], "d"),
-              fmt(r["device_us"]), fmt(r["build_us_checked"]), fmt(r["launches_checked"], "d"),
-              fmt(r["device_us_checked"])]
+def markdown(rows: list[dict], profile: str) -> str:
+    columns = ["h_q/topk", "chunk", "prefix", "build us", "host us", "launches", "device us",
+               "build us (checks on)", "host us (checks on)", "launches (checks on)", "device us (checks on)"]
+    cells = [[f"{r['h_q']}/{r['topk']}", r["chunk"], r["prefix"], fmt(r["build_us"]), fmt(r["host_us"]),
+              fmt(r["launches"], "d"), fmt(r["device_us"]), fmt(r["build_us_checked"]), fmt(r["host_us_checked"]),
+              fmt(r["launches_checked"], "d"), fmt(r["device_us_checked"])]
              for r in rows]
-    return "\n".join(["Median us of do_bench.", "", *markdown_table(columns, cells), ""])
+    last = rows[-1]
+    return "\n".join([
+        "Median us of do_bench; host us: per call on the host, no sync.", "", *markdown_table(columns, cells), "",
+        f"Host profile, {last['h_q']}/{last['topk']} chunk {last['chunk']} prefix {last['prefix']}, checks off "
+        f"({HOST_CALLS} builds):", "", "```", profile, "```", "",
+    ])
 
 
 def run(
@@ -83,9 +134,16 @@ def run(
     if smoke:
         shapes, chunks, prefixes = [(4, 16)], [64], [0, 300]
     progress.section("chunk_cache_build", len(shapes) * len(chunks) * len(prefixes))
-    rows = each_case(shapes, chunks, prefixes, progress, lambda h, k, c, p: run_case(h, k, c, p, device))
+    profiles = []
+
+    def case(h_q: int, topk: int, chunk: int, prefix: int) -> dict:
+        row, profile = run_case(h_q, topk, chunk, prefix, device)
+        profiles.append(profile)
+        return row
+
+    rows = each_case(shapes, chunks, prefixes, progress, case)
     return BenchResult("chunk_cache_build", "The per-forward chunk-cache build (begin_forward, sparse path)",
-                       markdown(rows), rows)
+                       markdown(rows, profiles[-1]), rows, {"host_profile": profiles[-1]})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,6 +14,11 @@ Steps (default ``tests bench``), each writing its whole output under ``$OUT`` (d
   into ``OUT/b<chunks>``, ``$BACKEND_S`` seconds (420); ``OUT/b<chunks>/backend.log``.
 * ``suite``: ``pytest -n $XDIST -m gpu $SUITE_PATHS`` (defaults 8, ``tests``), ``$SUITE_S`` seconds
   (500); ``OUT/gpu_suite.log``.
+* ``fixture``: the device-fixture pass, the tests that are not marked ``gpu`` (they take the
+  ``device`` fixture, i.e. run the kernels on CUDA here): ``pytest -n $XDIST -m "not gpu"
+  $SUITE_PATHS``, ``$FIXTURE_S`` seconds (400); ``OUT/fixture_tests.log``.
+* ``chunkcache``: ``sparse_prefill.bench.chunk_cache_build --out $OUT``, ``$CHUNKCACHE_S`` seconds
+  (200); ``OUT/chunk_cache_build.log``.
 * ``ncu``: per kernel of ``$NCU_KERNELS`` (default ``gluon flash_mla``), Nsight Compute on the
   second launch of ``sparse_prefill.bench.profile_sparse_attn --kernel K $NCU_ARGS``, 200 s
   each; ``OUT/ncu_K.txt``, of which the stall, throughput and hit-rate lines are printed.
@@ -96,6 +101,12 @@ def plan(env: Mapping[str, str], python: str = sys.executable) -> list[Step]:
         elif name == "suite":
             argv = (*pytest, "-n", knob(env, "XDIST", "8"), *shlex.split(knob(env, "SUITE_PATHS", "tests")))
             steps.append(Step(name, argv, float(knob(env, "SUITE_S", "500")), f"{out}/gpu_suite.log", 30))
+        elif name == "fixture":
+            argv = (*pytest[:-1], "not gpu", "-n", knob(env, "XDIST", "8"), *shlex.split(knob(env, "SUITE_PATHS", "tests")))
+            steps.append(Step(name, argv, float(knob(env, "FIXTURE_S", "400")), f"{out}/fixture_tests.log", 30))
+        elif name == "chunkcache":
+            argv = (python, "-m", "sparse_prefill.bench.chunk_cache_build", "--out", out)
+            steps.append(Step(name, argv, float(knob(env, "CHUNKCACHE_S", "200")), f"{out}/chunk_cache_build.log", 30))
         elif name == "ncu":
             for kernel in knob(env, "NCU_KERNELS", "gluon flash_mla").split():
                 if kernel not in NCU_KERNEL_NAMES:
@@ -107,7 +118,7 @@ def plan(env: Mapping[str, str], python: str = sys.executable) -> list[Step]:
                         *shlex.split(knob(env, "NCU_ARGS", "")))
                 steps.append(Step(f"ncu {kernel}", argv, NCU_S, f"{out}/ncu_{kernel}.txt", 40, NCU_SUMMARY))
         else:
-            raise ValueError(f"STEPS: unknown step {name!r}; expected tests, bench, ncu, suite or backend<chunks>")
+            raise ValueError(f"STEPS: unknown step {name!r}; expected tests, bench, ncu, suite, fixture, chunkcache or backend<chunks>")
     return steps
 
 

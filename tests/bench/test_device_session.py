@@ -48,6 +48,11 @@ def test_knobs():
     assert ncu.argv[-5:] == ("--kernel", "triton", "--h-q", "128", "BLOCK_N=32")
     assert steps["tests"].argv[-1] == "fp8" and steps["tests"].timeout_s == 7
     assert steps["bench"].argv[-3:] == ("--quick", "--d-qk", "576") and steps["bench"].timeout_s == 6
+    fixture = by_name(ds.plan(dict(STEPS="fixture chunkcache", XDIST="3", FIXTURE_S="5"), python="py"))
+    assert fixture["fixture"].argv[-4:] == ("not gpu", "-n", "3", "tests") and fixture["fixture"].timeout_s == 5
+    assert fixture["fixture"].argv[fixture["fixture"].argv.index("-m", 3) + 1] == "not gpu"
+    assert fixture["fixture"].log == "/tmp/out/fixture_tests.log"
+    assert fixture["chunkcache"].argv == ("py", "-m", "sparse_prefill.bench.chunk_cache_build", "--out", "/tmp/out")
     # Empty knobs mean their defaults, as ${NAME:-default} does.
     assert by_name(ds.plan(dict(STEPS="", TEST_K=""), python="py"))["tests"].argv[-1] == "gluon"
 
@@ -63,7 +68,7 @@ def test_unknown_steps_are_refused_before_anything_runs(env, message):
 
 
 def test_every_module_and_path_it_names_exists():
-    env = dict(STEPS="tests bench backend8192 suite ncu", NCU_KERNELS=" ".join(ds.NCU_KERNEL_NAMES))
+    env = dict(STEPS="tests bench backend8192 suite fixture chunkcache ncu", NCU_KERNELS=" ".join(ds.NCU_KERNEL_NAMES))
     for step in ds.plan(env, python="py"):
         argv = step.argv[step.argv.index("py"):] if "py" in step.argv else step.argv
         if argv[1] == "-m":

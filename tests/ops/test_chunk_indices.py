@@ -146,5 +146,7 @@ def test_bench_smoke():
 
     result = chunk_cache_build.run(smoke=True)
     assert [(r["chunk"], r["prefix"]) for r in result.rows] == [(64, 0), (64, 300)]
-    assert all(r["build_us"] > 0 and r["build_us_checked"] > 0 for r in result.rows)
-    assert "| h_q/topk | chunk | prefix | build us | launches |" in result.markdown
+    assert all(r[k] > 0 for r in result.rows for k in ("build_us", "build_us_checked", "host_us", "host_us_checked"))
+    assert "| h_q/topk | chunk | prefix | build us | host us | launches |" in result.markdown
+    assert "chunk_cache.py" in result.extra["host_profile"]  # the build's own functions are in it
+    assert result.extra["host_profile"] in result.markdown

@@ -556,6 +556,18 @@ def test_gpu_tensor_parallel_heads(h_q, kernel):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d_qk", [512, 576])
+@pytest.mark.parametrize("h_q", [3, 16])
+@pytest.mark.parametrize("producer_warps", [2, 8])
+def test_gpu_few_head_kernel_producer_warps(producer_warps, h_q, d_qk):
+    """The few-head kernel's producer at other widths (a tuning knob bench.few_heads times):
+    its copy layout and its barriers' arrival counts follow the warp count."""
+    case = make_case(300, 5000, h_q, d_qk, 300, "cuda")
+    got = run_launcher(case, "gluon", PRODUCER_WARPS=producer_warps)
+    assert_attn_close(got, sparse_attn_fwd_naive(*case.args()))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("h_q,d_qk,topk", [(64, 576, 64), (16, 512, 100), (128, 512, 130)])
 def test_gpu_long_sq(h_q, d_qk, topk, kernel):

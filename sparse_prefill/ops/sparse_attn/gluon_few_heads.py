@@ -7,7 +7,7 @@ heads along N instead: ``S^T = K Q^T`` ([64 keys, HN heads]) and ``O^T += V^T P^
 dims, HN]), HN = h_q rounded up to 16 or 32. The tensor cores then do little, and the kernel's
 speed is that of the KV gather:
 
-- the producer (4 warps) loads each token's Q and gathers each block of 64 KV rows by index
+- the producer (``PRODUCER_WARPS``) loads each token's Q and gathers each block of 64 KV rows by index
   with ``cp.async`` into a ring of ``STAGES`` shared-memory stages (three at d_qk 512), each
   completing its own mbarrier;
 - the math group (the default 4 warps) runs the online softmax of each block and queues the next
@@ -28,9 +28,9 @@ from sparse_prefill.ops.fp8_sparse_attn.gluon_kernel import GLUON_IMPORTED
 
 # Heads this kernel takes (HN 16 or 32 columns of N).
 MAX_HEADS = 32
-# Producer registers per thread (the math group gets the rest) and Q buffers: one measured as
-# fast as two (benchmarks/NOTES.md), and its 16-32 KB go to a third KV stage.
-DEFAULT_TUNING = {"Q_BUFS": 1, "PRODUCER_REGS": 80}
+# Producer warps and registers per thread (the math group gets the rest) and Q buffers: one
+# measured as fast as two (benchmarks/NOTES.md), and its 16-32 KB go to a third KV stage.
+DEFAULT_TUNING = {"Q_BUFS": 1, "PRODUCER_WARPS": 4, "PRODUCER_REGS": 80}
 
 
 def kv_stages(d_qk: int) -> int:
@@ -84,9 +84,9 @@ if GLUON_IMPORTED:
     def _producer(q_smem, qt_smem, k_smem, kt_smem, bars, q_ptr, stride_q_s, stride_q_h, h_q,
                   kv_ptr, stride_kv_s, s_kv, idx_ptr, stride_i_s, topk, topk_len_ptr, s_q,
                   HN: gl.constexpr, STAGES: gl.constexpr, Q_BUFS: gl.constexpr, D_TAIL: gl.constexpr,
-                  HAS_TOPK_LEN: gl.constexpr):
+                  HAS_TOPK_LEN: gl.constexpr, PW: gl.constexpr):
         # A warp covers 4 rows x 64 dims: 16-byte copies, each row's 128 bytes one cache line.
-        cp_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        cp_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [PW, 1], [1, 0])
         offs_r = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, cp_l))
         offs_c = gl.arange(0, 64, layout=gl.SliceLayout(0, cp_l))
         offs_h = gl.arange(0, HN, layout=gl.SliceLayout(1, cp_l))
@@ -239,7 +239,7 @@ if GLUON_IMPORTED:
         s_kv, h_q, topk, qk_scale_log2,
         stride_q_s, stride_q_h, stride_kv_s, stride_i_s, stride_o_s, stride_o_h, stride_ml_s, s_q,
         HN: gl.constexpr, D_TAIL: gl.constexpr, HAS_SINK: gl.constexpr, HAS_TOPK_LEN: gl.constexpr,
-        STAGES: gl.constexpr, Q_BUFS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+        STAGES: gl.constexpr, Q_BUFS: gl.constexpr, PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
     ):
         nvmma: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         q_smem = gl.allocate_shared_memory(gl.bfloat16, [Q_BUFS, HN, 512], nvmma)
@@ -252,13 +252,13 @@ if GLUON_IMPORTED:
             qt_smem = q_smem  # unused without a tail
             kt_smem = k_smem
         bars = gl.allocate_shared_memory(gl.int64, [4 + 2 * STAGES, 1], mbarrier.MBarrierLayout())
-        # cp.async arrivals come from each of the producer's 128 threads, the rest from the math
+        # cp.async arrivals come from each of the producer's threads, the rest from the math
         # group (one elected thread).
         for i in gl.static_range(2):
-            mbarrier.init(bars.index(i), count=128)
+            mbarrier.init(bars.index(i), count=32 * PRODUCER_WARPS)
             mbarrier.init(bars.index(2 + i), count=1)
         for i in gl.static_range(STAGES):
-            mbarrier.init(bars.index(4 + i), count=128)
+            mbarrier.init(bars.index(4 + i), count=32 * PRODUCER_WARPS)
             mbarrier.init(bars.index(4 + STAGES + i), count=1)
         gl.warp_specialize([
             (_math, (q_smem, qt_smem, k_smem, kt_smem, p_smem, bars, qk_scale_log2, idx_ptr, stride_i_s, s_kv,
@@ -266,8 +266,8 @@ if GLUON_IMPORTED:
                      topk_len_ptr, s_q, HN, STAGES, Q_BUFS, D_TAIL, HAS_TOPK_LEN, HAS_SINK)),
             (_producer, (q_smem, qt_smem, k_smem, kt_smem, bars, q_ptr, stride_q_s, stride_q_h, h_q,
                          kv_ptr, stride_kv_s, s_kv, idx_ptr, stride_i_s, topk, topk_len_ptr, s_q,
-                         HN, STAGES, Q_BUFS, D_TAIL, HAS_TOPK_LEN)),
-        ], [4], [PRODUCER_REGS])
+                         HN, STAGES, Q_BUFS, D_TAIL, HAS_TOPK_LEN, PRODUCER_WARPS)),
+        ], [PRODUCER_WARPS], [PRODUCER_REGS])
 
 
 def sparse_attn_fwd_gluon_few_heads(
