@@ -557,14 +557,15 @@ def test_gpu_tensor_parallel_heads(h_q, kernel):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d_qk", [512, 576])
-@pytest.mark.parametrize("h_q", [3, 16])
-@pytest.mark.parametrize("producer_warps", [2, 8])
-def test_gpu_few_head_kernel_producer_warps(producer_warps, h_q, d_qk):
-    """The few-head kernel's producer at other widths (a tuning knob bench.few_heads times):
-    its copy layout and its barriers' arrival counts follow the warp count."""
+@pytest.mark.parametrize("h_q", [3, 9, 16])
+@pytest.mark.parametrize("tuning", [{"PRODUCER_WARPS": 2}, {"PRODUCER_WARPS": 8}, {"MATH_GROUPS": 2}],
+                         ids=["2 producer warps", "8 producer warps", "2 math groups"])
+def test_gpu_few_head_kernel_variants(tuning, h_q, d_qk):
+    """The few-head kernel's tuning variants that bench.few_heads times: the producer's copy
+    layout and its barriers' arrival counts follow its warp count; with two math groups each
+    takes half the heads (h_q 3: the second group's heads are all masked)."""
     case = make_case(300, 5000, h_q, d_qk, 300, "cuda")
-    got = run_launcher(case, "gluon", PRODUCER_WARPS=producer_warps)
-    assert_attn_close(got, sparse_attn_fwd_naive(*case.args()))
+    assert_attn_close(run_launcher(case, "gluon", **tuning), sparse_attn_fwd_naive(*case.args()))
 
 
 @pytest.mark.gpu
