@@ -19,6 +19,9 @@ Steps (default ``tests bench``), each writing its whole output under ``$OUT`` (d
   $SUITE_PATHS``, ``$FIXTURE_S`` seconds (400); ``OUT/fixture_tests.log``.
 * ``chunkcache``: ``sparse_prefill.bench.chunk_cache_build --out $OUT``, ``$CHUNKCACHE_S`` seconds
   (200); ``OUT/chunk_cache_build.log``.
+* ``fewheads``: ``sparse_prefill.bench.few_heads --out $OUT`` (every few-head variant beside
+  FlashMLA padded to 64 heads and the gather floor), ``$FEWHEADS_S`` seconds (300);
+  ``OUT/few_heads.log``.
 * ``ncu``: per kernel of ``$NCU_KERNELS`` (default ``gluon flash_mla``), Nsight Compute on the
   second launch of ``sparse_prefill.bench.profile_sparse_attn --kernel K $NCU_ARGS``, 200 s
   each; ``OUT/ncu_K.txt``, of which the stall, throughput and hit-rate lines are printed.
@@ -107,6 +110,9 @@ def plan(env: Mapping[str, str], python: str = sys.executable) -> list[Step]:
         elif name == "chunkcache":
             argv = (python, "-m", "sparse_prefill.bench.chunk_cache_build", "--out", out)
             steps.append(Step(name, argv, float(knob(env, "CHUNKCACHE_S", "200")), f"{out}/chunk_cache_build.log", 30))
+        elif name == "fewheads":
+            argv = (python, "-m", "sparse_prefill.bench.few_heads", "--out", out)
+            steps.append(Step(name, argv, float(knob(env, "FEWHEADS_S", "300")), f"{out}/few_heads.log", 40))
         elif name == "ncu":
             for kernel in knob(env, "NCU_KERNELS", "gluon flash_mla").split():
                 if kernel not in NCU_KERNEL_NAMES:
@@ -118,7 +124,7 @@ def plan(env: Mapping[str, str], python: str = sys.executable) -> list[Step]:
                         *shlex.split(knob(env, "NCU_ARGS", "")))
                 steps.append(Step(f"ncu {kernel}", argv, NCU_S, f"{out}/ncu_{kernel}.txt", 40, NCU_SUMMARY))
         else:
-            raise ValueError(f"STEPS: unknown step {name!r}; expected tests, bench, ncu, suite, fixture, chunkcache or backend<chunks>")
+            raise ValueError(f"STEPS: unknown step {name!r}; expected tests, bench, ncu, suite, fixture, chunkcache, fewheads or backend<chunks>")
     return steps
 
 

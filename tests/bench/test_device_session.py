@@ -53,6 +53,8 @@ def test_knobs():
     assert fixture["fixture"].argv[fixture["fixture"].argv.index("-m", 3) + 1] == "not gpu"
     assert fixture["fixture"].log == "/tmp/out/fixture_tests.log"
     assert fixture["chunkcache"].argv == ("py", "-m", "sparse_prefill.bench.chunk_cache_build", "--out", "/tmp/out")
+    few = by_name(ds.plan(dict(STEPS="fewheads", FEWHEADS_S="4"), python="py"))["fewheads"]
+    assert few.argv == ("py", "-m", "sparse_prefill.bench.few_heads", "--out", "/tmp/out") and few.timeout_s == 4
     # Empty knobs mean their defaults, as ${NAME:-default} does.
     assert by_name(ds.plan(dict(STEPS="", TEST_K=""), python="py"))["tests"].argv[-1] == "gluon"
 
@@ -68,7 +70,7 @@ def test_unknown_steps_are_refused_before_anything_runs(env, message):
 
 
 def test_every_module_and_path_it_names_exists():
-    env = dict(STEPS="tests bench backend8192 suite fixture chunkcache ncu", NCU_KERNELS=" ".join(ds.NCU_KERNEL_NAMES))
+    env = dict(STEPS="tests bench backend8192 suite fixture chunkcache fewheads ncu", NCU_KERNELS=" ".join(ds.NCU_KERNEL_NAMES))
     for step in ds.plan(env, python="py"):
         argv = step.argv[step.argv.index("py"):] if "py" in step.argv else step.argv
         if argv[1] == "-m":
