@@ -25,7 +25,10 @@ beside it; ``--config`` variants tune that same kernel. Next to it, for the rout
 our ``sparse_attn_fwd`` (the kernel auto picks) on a bf16 workspace holding the same tokens (combined rows of width
 topk + 128, dequantize step not included, like ANCHORS' "sparse_fwd" column).
 
-When ``flash_mla`` imports, ``flash_mla_sparse_fwd`` is timed on the same inputs as ours.
+When ``flash_mla`` imports, ``flash_mla_sparse_fwd`` is timed on the same inputs as ours. The
+"public op us" column times the default row's kernel through ``sparse_attn_fwd`` itself (argument
+checks, the registered torch op, the default value checks) in the same rounds: the wrapper's
+cost on top of the launch.
 Every timing is the median of ``triton.testing.do_bench``; on the sparse_attn_fwd rows, FlashMLA
 and both of our kernels are timed in turn, ``ROUNDS`` times each, and each reports the median of
 its rounds (a kernel's time drifts by several percent within one run). Each row is also checked against the
@@ -208,13 +211,14 @@ def fp8_cases(quick: bool) -> list[tuple]:
 
 
 def bench_sparse(report: Report, variants: list[dict], quick: bool, flash_mla, progress: Progress) -> None:
-    from sparse_prefill.ops.sparse_attn import gluon_kernel
+    from sparse_prefill.ops.sparse_attn import gluon_kernel, sparse_attn_fwd
     from sparse_prefill.ops.sparse_attn.kernel import sparse_attn_fwd_triton
 
     device = torch.device("cuda")
     gluon_runs = gluon_kernel.unsupported_reason(device) is None
     header = ["variant", "kernel", "d_qk", "h_q", "topk", "s_kv", "us", "TFLOP/s", "flash_mla here us",
-              "ratio here", "FlashMLA us (ANCHORS)", "Gluon kernel us", "Triton kernel us", "err out", "err lse"]
+              "ratio here", "FlashMLA us (ANCHORS)", "Gluon kernel us", "Triton kernel us", "public op us",
+              "err out", "err lse"]
     report.table("sparse_attn_fwd (s_q 4096, attn_sink on); default: the kernel impl='auto' runs; "
                  "ratio here = flash_mla us / our us in this run", header)
     for d_qk, h_q, topk, s_kv, anchor_us, mark in sparse_cases(quick):
@@ -233,6 +237,10 @@ def bench_sparse(report: Report, variants: list[dict], quick: bool, flash_mla, p
         # interleaved.
         timed = {name: functools.partial(launcher, q, kv, idx, sm_scale, sink, None, *new_outputs(S_Q, h_q))
                  for name, launcher in launchers.items()}
+        # The same kernel through the public op (checks, registered torch op, default value
+        # checks): what its wrapper costs on top of the launch.
+        timed["public"] = functools.partial(sparse_attn_fwd, q, kv[:, None], idx[:, None], sm_scale, D_V, sink,
+                                            out=new_outputs(S_Q, h_q)[0], impl=kernel)
         if flash_mla is not None:
             # FlashMLA takes h_q 64 or 128 only: fewer heads run padded to 64, as an engine does.
             pad = 0 if h_q in (64, 128) else 64 - h_q
@@ -250,13 +258,15 @@ def bench_sparse(report: Report, variants: list[dict], quick: bool, flash_mla, p
             tflops = flops / us / 1e6
             ratio = flash_us / us if flash_us else None
             both = (kernel_us.get("gluon"), kernel_us["triton"]) if not variant else (None, None)
+            public_us = kernel_us["public"] if not variant else None
             report.say(f"| {variant_name(variant)} | {kernel} | {d_qk} | {h_q} | {topk} | {s_kv} | {us:.0f} | "
                        f"{tflops:.0f} | {fmt(flash_us)} | {fmt(ratio, '.2f')} | {mark}{anchor_us} | "
-                       f"{fmt(both[0])} | {fmt(both[1])} | {err_out:.1e} | {err_lse:.1e} |")
+                       f"{fmt(both[0])} | {fmt(both[1])} | {fmt(public_us)} | {err_out:.1e} | {err_lse:.1e} |")
             report.rows.append(dict(op="sparse_attn_fwd", variant=variant, kernel=kernel, d_qk=d_qk, h_q=h_q,
                                     topk=topk, s_kv=s_kv, s_q=S_Q, us=us, tflops=tflops, anchor_us=anchor_us,
                                     anchor_estimated=bool(mark), flash_mla_padded_to_64_heads=h_q < 64,
                                     flash_mla_us=flash_us, ratio=ratio, gluon_us=both[0], triton_us=both[1],
+                                    public_us=public_us,
                                     err_out=err_out, err_lse=err_lse))
         del q, kv, idx, outputs
         torch.cuda.empty_cache()
