@@ -138,22 +138,29 @@ if GLUON_IMPORTED:
     from sparse_prefill.ops.cache.tiles import V4_DATA_BYTES, V4_NOPE, V4_ROPE_OFFSET, V4_SCALE_BYTES, V4_TILE
 
     @gluon.jit
+    def key_count(tok, topk, topk_len_ptr, HAS_TOPK_LEN: gl.constexpr):
+        """Keys token ``tok`` attends to: ``topk``, or its ``topk_length`` entry clamped to
+        ``0 .. topk`` (the ops' definition of the mask)."""
+        n_keys = topk
+        if HAS_TOPK_LEN:
+            n_keys = gl.minimum(gl.load(topk_len_ptr + tok), topk)
+        return gl.maximum(n_keys, 0)
+
+    @gluon.jit
+    def token_and_head(item, NUM_HEAD_BLOCKS: gl.constexpr):
+        """Work item ``item`` of the 64-head kernels: (its token, its first head)."""
+        return item // NUM_HEAD_BLOCKS, (item % NUM_HEAD_BLOCKS) * BLOCK_H
+
+    @gluon.jit
     def _work_item(item, topk, xtopk, topk_len_ptr, xtopk_len_ptr, NUM_HEAD_BLOCKS: gl.constexpr,
                    HAS_EXTRA: gl.constexpr, HAS_TOPK_LEN: gl.constexpr, HAS_XTOPK_LEN: gl.constexpr):
         """Work item ``item`` (a token and 64 of its heads): (tok, head0, n_keys, n_xkeys,
         main-scope tiles, all tiles). Every group derives it itself."""
-        tok = item // NUM_HEAD_BLOCKS
-        head0 = (item % NUM_HEAD_BLOCKS) * BLOCK_H
-        n_keys = topk
-        if HAS_TOPK_LEN:
-            n_keys = gl.minimum(gl.load(topk_len_ptr + tok), topk)
-        n_keys = gl.maximum(n_keys, 0)
+        tok, head0 = token_and_head(item, NUM_HEAD_BLOCKS)
+        n_keys = key_count(tok, topk, topk_len_ptr, HAS_TOPK_LEN)
         n_xkeys = n_keys * 0
         if HAS_EXTRA:
-            n_xkeys = xtopk + n_xkeys
-            if HAS_XTOPK_LEN:
-                n_xkeys = gl.minimum(gl.load(xtopk_len_ptr + tok), xtopk)
-            n_xkeys = gl.maximum(n_xkeys, 0)
+            n_xkeys = key_count(tok, xtopk, xtopk_len_ptr, HAS_XTOPK_LEN)
         n_main_tiles = gl.cdiv(n_keys, BLOCK_N)
         return tok, head0, n_keys, n_xkeys, n_main_tiles, n_main_tiles + gl.cdiv(n_xkeys, BLOCK_N)
 

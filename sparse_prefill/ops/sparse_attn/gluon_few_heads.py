@@ -64,17 +64,10 @@ if GLUON_IMPORTED:
         warpgroup_mma_wait,
     )
 
-    from sparse_prefill.ops.fp8_sparse_attn.gluon_kernel import BLOCK_N, finish_rows, load_sink
+    from sparse_prefill.ops.fp8_sparse_attn.gluon_kernel import BLOCK_N, finish_rows, key_count, load_sink
 
     D_V = gl.constexpr(512)
     TAIL = gl.constexpr(64)  # d_qk 576: the RoPE dims past 512
-
-    @gluon.jit
-    def _n_keys(tok, topk, topk_len_ptr, HAS_TOPK_LEN: gl.constexpr):
-        n_keys = topk
-        if HAS_TOPK_LEN:
-            n_keys = gl.minimum(gl.load(topk_len_ptr + tok), topk)
-        return gl.maximum(n_keys, 0)
 
     @gluon.jit
     def _copy_rows(dst, rows, col0: gl.constexpr, n_cols: gl.constexpr, mask, offs_c):
@@ -97,7 +90,7 @@ if GLUON_IMPORTED:
         g = 0
         it = 0
         for tok in range(gl.program_id(0), s_q, gl.num_programs(0)):
-            n_keys = _n_keys(tok, topk, topk_len_ptr, HAS_TOPK_LEN)
+            n_keys = key_count(tok, topk, topk_len_ptr, HAS_TOPK_LEN)
             tok64 = tok.to(gl.int64)
             qb = it % Q_BUFS
             # The math group is done with the Q K^T of the token that last used this buffer.
@@ -187,7 +180,7 @@ if GLUON_IMPORTED:
         g = 0
         it = 0
         for tok in range(gl.program_id(0), s_q, gl.num_programs(0)):
-            n_keys = _n_keys(tok, topk, topk_len_ptr, HAS_TOPK_LEN)
+            n_keys = key_count(tok, topk, topk_len_ptr, HAS_TOPK_LEN)
             n_pairs = gl.cdiv(n_keys, 2 * BLOCK_N)
             tok64 = tok.to(gl.int64)
             idx_row = idx_ptr + tok64 * stride_i_s

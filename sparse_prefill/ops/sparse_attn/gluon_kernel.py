@@ -79,7 +79,15 @@ if GLUON_IMPORTED:
         warpgroup_mma_wait,
     )
 
-    from sparse_prefill.ops.fp8_sparse_attn.gluon_kernel import BLOCK_H, BLOCK_N, finish_rows, load_sink, store_half
+    from sparse_prefill.ops.fp8_sparse_attn.gluon_kernel import (
+        BLOCK_H,
+        BLOCK_N,
+        finish_rows,
+        key_count,
+        load_sink,
+        store_half,
+        token_and_head,
+    )
 
     HALF = gl.constexpr(256)  # value dims each math group owns; also the producer's copy unit
     TAIL = gl.constexpr(64)  # d_qk 576: the RoPE dims past 512
@@ -88,12 +96,8 @@ if GLUON_IMPORTED:
     def _item(item, topk, topk_len_ptr, NUM_HEAD_BLOCKS: gl.constexpr, HAS_TOPK_LEN: gl.constexpr):
         """Work item ``item``: (token, first head, keys, steps of two blocks). Every group derives
         it itself."""
-        tok = item // NUM_HEAD_BLOCKS
-        head0 = (item % NUM_HEAD_BLOCKS) * BLOCK_H
-        n_keys = topk
-        if HAS_TOPK_LEN:
-            n_keys = gl.minimum(gl.load(topk_len_ptr + tok), topk)
-        n_keys = gl.maximum(n_keys, 0)
+        tok, head0 = token_and_head(item, NUM_HEAD_BLOCKS)
+        n_keys = key_count(tok, topk, topk_len_ptr, HAS_TOPK_LEN)
         return tok, head0, n_keys, gl.cdiv(n_keys, 2 * BLOCK_N)
 
     @gluon.jit
