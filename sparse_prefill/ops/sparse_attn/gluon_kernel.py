@@ -91,6 +91,13 @@ if GLUON_IMPORTED:
 
     HALF = gl.constexpr(256)  # value dims each math group owns; also the producer's copy unit
     TAIL = gl.constexpr(64)  # d_qk 576: the RoPE dims past 512
+    # The math groups' layouts: scores S [64 heads, 64 keys], their half of the output [64, 256],
+    # and P as the register A operand of the P V wgmma.
+    S_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                 instr_shape=[16, BLOCK_N.value, 16]))
+    O_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                 instr_shape=[16, HALF.value, 16]))
+    P_L = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=O_L.value, k_width=2))
 
     @gluon.jit
     def _item(item, topk, topk_len_ptr, NUM_HEAD_BLOCKS: gl.constexpr, HAS_TOPK_LEN: gl.constexpr):
@@ -230,20 +237,19 @@ if GLUON_IMPORTED:
         return _qk_tail(qt_smem, kt_smem, slot, z, s, D_TAIL)
 
     @gluon.jit
-    def _masked(s, valid_smem, slot: gl.constexpr, bars, phase, qk_scale_log2, s_l: gl.constexpr):
+    def _masked(s, valid_smem, slot: gl.constexpr, bars, phase, qk_scale_log2):
         """Scores in log2 units, -inf where the block's key is invalid."""
         mbarrier.wait(bars.index(10 + slot), phase)
-        valid = valid_smem.index(slot).load(gl.SliceLayout(0, s_l)) != 0
+        valid = valid_smem.index(slot).load(gl.SliceLayout(0, S_L)) != 0
         return gl.where(valid[None, :], s * qk_scale_log2, float("-inf"))
 
     @gluon.jit
     def _epilogue(l_i, m_i, l_smem, bars, mine: gl.constexpr, it, out_ptr, acc, tok, head0, h_q,
-                  stride_o_s, stride_o_h, sink, HAS_SINK: gl.constexpr, s_l: gl.constexpr,
-                  o_l: gl.constexpr):
+                  stride_o_s, stride_o_h, sink, HAS_SINK: gl.constexpr):
         """Exchange the row sums with the other group, normalise and store this group's half;
         returns (max_logits, lse) for group 1 to store. ``sink``: the rows' sink logits, loaded
         when the item started (a load here would hold every store behind its latency)."""
-        rows_s: gl.constexpr = gl.SliceLayout(1, s_l)
+        rows_s: gl.constexpr = gl.SliceLayout(1, S_L)
         # Two buffers by item parity: a group can be one item ahead of the other here.
         l_smem.index((it & 1) * 2 + mine).store(l_i)
         gl.thread_barrier()
@@ -251,10 +257,21 @@ if GLUON_IMPORTED:
         mbarrier.wait(bars.index(17 - mine), it & 1)
         l_i = l_i + l_smem.index((it & 1) * 2 + 1 - mine).load(rows_s)
         scale, max_logits, lse = finish_rows(m_i, l_i, sink, HAS_SINK)
-        o_scale = gl.convert_layout(scale, gl.SliceLayout(1, o_l))
+        o_scale = gl.convert_layout(scale, gl.SliceLayout(1, O_L))
         store_half(out_ptr, acc * o_scale[:, None], tok.to(gl.int64), head0, h_q, stride_o_s, stride_o_h,
-                   mine * HALF, o_l)
+                   mine * HALF, O_L)
         return max_logits, lse
+
+    @gluon.jit
+    def _item_state(head0, h_q, sink_ptr, HAS_SINK: gl.constexpr):
+        """A math group's state at the start of an item: (row max, row sum, its output half, the
+        item's head rows, their sink logits)."""
+        rows_s: gl.constexpr = gl.SliceLayout(1, S_L)
+        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=rows_s)
+        l_i = gl.zeros([BLOCK_H], gl.float32, layout=rows_s)
+        acc = gl.zeros([BLOCK_H, HALF], gl.float32, layout=O_L)
+        offs_h = head0 + gl.arange(0, BLOCK_H, layout=rows_s)
+        return m_i, l_i, acc, offs_h, load_sink(sink_ptr, offs_h, offs_h < h_q, HAS_SINK)
 
     @gluon.jit
     def _math0(q_smem, qt_smem, k_smem, kt_smem, p_smem, valid_smem, m_smem, l_smem, bars, qk_scale_log2,
@@ -262,23 +279,14 @@ if GLUON_IMPORTED:
                NUM_HEAD_BLOCKS: gl.constexpr, HAS_TOPK_LEN: gl.constexpr, HAS_SINK: gl.constexpr,
                D_TAIL: gl.constexpr):
         """Slot 0's ``Q K^T`` and softmax, value dims 0..255 of both blocks."""
-        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, BLOCK_N, 16])
-        o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, HALF, 16])
-        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
-        rows_s: gl.constexpr = gl.SliceLayout(1, s_l)
-        rows_o: gl.constexpr = gl.SliceLayout(1, o_l)
-        s_zero = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=s_l)
+        rows_s: gl.constexpr = gl.SliceLayout(1, S_L)
+        rows_o: gl.constexpr = gl.SliceLayout(1, O_L)
+        s_zero = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=S_L)
         g = 0
         it = 0
         for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
             tok, head0, n_keys, n_steps = _item(item, topk, topk_len_ptr, NUM_HEAD_BLOCKS, HAS_TOPK_LEN)
-            m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=rows_s)
-            l_i = gl.zeros([BLOCK_H], gl.float32, layout=rows_s)
-            acc = gl.zeros([BLOCK_H, HALF], gl.float32, layout=o_l)
-            offs_h = head0 + gl.arange(0, BLOCK_H, layout=rows_s)
-            sink = load_sink(sink_ptr, offs_h, offs_h < h_q, HAS_SINK)
+            m_i, l_i, acc, offs_h, sink = _item_state(head0, h_q, sink_ptr, HAS_SINK)
             mbarrier.wait(bars.index(0), it & 1)
             s = s_zero
             if n_steps > 0:
@@ -290,7 +298,7 @@ if GLUON_IMPORTED:
             for step in range(n_steps):
                 phase = g & 1
                 z = _opaque_zero(g)
-                s = _masked(s, valid_smem, 0, bars, phase, qk_scale_log2, s_l)
+                s = _masked(s, valid_smem, 0, bars, phase, qk_scale_log2)
                 m0 = gl.maximum(m_i, gl.max(s, 1))
                 # Rows with no valid key yet keep m = -inf; subtract 0 there so exp2 gives 0.
                 m0_safe = gl.where(m0 == float("-inf"), 0.0, m0)
@@ -301,7 +309,7 @@ if GLUON_IMPORTED:
                 gl.thread_barrier()
                 mbarrier.arrive(bars.index(12))
                 acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
-                acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_l), k_smem.index(z).slice(0, HALF, dim=1),
+                acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), P_L), k_smem.index(z).slice(0, HALF, dim=1),
                                     acc, is_async=True)
                 # Group 1 folds its block into m0: the step's final max.
                 mbarrier.wait(bars.index(13), phase)
@@ -337,7 +345,7 @@ if GLUON_IMPORTED:
                     mbarrier.arrive(bars.index(8))
                 g += 1
             _epilogue(l_i, m_i, l_smem, bars, 0, it, out_ptr, acc, tok, head0, h_q, stride_o_s, stride_o_h,
-                      sink, HAS_SINK, s_l, o_l)
+                      sink, HAS_SINK)
             it += 1
 
     @gluon.jit
@@ -346,25 +354,16 @@ if GLUON_IMPORTED:
                topk_len_ptr, n_items, NUM_HEAD_BLOCKS: gl.constexpr, HAS_TOPK_LEN: gl.constexpr,
                HAS_SINK: gl.constexpr, D_TAIL: gl.constexpr):
         """Slot 1's ``Q K^T`` and softmax, value dims 256..511 of both blocks, max_logits, lse."""
-        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, BLOCK_N, 16])
-        o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, HALF, 16])
-        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
-        rows_s: gl.constexpr = gl.SliceLayout(1, s_l)
-        rows_o: gl.constexpr = gl.SliceLayout(1, o_l)
-        s_zero = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=s_l)
+        rows_s: gl.constexpr = gl.SliceLayout(1, S_L)
+        rows_o: gl.constexpr = gl.SliceLayout(1, O_L)
+        s_zero = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=S_L)
         g = 0
         it = 0
         for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
             tok, head0, n_keys, n_steps = _item(item, topk, topk_len_ptr, NUM_HEAD_BLOCKS, HAS_TOPK_LEN)
             mbarrier.wait(bars.index(0), it & 1)
-            m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=rows_s)
-            l_i = gl.zeros([BLOCK_H], gl.float32, layout=rows_s)
-            acc = gl.zeros([BLOCK_H, HALF], gl.float32, layout=o_l)
-            offs_h = head0 + gl.arange(0, BLOCK_H, layout=rows_s)
+            m_i, l_i, acc, offs_h, sink = _item_state(head0, h_q, sink_ptr, HAS_SINK)
             mask_h = offs_h < h_q
-            sink = load_sink(sink_ptr, offs_h, mask_h, HAS_SINK)
             mbarrier.arrive(bars.index(1), pred=n_steps == 0)
             for step in range(n_steps):
                 phase = g & 1
@@ -372,7 +371,7 @@ if GLUON_IMPORTED:
                 s = _scores(q_smem, qt_smem, k_smem, kt_smem, 1, z, bars, s_zero, 1, 5, 4, phase, D_TAIL)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
                 mbarrier.arrive(bars.index(1), pred=step + 1 == n_steps)
-                s = _masked(s, valid_smem, 1, bars, phase, qk_scale_log2, s_l)
+                s = _masked(s, valid_smem, 1, bars, phase, qk_scale_log2)
                 mbarrier.wait(bars.index(12), phase)
                 m1 = gl.maximum(m_smem.index(0).load(rows_s), gl.max(s, 1))
                 m1_safe = gl.where(m1 == float("-inf"), 0.0, m1)
@@ -384,7 +383,7 @@ if GLUON_IMPORTED:
                 mbarrier.arrive(bars.index(13))
                 acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
                 p_bf16 = p.to(gl.bfloat16)
-                acc = warpgroup_mma(gl.convert_layout(p_bf16, p_l), k_smem.index(1 + z).slice(HALF, HALF, dim=1), acc,
+                acc = warpgroup_mma(gl.convert_layout(p_bf16, P_L), k_smem.index(1 + z).slice(HALF, HALF, dim=1), acc,
                                     is_async=True)
                 p_smem.index(1 + z).store(p_bf16)
                 fence_async_shared()
@@ -400,7 +399,7 @@ if GLUON_IMPORTED:
                 g += 1
             max_logits, lse = _epilogue(
                 l_i, m_i, l_smem, bars, 1, it, out_ptr, acc, tok, head0, h_q, stride_o_s, stride_o_h,
-                sink, HAS_SINK, s_l, o_l)
+                sink, HAS_SINK)
             tok64 = tok.to(gl.int64)
             gl.store(max_ptr + tok64 * stride_ml_s + offs_h, max_logits, mask=mask_h)
             gl.store(lse_ptr + tok64 * stride_ml_s + offs_h, lse, mask=mask_h)
