@@ -460,6 +460,12 @@ def arg_names(name: str) -> list[str]:
     return names
 
 
+def call_names(base: dict) -> list[str]:
+    """Every name a message about this call may use: each argument's spellings, and ``impl``,
+    which every entry forces (a tensor moved to another device conflicts with it)."""
+    return [*(n for k in base for n in arg_names(k)), "impl"]
+
+
 def outcome(entry: Entry, args: dict) -> BaseException | None:
     """None when accepted (launch reached or returned), else the exception raised."""
     try:
@@ -484,7 +490,7 @@ def test_every_single_bad_argument_is_rejected_cleanly(entry_name, device, reque
     base = entry.base(device)
     arm()
     assert outcome(entry, dict(base)) is None, f"{entry_name}: the valid call was rejected"
-    every_name = [*(n for k in base for n in arg_names(k)), "impl"]
+    every_name = call_names(base)
     cases = list(mutations(entry, base, device))
     assert len(cases) >= 3
     for name, what, value, must_reject in cases:
@@ -524,5 +530,5 @@ def test_random_pairs_of_bad_arguments(device, one_rank_group, arm):
             assert not (first[3] or second[3]), f"{label} was accepted"
             continue
         assert isinstance(err, CLEAN), f"{label} raised {type(err).__name__}: {err}"
-        assert names_an_argument(str(err), [*(n for k in base for n in arg_names(k)), "impl"]), \
+        assert names_an_argument(str(err), call_names(base)), \
             f"{label}: the message names no argument: {err}"
