@@ -14,7 +14,8 @@ are then checked against the length tensors on the device):
 * ``device us``: their summed GPU time.
 
 Under the table, the host profile of the last case's build with checks off (``cProfile``, the
-functions with the most time of their own): where the host time goes.
+functions with the most time of their own; also the last JSON row's ``host_profile``): where the host
+time goes.
 
 Prints markdown; ``--out DIR`` also writes DIR/chunk_cache_build.md and .json. Exits 2 without
 CUDA (``--smoke`` runs tiny shapes on any device, to check the script itself; no launch counts).
@@ -96,8 +97,9 @@ def host_profile(fn: Callable[[], object], calls: int = HOST_CALLS, lines: int =
     return text.getvalue().strip()
 
 
-def run_case(h_q: int, topk: int, chunk: int, prefix: int, device: torch.device) -> tuple[dict, str]:
-    """The case's row, and the host profile of its build with checks off."""
+def run_case(h_q: int, topk: int, chunk: int, prefix: int, device: torch.device, profile: bool) -> dict:
+    """The case's row; with ``profile``, also the host profile of its build with checks off
+    (``row["host_profile"]``)."""
     pipe = ChunkCachePipeline(case_batch(h_q, topk, chunk, prefix, device, layers=()), ours_kernel)
     row = dict(h_q=h_q, topk=topk, chunk=chunk, prefix=prefix)
     for suffix, checks in (("", False), ("_checked", True)):
@@ -105,12 +107,13 @@ def run_case(h_q: int, topk: int, chunk: int, prefix: int, device: torch.device)
             row[f"build_us{suffix}"] = median_us(pipe.begin)
             row[f"host_us{suffix}"] = host_us(pipe.begin)
             row[f"launches{suffix}"], row[f"device_us{suffix}"] = device_work(pipe.begin)
-    with value_checks(False):
-        profile = host_profile(pipe.begin)
-    return row, profile
+    if profile:
+        with value_checks(False):
+            row["host_profile"] = host_profile(pipe.begin)
+    return row
 
 
-def markdown(rows: list[dict], profile: str) -> str:
+def markdown(rows: list[dict]) -> str:
     columns = ["h_q/topk", "chunk", "prefix", "build us", "host us", "launches", "device us",
                "build us (checks on)", "host us (checks on)", "launches (checks on)", "device us (checks on)"]
     cells = [[f"{r['h_q']}/{r['topk']}", r["chunk"], r["prefix"], fmt(r["build_us"]), fmt(r["host_us"]),
@@ -121,7 +124,7 @@ def markdown(rows: list[dict], profile: str) -> str:
     return "\n".join([
         "Median us of do_bench; host us: per call on the host, no sync.", "", *markdown_table(columns, cells), "",
         f"Host profile, {last['h_q']}/{last['topk']} chunk {last['chunk']} prefix {last['prefix']}, checks off "
-        f"({HOST_CALLS} builds):", "", "```", profile, "```", "",
+        f"({HOST_CALLS} builds):", "", "```", last["host_profile"], "```", "",
     ])
 
 
@@ -134,16 +137,11 @@ def run(
     if smoke:
         shapes, chunks, prefixes = [(4, 16)], [64], [0, 300]
     progress.section("chunk_cache_build", len(shapes) * len(chunks) * len(prefixes))
-    profiles = []
-
-    def case(h_q: int, topk: int, chunk: int, prefix: int) -> dict:
-        row, profile = run_case(h_q, topk, chunk, prefix, device)
-        profiles.append(profile)
-        return row
-
-    rows = each_case(shapes, chunks, prefixes, progress, case)
+    last = (*shapes[-1], chunks[-1], prefixes[-1])  # the one case profiled
+    rows = each_case(shapes, chunks, prefixes, progress,
+                     lambda *case: run_case(*case, device, profile=case == last))
     return BenchResult("chunk_cache_build", "The per-forward chunk-cache build (begin_forward, sparse path)",
-                       markdown(rows, profiles[-1]), rows, {"host_profile": profiles[-1]})
+                       markdown(rows), rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
