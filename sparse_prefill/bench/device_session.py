@@ -88,7 +88,9 @@ def plan(env: Mapping[str, str], python: str = sys.executable) -> list[Step]:
         Step("versions", (python, "-c", "from sparse_prefill.bench.common import describe_machine, machine; "
                                         "print(describe_machine(machine()))"), 120),
     ]
-    pytest = (python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu")
+    pytest_any = (python, "-m", "pytest", "-q", "-p", "no:cacheprovider")
+    pytest = (*pytest_any, "-m", "gpu")
+    suite_args = ("-n", knob(env, "XDIST", "8"), *shlex.split(knob(env, "SUITE_PATHS", "tests")))
     for name in knob(env, "STEPS", "tests bench").split():
         if name == "tests":
             argv = (*pytest, "-x", "tests/ops/test_sparse_attn.py", "-k", knob(env, "TEST_K", "gluon"))
@@ -102,10 +104,10 @@ def plan(env: Mapping[str, str], python: str = sys.executable) -> list[Step]:
             argv = (python, "-m", "sparse_prefill.bench.backend", "--chunks", chunks, "--out", f"{out}/b{chunks}")
             steps.append(Step(name, argv, float(knob(env, "BACKEND_S", "420")), f"{out}/b{chunks}/backend.log", 45))
         elif name == "suite":
-            argv = (*pytest, "-n", knob(env, "XDIST", "8"), *shlex.split(knob(env, "SUITE_PATHS", "tests")))
+            argv = (*pytest, *suite_args)
             steps.append(Step(name, argv, float(knob(env, "SUITE_S", "500")), f"{out}/gpu_suite.log", 30))
         elif name == "fixture":
-            argv = (*pytest[:-1], "not gpu", "-n", knob(env, "XDIST", "8"), *shlex.split(knob(env, "SUITE_PATHS", "tests")))
+            argv = (*pytest_any, "-m", "not gpu", *suite_args)
             steps.append(Step(name, argv, float(knob(env, "FIXTURE_S", "400")), f"{out}/fixture_tests.log", 30))
         elif name == "chunkcache":
             argv = (python, "-m", "sparse_prefill.bench.chunk_cache_build", "--out", out)
