@@ -170,6 +170,7 @@ def test_gpu_brute_force_extremes():
 
 
 @pytest.mark.gpu
+@pytest.mark.alone
 @pytest.mark.parametrize("topk", [512, 1024])
 def test_gpu_large_chunk_kernels_equal_reference(topk):
     """A 131072-token chunk over 8 requests with long prefixes: kernel cache == reference cache."""

@@ -18,17 +18,20 @@ estimate is a linear cost model, :class:`PathCosts`, whose constants are measure
 with ``flops = 2 * sum over queries of scanned kv * max(h_q, MIN_HEADS) * (d_qk + d_v)``.
 
 Where the constants come from: ``sparse_prefill.bench.backend`` fitted them to our own kernels
-on one H200 (torch 2.11, Triton 3.6, 2026-12-02; tables in ``benchmarks/RESULTS.md``), with the
-sparse path on the warp-specialized Gluon ``sparse_attn_fwd`` kernel and the regular path on the
-Gluon FP8 kernel: throughputs and per-row costs are medians over the eight measured cases
-(chunks 8192 and 32768, one call each), the fixed per-layer costs the mean of the two calls'
-small-batch runs. ``sparse_attn_fwd`` on the workspace runs at 520 / 568 TFLOP/s (h_q 64 /
-128), the regular kernel at 363 / 413; dequantize costs 2.2 ns per workspace row per layer,
-combine 0.004 ns per index entry; the fixed per-layer costs are 90 us (regular) and 154 us
-(sparse: dequantize x2, combine, attention). With the Gluon sparse kernel the sparse path is the
-faster one on every per-layer row of those runs: the regular path now wins only small batches
-(its fixed cost is lower) and, through the memory limit below, batches whose sparse state would
-be too large. Re-measure with ``python -m sparse_prefill.bench.backend`` when a kernel changes.
+on one H200 (torch 2.11, Triton 3.6, 2026-12-03, second run; tables in ``benchmarks/RESULTS.md``,
+data in ``benchmarks/data/backend_h200_2026-12-03_*``), with the sparse path on the
+warp-specialized Gluon ``sparse_attn_fwd`` kernel and the regular path on the Gluon FP8 kernel:
+throughputs and the combine's cost are medians over the eight measured cases (chunks 8192 and
+32768, one call each); the dequantize's cost per row is the slope of the ratio-1 sweep (the
+sparse path's extra time for 122880 more workspace rows at equal attention work: 1.35-2.35 ns,
+mean of the two calls' medians), since a per-call ratio mostly measures host time; the fixed
+per-layer costs are the mean of the two calls' small-batch runs. ``sparse_attn_fwd`` on the
+workspace runs at 528 / 587 TFLOP/s (h_q 64 / 128), the regular kernel at 365 / 413; the fixed
+per-layer costs are 310 us (regular) and 299 us (sparse): at small batches both paths are bound
+by the host, about equally. With these constants auto's picks on the sweep (64 rows, both calls)
+cost 1.2 ms over the best choice in all, against 2.0 ms with the previous ones (fixed costs
+90 / 154 us, 2.2 ns per row). Re-measure with ``python -m sparse_prefill.bench.backend`` when a
+kernel changes.
 
 Memory: the sparse path keeps per-forward state that grows with the chunk: the chunk cache's
 combined rows (``num_tokens x ceil((entries + W) / 128) * 128`` int32 per ratio, entries =
@@ -74,15 +77,15 @@ class PathCosts:
     than ``min_heads`` cost as much as ``min_heads`` (a head block is computed whole).
     """
 
-    regular_tflops_h64: float = 363.1
-    regular_tflops_h128: float = 412.7
-    sparse_tflops_h64: float = 519.7
-    sparse_tflops_h128: float = 568.0
+    regular_tflops_h64: float = 364.5
+    regular_tflops_h128: float = 413.4
+    sparse_tflops_h64: float = 527.6
+    sparse_tflops_h128: float = 587.4
     min_heads: int = 64
-    dequant_ns_per_row: float = 2.210
-    combine_ns_per_entry: float = 0.004000
-    regular_fixed_us: float = 89.5  # per layer: the kernel + the index arithmetic's launches
-    sparse_fixed_us: float = 153.6  # per layer: dequantize x2, combine, attention launches
+    dequant_ns_per_row: float = 1.805
+    combine_ns_per_entry: float = 0.004096
+    regular_fixed_us: float = 309.9  # per layer: the kernel + the index arithmetic's launches
+    sparse_fixed_us: float = 298.9  # per layer: dequantize x2, combine, attention launches
 
     def tflops(self, path: str, num_heads: int) -> float:
         lo, hi = (

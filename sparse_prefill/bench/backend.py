@@ -391,8 +391,27 @@ def anchor_rows(h_q, topk, tokens, n, device) -> dict:
     return row
 
 
-def fit_costs(cases: list[dict], latency: dict) -> dict:
-    """``routing.PathCosts`` fields from the measurements (medians over cases)."""
+def dequant_slopes(sweep: list[dict]) -> list[float]:
+    """ns per workspace row, one per shape of the ratio-1 sweep: at its largest extend, the sparse
+    path's extra time from the second-shortest history to the longest over the extra workspace
+    rows. Past ``topk`` cached tokens the picks are capped, so only the workspace grows: this is
+    the dequantize's marginal cost, free of the host time that a per-call ratio carries."""
+    slopes = []
+    for h_q, topk in sorted({(r["h_q"], r["topk"]) for r in sweep}):
+        mine = [r for r in sweep if (r["h_q"], r["topk"]) == (h_q, topk)]
+        extend = max(r["extend"] for r in mine)
+        rows = sorted((r for r in mine if r["extend"] == extend), key=lambda r: r["history"])
+        if len(rows) >= 3 and rows[-1]["workspace_rows"] > rows[1]["workspace_rows"]:
+            slopes.append((rows[-1]["sparse_us"] - rows[1]["sparse_us"]) * 1e3
+                          / (rows[-1]["workspace_rows"] - rows[1]["workspace_rows"]))
+    return slopes
+
+
+def fit_costs(cases: list[dict], latency: dict, sweep: list[dict]) -> dict:
+    """``routing.PathCosts`` fields from the measurements: throughputs and the combine's cost per
+    entry as medians over cases, the dequantize's per-row cost from the ratio-1 sweep
+    (:func:`dequant_slopes`; the per-case median where the sweep has too few histories), the
+    fixed per-layer costs from the small batch."""
     fit = {}
     for h in (64, 128):
         mine = [c for c in cases if c["h_q"] == h and 4 in c["layers"] and "regular" in c["layers"][4]]
@@ -401,7 +420,8 @@ def fit_costs(cases: list[dict], latency: dict) -> dict:
                 attn_tflops(c["work"][4]["regular_kv"], h, c["layers"][4]["regular"]) for c in mine)
             fit[f"sparse_tflops_h{h}"] = statistics.median(
                 attn_tflops(c["work"][4]["sparse_kv"], h, c["parts"][4]["attention"]) for c in mine)
-    fit["dequant_ns_per_row"] = statistics.median(
+    slopes = dequant_slopes(sweep)
+    fit["dequant_ns_per_row"] = statistics.median(slopes) if slopes else statistics.median(
         c["parts"][r]["dequantize"] * 1e3 / c["work"][r]["workspace_rows"] for c in cases for r in c["parts"])
     fit["combine_ns_per_entry"] = statistics.median(
         c["parts"][4]["combine"] * 1e3 / c["work"][4]["combined_entries"] for c in cases)
@@ -452,6 +472,7 @@ def ratio1_sweep(h_q, topk, device, extends=RATIO1_EXTENDS, histories=RATIO1_HIS
                                          k_std=0.1, k_mean=0.05, layers=(1, 2))
             out = torch.empty_like(batch.q[1])
             row = dict(h_q=h_q, topk=topk, extend=extend, history=history,
+                       workspace_rows=routing.workspace_rows(cfg, batch.metadata, 1),
                        auto=SparsePrefillBackend(cfg, "auto").path_for(1, batch.metadata),
                        sglang=sglang_ratio1_rule(extend, history))
             for path in (routing.REGULAR, routing.SPARSE):
@@ -606,7 +627,7 @@ def run(
             sweep += ratio1_sweep(h, k, device, **ratio1)
     result = dict(
         stack=STACK, cases=cases, latency=latency, anchors=anchor, v41=v41, ratio1=sweep,
-        fitted_costs=fit_costs(cases, latency),
+        fitted_costs=fit_costs(cases, latency, sweep),
         current_costs=dataclasses.asdict(routing.DEFAULT_COSTS),
     )
     fitted = dataclasses.replace(routing.DEFAULT_COSTS, **result["fitted_costs"])

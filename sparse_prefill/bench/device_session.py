@@ -12,8 +12,10 @@ Steps (default ``tests bench``), each writing its whole output under ``$OUT`` (d
   seconds (300); ``OUT/bench.log``.
 * ``backend<chunks>`` (e.g. ``backend8192``): ``sparse_prefill.bench.backend --chunks <chunks>``
   into ``OUT/b<chunks>``, ``$BACKEND_S`` seconds (420); ``OUT/b<chunks>/backend.log``.
-* ``suite``: ``pytest -n $XDIST -m gpu $SUITE_PATHS`` (defaults 8, ``tests``), ``$SUITE_S`` seconds
-  (500); ``OUT/gpu_suite.log``.
+* ``suite``: ``pytest -n $XDIST -m "gpu and not alone" $SUITE_PATHS`` (defaults 8, ``tests``),
+  ``$SUITE_S`` seconds (500), ``OUT/gpu_suite.log``; then the tests marked ``alone`` (most of the
+  GPU's memory, or spawned processes: under xdist they ran out of memory) one at a time,
+  ``pytest -m "gpu and alone" $SUITE_PATHS``, ``$ALONE_S`` seconds (200), ``OUT/gpu_suite_alone.log``.
 * ``fixture``: the device-fixture pass, the tests that are not marked ``gpu`` (they take the
   ``device`` fixture, i.e. run the kernels on CUDA here): ``pytest -n $XDIST -m "not gpu"
   $SUITE_PATHS``, ``$FIXTURE_S`` seconds (400); ``OUT/fixture_tests.log``.
@@ -90,7 +92,8 @@ def plan(env: Mapping[str, str], python: str = sys.executable) -> list[Step]:
     ]
     pytest_any = (python, "-m", "pytest", "-q", "-p", "no:cacheprovider")
     pytest = (*pytest_any, "-m", "gpu")
-    suite_args = ("-n", knob(env, "XDIST", "8"), *shlex.split(knob(env, "SUITE_PATHS", "tests")))
+    paths = tuple(shlex.split(knob(env, "SUITE_PATHS", "tests")))
+    suite_args = ("-n", knob(env, "XDIST", "8"), *paths)
     for name in knob(env, "STEPS", "tests bench").split():
         if name == "tests":
             argv = (*pytest, "-x", "tests/ops/test_sparse_attn.py", "-k", knob(env, "TEST_K", "gluon"))
@@ -104,8 +107,10 @@ def plan(env: Mapping[str, str], python: str = sys.executable) -> list[Step]:
             argv = (python, "-m", "sparse_prefill.bench.backend", "--chunks", chunks, "--out", f"{out}/b{chunks}")
             steps.append(Step(name, argv, float(knob(env, "BACKEND_S", "420")), f"{out}/b{chunks}/backend.log", 45))
         elif name == "suite":
-            argv = (*pytest, *suite_args)
+            argv = (*pytest_any, "-m", "gpu and not alone", *suite_args)
             steps.append(Step(name, argv, float(knob(env, "SUITE_S", "500")), f"{out}/gpu_suite.log", 30))
+            argv = (*pytest_any, "-m", "gpu and alone", *paths)
+            steps.append(Step("suite alone", argv, float(knob(env, "ALONE_S", "200")), f"{out}/gpu_suite_alone.log", 20))
         elif name == "fixture":
             argv = (*pytest_any, "-m", "not gpu", *suite_args)
             steps.append(Step(name, argv, float(knob(env, "FIXTURE_S", "400")), f"{out}/fixture_tests.log", 30))

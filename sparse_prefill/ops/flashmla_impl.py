@@ -1,6 +1,6 @@
 """``impl="flashmla"``: FlashMLA's own kernels behind both attention ops (``flash_mla`` installed,
-an sm_90 GPU), for comparison and for the shapes where its kernel is faster
-(``kernel_choice.AUTO_PREFERS``).
+an sm_90 GPU), for comparison and for any shape where its kernel is measured faster
+(``kernel_choice.AUTO_PREFERS``; none at present).
 
 - ``sparse_attn_fwd`` -> ``flash_mla.flash_mla_sparse_fwd``; its SM90 kernel takes h_q 64 or 128
   (``csrc/api/sparse_fwd.h``) and a top-k width that is a multiple of 128

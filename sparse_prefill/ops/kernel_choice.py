@@ -74,14 +74,16 @@ class Impl:
 
 # ---------------------------------------------------------------------------------------------
 # Where "auto" prefers FlashMLA's kernel: (op, h_q, d_qk) -> impl, only the shapes where it was
-# measured faster in the same call on an H200 (benchmarks/RESULTS.md, "H200, 2026-12-03": flash_mla
-# us / our us 1.01, 0.99, 0.98 over the three h_q 64 / d_qk 512 rows; ours 0.99-1.04 at h_q 128 /
-# d_qk 512 and 1.05 at 576, and 1.02-1.41 below 64 heads, which FlashMLA must pad).
-# paged_fp8_sparse_attn_fwd has no entry: FlashMLA's FP8 decode kernel took 1.4-2.5x the time of
-# our paths on the same layer stacks (RESULTS.md, "H200, 2026-12-02", the backend end to end).
-AUTO_PREFERS = {
-    (SPARSE_ATTN, 64, 512): "flashmla",
-}
+# measured faster in the same call on an H200. Empty since the run of benchmarks/RESULTS.md
+# "H200, 2026-12-03 (second run)": flash_mla us / our us 1.09, 1.06, 1.04 over the three h_q 64 /
+# d_qk 512 rows (the one entry, taken from the first run's 1.01 / 0.99 / 0.98, same kernel SASS),
+# 1.01-1.03 at h_q 128 / d_qk 512, 0.98-1.00 at 576, 1.05-1.46 below 64 heads, which FlashMLA
+# must pad. With both runs our kernel is as fast or faster on every row, and one kernel for every
+# head count keeps results independent of whether flash_mla is installed (a tensor-parallel rank
+# and one process then agree bit for bit). paged_fp8_sparse_attn_fwd has no entry: FlashMLA's
+# FP8 decode kernel took 1.4-2.5x the time of our paths on the same layer stacks (RESULTS.md,
+# "H200, 2026-12-02", the backend end to end).
+AUTO_PREFERS: dict[tuple[str, int, int], str] = {}
 
 _LOGGED: set[str] = set()  # ops whose auto choice of FlashMLA was logged (once per process)
 

@@ -551,6 +551,7 @@ def test_gpu_tensor_parallel_heads(num_heads):
 
 
 @pytest.mark.gpu
+@pytest.mark.alone
 def test_gpu_caches_beyond_int32_bytes():
     # ~4.2M-token pools (2.5 GB caches): pages of the batch land past 2**31 bytes.
     cfg = v4_config(64, 512)

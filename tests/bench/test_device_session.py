@@ -36,10 +36,12 @@ def test_knobs():
                SUITE_S="9", BACKEND_S="8", NCU_KERNELS="triton", NCU_ARGS="--h-q 128 BLOCK_N=32", TEST_K="fp8",
                TEST_S="7", BENCH_ARGS="--quick --d-qk 576", BENCH_S="6")
     steps = by_name(ds.plan(env, python="py"))
-    assert list(steps) == ["gpu", "versions", "suite", "backend8192", "ncu triton", "tests", "bench"]
-    suite = steps["suite"]
-    assert suite.argv[-4:] == ("-n", "2", "tests/ops", "tests/backend") and suite.timeout_s == 9
-    assert suite.log == "/o/gpu_suite.log"
+    assert list(steps) == ["gpu", "versions", "suite", "suite alone", "backend8192", "ncu triton", "tests", "bench"]
+    suite, alone = steps["suite"], steps["suite alone"]
+    assert suite.argv[-6:] == ("-m", "gpu and not alone", "-n", "2", "tests/ops", "tests/backend")
+    assert (suite.timeout_s, suite.log) == (9, "/o/gpu_suite.log")
+    assert alone.argv[-4:] == ("-m", "gpu and alone", "tests/ops", "tests/backend") and "-n" not in alone.argv
+    assert (alone.timeout_s, alone.log) == (200, "/o/gpu_suite_alone.log")
     backend = steps["backend8192"]
     assert backend.argv[-4:] == ("--chunks", "8192", "--out", "/o/b8192") and backend.timeout_s == 8
     assert backend.log == "/o/b8192/backend.log"

@@ -430,6 +430,7 @@ def test_gpu_sglang_page_sizes(main_page, kernel):
 
 
 @pytest.mark.gpu
+@pytest.mark.alone
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_gpu_long_sq(kernel):
     """s_q = 70000 > 65535 (grid dims 1/2); q/out element offsets past 2**31 (70000 * 64 * 512)."""

@@ -569,6 +569,7 @@ def test_gpu_few_head_kernel_variants(tuning, h_q, d_qk):
 
 
 @pytest.mark.gpu
+@pytest.mark.alone
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("h_q,d_qk,topk", [(64, 576, 64), (16, 512, 100), (128, 512, 130)])
 def test_gpu_long_sq(h_q, d_qk, topk, kernel):

@@ -128,6 +128,7 @@ GPU_CASE = Case(
 
 @requires_gloo
 @pytest.mark.gpu
+@pytest.mark.alone
 def test_context_parallel_equals_one_process_gpu():
     cases = [dataclasses.replace(GPU_CASE, path=p) for p in ("sparse", "regular")]
     run_ranks(cp_worker, 2, cases, None)

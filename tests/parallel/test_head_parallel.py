@@ -60,6 +60,7 @@ def test_head_parallel_equals_one_process(world):
 
 @requires_gloo
 @pytest.mark.gpu
+@pytest.mark.alone
 def test_head_parallel_equals_one_process_gpu():
     # 128 heads, 64 per rank: the kernels' head block is 64 either way.
     base = Case(

@@ -150,8 +150,9 @@ def sparse_attn_fwd(
             none with an input; written and returned.
         impl: "auto", "gluon", "triton", "flashmla" or "reference" (``ops/kernel_choice.py``
             declares them). "auto": for CUDA tensors FlashMLA's ``flash_mla_sparse_fwd`` where
-            ``kernel_choice.AUTO_PREFERS`` says it is faster (h_q 64 / d_qk 512, measured on
-            an H200) and "flashmla" can run the call, else the
+            ``kernel_choice.AUTO_PREFERS`` says it is faster (no shape since the H200 run of
+            2026-12-03: ours was as fast or faster on every row) and "flashmla" can run the
+            call, else the
             warp-specialized Hopper kernel (``gluon_kernel.py``) where ``auto_picks_gluon`` says
             so (sm_90, a validated Triton, ``h_q >= MIN_AUTO_HEADS``) and ``q``/``kv`` start
             16-byte aligned with row strides that are multiples of 16 elements, else the Triton
