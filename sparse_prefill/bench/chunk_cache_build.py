@@ -11,7 +11,10 @@ are then checked against the length tensors on the device):
 * ``host us``: the host's time per call (``time.perf_counter`` over back-to-back calls, no
   sync inside: what the Python, the dispatcher and the launches cost, whatever the GPU does);
 * ``launches``: kernels, copies and memsets the call puts on the GPU (``torch.profiler``);
-* ``device us``: their summed GPU time.
+* ``device us``: their summed GPU time;
+* ``cudaMalloc``: segments the caching allocator had to allocate per call, over back-to-back
+  calls (0 when every buffer is served from its cache; a build that needs a fresh segment each
+  time pays the driver's allocation on the host).
 
 Under the table, the host profile of the last case's build with checks off (``cProfile``, the
 functions with the most time of their own; also the last JSON row's ``host_profile``): where the host
@@ -26,11 +29,7 @@ CUDA (``--smoke`` runs tiny shapes on any device, to check the script itself; no
 
 from __future__ import annotations
 
-import cProfile
-import io
-import pstats
 import sys
-import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -46,7 +45,16 @@ from sparse_prefill.bench.backend import (
     each_case,
     ours_kernel,
 )
-from sparse_prefill.bench.common import SILENT, BenchResult, Progress, fmt, markdown_table, median_us
+from sparse_prefill.bench.common import (
+    SILENT,
+    BenchResult,
+    Progress,
+    fmt,
+    host_profile,
+    host_us,
+    markdown_table,
+    median_us,
+)
 
 
 def device_work(fn: Callable[[], object]) -> tuple[int | None, float | None]:
@@ -68,33 +76,16 @@ HOST_CALLS = 50
 PROFILE_LINES = 15
 
 
-def host_us(fn: Callable[[], object], calls: int = HOST_CALLS) -> float:
-    """Host time per call of ``fn`` over ``calls`` back-to-back calls (after a warm-up call),
-    with no sync inside the timed loop."""
+def device_mallocs(fn: Callable[[], object], calls: int = HOST_CALLS) -> float | None:
+    """cudaMalloc'd segments per call of ``fn`` over ``calls`` back-to-back calls (after a
+    warm-up call); None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
     fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+    before = torch.cuda.memory_stats()["segment.all.allocated"]
     for _ in range(calls):
         fn()
-    elapsed = time.perf_counter() - start
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return elapsed / calls * 1e6
-
-
-def host_profile(fn: Callable[[], object], calls: int = HOST_CALLS, lines: int = PROFILE_LINES) -> str:
-    """``cProfile`` of ``calls`` calls of ``fn``: the ``lines`` functions with the most time of
-    their own, as pstats prints them."""
-    fn()
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(calls):
-        fn()
-    profiler.disable()
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).strip_dirs().sort_stats("tottime").print_stats(lines)
-    return text.getvalue().strip()
+    return (torch.cuda.memory_stats()["segment.all.allocated"] - before) / calls
 
 
 def run_case(h_q: int, topk: int, chunk: int, prefix: int, device: torch.device, profile: bool) -> dict:
@@ -105,20 +96,21 @@ def run_case(h_q: int, topk: int, chunk: int, prefix: int, device: torch.device,
     for suffix, checks in (("", False), ("_checked", True)):
         with value_checks(checks):
             row[f"build_us{suffix}"] = median_us(pipe.begin)
-            row[f"host_us{suffix}"] = host_us(pipe.begin)
+            row[f"host_us{suffix}"] = host_us(pipe.begin, HOST_CALLS)
             row[f"launches{suffix}"], row[f"device_us{suffix}"] = device_work(pipe.begin)
+            row[f"mallocs{suffix}"] = device_mallocs(pipe.begin)
     if profile:
         with value_checks(False):
-            row["host_profile"] = host_profile(pipe.begin)
+            row["host_profile"] = host_profile(pipe.begin, HOST_CALLS, PROFILE_LINES)
     return row
 
 
 def markdown(rows: list[dict]) -> str:
-    columns = ["h_q/topk", "chunk", "prefix", "build us", "host us", "launches", "device us",
+    columns = ["h_q/topk", "chunk", "prefix", "build us", "host us", "launches", "device us", "cudaMalloc",
                "build us (checks on)", "host us (checks on)", "launches (checks on)", "device us (checks on)"]
     cells = [[f"{r['h_q']}/{r['topk']}", r["chunk"], r["prefix"], fmt(r["build_us"]), fmt(r["host_us"]),
-              fmt(r["launches"], "d"), fmt(r["device_us"]), fmt(r["build_us_checked"]), fmt(r["host_us_checked"]),
-              fmt(r["launches_checked"], "d"), fmt(r["device_us_checked"])]
+              fmt(r["launches"], "d"), fmt(r["device_us"]), fmt(r["mallocs"], ".2f"), fmt(r["build_us_checked"]),
+              fmt(r["host_us_checked"]), fmt(r["launches_checked"], "d"), fmt(r["device_us_checked"])]
              for r in rows]
     last = rows[-1]
     return "\n".join([

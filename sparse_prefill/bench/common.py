@@ -3,10 +3,13 @@ files and a description of the machine."""
 
 from __future__ import annotations
 
+import cProfile
 import datetime
+import io
 import json
 import math
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -44,6 +47,36 @@ class BenchResult:
     def to_json(self) -> dict:
         """``title``, ``rows`` and the ``extra`` keys, as one JSON-able dict."""
         return dict(title=self.title, rows=self.rows, **self.extra)
+
+
+def host_us(fn: Callable[[], object], calls: int) -> float:
+    """Host time per call of ``fn`` over ``calls`` back-to-back calls (after a warm-up call),
+    with no sync inside the timed loop: what its Python, dispatch and launches cost, whatever
+    the GPU does."""
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def host_profile(fn: Callable[[], object], calls: int, lines: int) -> str:
+    """``cProfile`` of ``calls`` calls of ``fn`` (after a warm-up call): the ``lines`` functions
+    with the most time of their own, as pstats prints them."""
+    fn()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).strip_dirs().sort_stats("tottime").print_stats(lines)
+    return text.getvalue().strip()
 
 
 def median_us(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:

@@ -24,6 +24,9 @@ Steps (default ``tests bench``), each writing its whole output under ``$OUT`` (d
 * ``fewheads``: ``sparse_prefill.bench.few_heads --out $OUT`` (every few-head variant beside
   FlashMLA padded to 64 heads and the gather floor), ``$FEWHEADS_S`` seconds (300);
   ``OUT/few_heads.log``.
+* ``overhead``: ``sparse_prefill.bench.op_overhead --out $OUT`` (the public ``sparse_attn_fwd``
+  against its kernel's launch, timed three ways), ``$OVERHEAD_S`` seconds (200);
+  ``OUT/op_overhead.log``.
 * ``ncu``: per kernel of ``$NCU_KERNELS`` (default ``gluon flash_mla``), Nsight Compute on the
   second launch of ``sparse_prefill.bench.profile_sparse_attn --kernel K $NCU_ARGS``, 200 s
   each; ``OUT/ncu_K.txt``, of which the stall, throughput and hit-rate lines are printed.
@@ -55,7 +58,7 @@ NCU_S = 200
 NCU_SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "WarpStateStats", "SchedulerStats", "SourceCounters")
 # The kernel each --kernel of profile_sparse_attn launches (what ncu's -k filter matches).
 NCU_KERNEL_NAMES = {
-    "gluon": "_sparse_attn_ws_kernel",
+    "gluon": "_sparse_attn_(ws|few_heads)_kernel",  # the 64-head kernel, or the few-head one at h_q <= 16
     "triton": "_sparse_attn_fwd_kernel",
     "flash_mla": "sparse_attn_fwd_kernel",
 }
@@ -120,6 +123,9 @@ def plan(env: Mapping[str, str], python: str = sys.executable) -> list[Step]:
         elif name == "fewheads":
             argv = (python, "-m", "sparse_prefill.bench.few_heads", "--out", out)
             steps.append(Step(name, argv, float(knob(env, "FEWHEADS_S", "300")), f"{out}/few_heads.log", 40))
+        elif name == "overhead":
+            argv = (python, "-m", "sparse_prefill.bench.op_overhead", "--out", out)
+            steps.append(Step(name, argv, float(knob(env, "OVERHEAD_S", "200")), f"{out}/op_overhead.log", 20))
         elif name == "ncu":
             for kernel in knob(env, "NCU_KERNELS", "gluon flash_mla").split():
                 if kernel not in NCU_KERNEL_NAMES:
@@ -131,7 +137,7 @@ def plan(env: Mapping[str, str], python: str = sys.executable) -> list[Step]:
                         *shlex.split(knob(env, "NCU_ARGS", "")))
                 steps.append(Step(f"ncu {kernel}", argv, NCU_S, f"{out}/ncu_{kernel}.txt", 40, NCU_SUMMARY))
         else:
-            raise ValueError(f"STEPS: unknown step {name!r}; expected tests, bench, ncu, suite, fixture, chunkcache, fewheads or backend<chunks>")
+            raise ValueError(f"STEPS: unknown step {name!r}; expected tests, bench, ncu, suite, fixture, chunkcache, fewheads, overhead or backend<chunks>")
     return steps
 
 

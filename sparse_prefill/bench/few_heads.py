@@ -126,10 +126,6 @@ GLUON_VARIANTS = {
     "Gluon few-head kernel, 2 stages": {"STAGES": 2},
     # The copy-only ring was 1-3% faster with 8 producer warps than with 4 (benchmarks/data/gather_ceiling_h200.md).
     "Gluon few-head kernel, 8 producer warps": {"PRODUCER_WARPS": 8},
-    # Two math groups, half the heads each, so that one group's softmax hides under the other's MMAs.
-    "Gluon few-head kernel, 2 math groups": {"MATH_GROUPS": 2},
-    "Gluon few-head kernel, 2 math groups, 224 / 56 registers": {"MATH_GROUPS": 2, "MATH_REGS": 224,
-                                                                 "PRODUCER_REGS": 56},
 }
 
 

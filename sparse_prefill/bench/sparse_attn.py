@@ -152,11 +152,15 @@ def bench_us(fn: Callable[[], object]) -> float:
 
 def alternating_us(fns: dict[str, Callable[[], object]], rounds: int = ROUNDS) -> dict[str, float]:
     """Median of ``rounds`` timings of each of ``fns``, taken in turn: one kernel's time drifts by
-    several percent within a run (clocks, L2 state), so times to compare are taken interleaved."""
+    several percent within a run (clocks, L2 state), so times to compare are taken interleaved.
+    Round ``r`` starts at the ``r``-th of ``fns`` (rotated), so no function always follows the
+    same one (a long, hot kernel can leave the clocks lower for whatever runs next)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(bench_us(fn))
+    names = list(fns)
+    for r in range(rounds):
+        start = r % len(names)
+        for name in names[start:] + names[:start]:
+            times[name].append(bench_us(fns[name]))
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -127,15 +127,20 @@ def test_gpu_sparse_attn_flashmla(h_q, topk, d_qk, lengths):
 
 
 @pytest.mark.gpu
-def test_gpu_sparse_attn_auto_takes_flashmla_where_the_table_says():
-    """Bitwise FlashMLA's result at h_q 64 / d_qk 512 (topk a multiple of 128), ours at h_q 128
-    (measured faster there), at h_q 32 and at a topk FlashMLA does not take."""
+@pytest.mark.parametrize("table", ["current", "h_q 64 entry"])
+def test_gpu_sparse_attn_auto_takes_flashmla_where_the_table_says(monkeypatch, table):
+    """Bitwise the result of the kernel ``pick`` names: FlashMLA's only where ``AUTO_PREFERS``
+    has the shape (the current table has none; a patched-in h_q 64 / d_qk 512 entry) and
+    FlashMLA takes the call (not at topk 200); ours at h_q 128 and 32."""
     require_flashmla()
-    for h_q, topk, expected in [(64, 512, "flashmla"), (128, 1024, None), (32, 512, None), (64, 200, None)]:
+    if table != "current":
+        monkeypatch.setattr(kernel_choice, "AUTO_PREFERS", {(kernel_choice.SPARSE_ATTN, 64, 512): "flashmla"})
+    for h_q, topk in [(64, 512), (128, 1024), (32, 512), (64, 200)]:
+        expected = table != "current" and (h_q, topk) == (64, 512)
         case = make_case(33, 4096, h_q, 512, topk, "cuda", lengths=False)
         shape = kernel_choice.sparse_attn_shape(case.q, case.indices)
         picked = kernel_choice.pick(kernel_choice.SPARSE_ATTN, "auto", shape, case.q, case.kv)
-        assert (picked == "flashmla") == (expected == "flashmla"), (h_q, topk, picked)
+        assert (picked == "flashmla") == expected, (table, h_q, topk, picked)
         auto = sparse_attn_fwd(*case.args(), impl="auto")
         for a, b in zip(auto, sparse_attn_fwd(*case.args(), impl=picked)):
             assert torch.equal(a, b), (h_q, topk, picked)

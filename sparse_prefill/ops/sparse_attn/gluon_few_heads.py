@@ -12,9 +12,10 @@ speed is that of the KV gather:
   completing its own mbarrier;
 - the math group (the default 4 warps) runs the online softmax of each block and queues the next
   block's ``S^T`` right behind its ``P V``; the row sums stay per thread until the token's end
-  (one cross-warp sum per token, one cross-warp max per block). With ``MATH_GROUPS=2`` (a
-  tuning option, not the default until measured) two math groups read the same blocks, each for
-  half of the heads.
+  (one cross-warp sum per token, one cross-warp max per block).
+
+Measured and dropped (benchmarks/NOTES.md): two math groups on half the heads each, freeing
+stages before the next block's ``S^T``, and loading ids two blocks ahead.
 
 Persistent: one CTA per SM walks the tokens. Results are those of the Triton kernel
 (``kernel.py``) up to float summation order.
@@ -32,9 +33,7 @@ from sparse_prefill.ops.fp8_sparse_attn.gluon_kernel import GLUON_IMPORTED
 MAX_HEADS = 32
 # Producer warps and registers per thread (the math group gets the rest) and Q buffers: one
 # measured as fast as two (benchmarks/NOTES.md), and its 16-32 KB go to a third KV stage.
-# MATH_GROUPS 2: two math warp groups, each on half of the heads (HN / 2 columns of N), with
-# MATH_REGS registers for the second one.
-DEFAULT_TUNING = {"Q_BUFS": 1, "PRODUCER_WARPS": 4, "PRODUCER_REGS": 80, "MATH_GROUPS": 1, "MATH_REGS": 208}
+DEFAULT_TUNING = {"Q_BUFS": 1, "PRODUCER_WARPS": 4, "PRODUCER_REGS": 80}
 
 
 def kv_stages(d_qk: int) -> int:
@@ -163,17 +162,16 @@ if GLUON_IMPORTED:
     def _math(q_smem, qt_smem, k_smem, kt_smem, p_smem, bars, qk_scale_log2, idx_ptr, stride_i_s, s_kv,
               out_ptr, stride_o_s, stride_o_h, max_ptr, lse_ptr, stride_ml_s, sink_ptr, h_q, topk,
               topk_len_ptr, s_q, STAGES: gl.constexpr, Q_BUFS: gl.constexpr, D_TAIL: gl.constexpr,
-              HAS_TOPK_LEN: gl.constexpr, HAS_SINK: gl.constexpr, WG: gl.constexpr, HNW: gl.constexpr):
-        """Math group ``WG``: heads ``WG * HNW .. WG * HNW + HNW - 1`` of every token (HNW = HN
-        with one math group; with two, each takes half the heads of the same key blocks)."""
-        # One layout for S^T [64, HNW] and O^T [512, HNW]: per-head vectors are shared by both.
+              HAS_TOPK_LEN: gl.constexpr, HAS_SINK: gl.constexpr, HN: gl.constexpr):
+        """The math group: the HN heads of every token."""
+        # One layout for S^T [64, HN] and O^T [512, HN]: per-head vectors are shared by both.
         mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, HNW, 16])
+                                                        instr_shape=[16, HN, 16])
         keys_l: gl.constexpr = gl.SliceLayout(1, mma_l)
         heads_l: gl.constexpr = gl.SliceLayout(0, mma_l)
-        s_zero = gl.zeros([BLOCK_N, HNW], gl.float32, layout=mma_l)
+        s_zero = gl.zeros([BLOCK_N, HN], gl.float32, layout=mma_l)
         offs_k = gl.arange(0, BLOCK_N, layout=keys_l)
-        offs_hd = WG * HNW + gl.arange(0, HNW, layout=heads_l)
+        offs_hd = gl.arange(0, HN, layout=heads_l)
         offs_d = gl.arange(0, D_V, layout=keys_l)
         mask_h = offs_hd < h_q
         sink = load_sink(sink_ptr, offs_hd, mask_h, HAS_SINK)
@@ -185,11 +183,11 @@ if GLUON_IMPORTED:
             tok64 = tok.to(gl.int64)
             idx_row = idx_ptr + tok64 * stride_i_s
             qb = it % Q_BUFS
-            q_v = q_smem.index(qb).slice(WG * HNW, HNW, dim=0)
-            qt_v = qt_smem.index(qb).slice(WG * HNW, HNW, dim=0)
-            m_i = gl.full([HNW], float("-inf"), gl.float32, layout=heads_l)
-            l_part = gl.zeros([BLOCK_N, HNW], gl.float32, layout=mma_l)  # row sums, per thread
-            acc = gl.zeros([D_V, HNW], gl.float32, layout=mma_l)
+            q_v = q_smem.index(qb)
+            qt_v = qt_smem.index(qb)
+            m_i = gl.full([HN], float("-inf"), gl.float32, layout=heads_l)
+            l_part = gl.zeros([BLOCK_N, HN], gl.float32, layout=mma_l)  # row sums, per thread
+            acc = gl.zeros([D_V, HN], gl.float32, layout=mma_l)
             mbarrier.wait(bars.index(qb), (it // Q_BUFS) & 1)
             s_a = s_zero
             if n_pairs > 0:
@@ -207,7 +205,7 @@ if GLUON_IMPORTED:
                 valid_b = _valid_keys(idx_row, (2 * i + 1) * BLOCK_N + offs_k, n_keys, s_kv)
                 m_i, alpha, p = _softmax_step(s_a, valid_a, m_i, qk_scale_log2)
                 l_part = l_part * alpha[None, :] + p
-                acc = _issue_pv(k_smem, p_smem, st_a, 2 * WG, p, acc * alpha[None, :])
+                acc = _issue_pv(k_smem, p_smem, st_a, 0, p, acc * alpha[None, :])
                 s_b = warpgroup_mma_wait(num_outstanding=1, deps=(s_b,))
                 mbarrier.arrive(bars.index(2 + qb), pred=i + 1 == n_pairs)  # the token's last Q K^T
                 valid_a = _valid_keys(idx_row, (2 * i + 2) * BLOCK_N + offs_k, n_keys, s_kv)
@@ -215,7 +213,7 @@ if GLUON_IMPORTED:
                 l_part = l_part * alpha[None, :] + p
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                 mbarrier.arrive(bars.index(4 + STAGES + st_a))
-                pv = _issue_pv(k_smem, p_smem, st_b, 2 * WG + 1, p, acc * alpha[None, :])
+                pv = _issue_pv(k_smem, p_smem, st_b, 1, p, acc * alpha[None, :])
                 if i + 1 < n_pairs:
                     # The next pair's first S^T queued right behind this P V.
                     s_next = _scores_t(q_v, qt_v, k_smem, kt_smem, bars, g + 2, s_zero, STAGES, D_TAIL)
@@ -240,13 +238,11 @@ if GLUON_IMPORTED:
         stride_q_s, stride_q_h, stride_kv_s, stride_i_s, stride_o_s, stride_o_h, stride_ml_s, s_q,
         HN: gl.constexpr, D_TAIL: gl.constexpr, HAS_SINK: gl.constexpr, HAS_TOPK_LEN: gl.constexpr,
         STAGES: gl.constexpr, Q_BUFS: gl.constexpr, PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-        MATH_GROUPS: gl.constexpr, MATH_REGS: gl.constexpr,
     ):
-        HNW: gl.constexpr = HN // MATH_GROUPS
         nvmma: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         q_smem = gl.allocate_shared_memory(gl.bfloat16, [Q_BUFS, HN, 512], nvmma)
         k_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, 512], nvmma)
-        p_smem = gl.allocate_shared_memory(gl.bfloat16, [2 * MATH_GROUPS, HNW, BLOCK_N], nvmma)
+        p_smem = gl.allocate_shared_memory(gl.bfloat16, [2, HN, BLOCK_N], nvmma)
         if D_TAIL > 0:
             qt_smem = gl.allocate_shared_memory(gl.bfloat16, [Q_BUFS, HN, TAIL], nvmma)
             kt_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, TAIL], nvmma)
@@ -254,39 +250,22 @@ if GLUON_IMPORTED:
             qt_smem = q_smem  # unused without a tail
             kt_smem = k_smem
         bars = gl.allocate_shared_memory(gl.int64, [4 + 2 * STAGES, 1], mbarrier.MBarrierLayout())
-        # cp.async arrivals come from each of the producer's threads, the frees from each math
-        # group (one elected thread per group).
+        # cp.async arrivals come from each of the producer's threads, the frees from the math
+        # group (one elected thread).
         for i in gl.static_range(2):
             mbarrier.init(bars.index(i), count=32 * PRODUCER_WARPS)
-            mbarrier.init(bars.index(2 + i), count=MATH_GROUPS)
+            mbarrier.init(bars.index(2 + i), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(4 + i), count=32 * PRODUCER_WARPS)
-            mbarrier.init(bars.index(4 + STAGES + i), count=MATH_GROUPS)
-        # (The partitions' argument tuples are written out: a tuple held in a variable loses its
-        # constexprs in Triton 3.6.)
-        if MATH_GROUPS == 1:
-            gl.warp_specialize([
-                (_math, (q_smem, qt_smem, k_smem, kt_smem, p_smem, bars, qk_scale_log2, idx_ptr, stride_i_s, s_kv,
-                         out_ptr, stride_o_s, stride_o_h, max_ptr, lse_ptr, stride_ml_s, sink_ptr, h_q, topk,
-                         topk_len_ptr, s_q, STAGES, Q_BUFS, D_TAIL, HAS_TOPK_LEN, HAS_SINK, 0, HNW)),
-                (_producer, (q_smem, qt_smem, k_smem, kt_smem, bars, q_ptr, stride_q_s, stride_q_h, h_q,
-                             kv_ptr, stride_kv_s, s_kv, idx_ptr, stride_i_s, topk, topk_len_ptr, s_q,
-                             HN, STAGES, Q_BUFS, D_TAIL, HAS_TOPK_LEN, PRODUCER_WARPS)),
-            ], [PRODUCER_WARPS], [PRODUCER_REGS])
-        else:
-            # Two math groups on the same key blocks, half the heads each: one group's softmax
-            # runs while the other's MMAs do (a single group waits on its own chain).
-            gl.warp_specialize([
-                (_math, (q_smem, qt_smem, k_smem, kt_smem, p_smem, bars, qk_scale_log2, idx_ptr, stride_i_s, s_kv,
-                         out_ptr, stride_o_s, stride_o_h, max_ptr, lse_ptr, stride_ml_s, sink_ptr, h_q, topk,
-                         topk_len_ptr, s_q, STAGES, Q_BUFS, D_TAIL, HAS_TOPK_LEN, HAS_SINK, 0, HNW)),
-                (_math, (q_smem, qt_smem, k_smem, kt_smem, p_smem, bars, qk_scale_log2, idx_ptr, stride_i_s, s_kv,
-                         out_ptr, stride_o_s, stride_o_h, max_ptr, lse_ptr, stride_ml_s, sink_ptr, h_q, topk,
-                         topk_len_ptr, s_q, STAGES, Q_BUFS, D_TAIL, HAS_TOPK_LEN, HAS_SINK, 1, HNW)),
-                (_producer, (q_smem, qt_smem, k_smem, kt_smem, bars, q_ptr, stride_q_s, stride_q_h, h_q,
-                             kv_ptr, stride_kv_s, s_kv, idx_ptr, stride_i_s, topk, topk_len_ptr, s_q,
-                             HN, STAGES, Q_BUFS, D_TAIL, HAS_TOPK_LEN, PRODUCER_WARPS)),
-            ], [4, PRODUCER_WARPS], [MATH_REGS, PRODUCER_REGS])
+            mbarrier.init(bars.index(4 + STAGES + i), count=1)
+        gl.warp_specialize([
+            (_math, (q_smem, qt_smem, k_smem, kt_smem, p_smem, bars, qk_scale_log2, idx_ptr, stride_i_s, s_kv,
+                     out_ptr, stride_o_s, stride_o_h, max_ptr, lse_ptr, stride_ml_s, sink_ptr, h_q, topk,
+                     topk_len_ptr, s_q, STAGES, Q_BUFS, D_TAIL, HAS_TOPK_LEN, HAS_SINK, HN)),
+            (_producer, (q_smem, qt_smem, k_smem, kt_smem, bars, q_ptr, stride_q_s, stride_q_h, h_q,
+                         kv_ptr, stride_kv_s, s_kv, idx_ptr, stride_i_s, topk, topk_len_ptr, s_q,
+                         HN, STAGES, Q_BUFS, D_TAIL, HAS_TOPK_LEN, PRODUCER_WARPS)),
+        ], [PRODUCER_WARPS], [PRODUCER_REGS])
 
 
 def sparse_attn_fwd_gluon_few_heads(
@@ -312,8 +291,8 @@ def sparse_attn_fwd_gluon_few_heads(
     if unknown:
         raise ValueError(f"unknown tuning keys {sorted(unknown)}; known: {sorted(cfg)}")
     cfg.update(tuning)
-    if cfg["MATH_GROUPS"] not in (1, 2) or cfg["PRODUCER_WARPS"] not in (1, 2, 4, 8):
-        raise ValueError(f"MATH_GROUPS must be 1 or 2 and PRODUCER_WARPS 1, 2, 4 or 8, got {cfg}")
+    if cfg["PRODUCER_WARPS"] not in (1, 2, 4, 8):
+        raise ValueError(f"PRODUCER_WARPS must be 1, 2, 4 or 8, got {cfg['PRODUCER_WARPS']}")
     if h_q > MAX_HEADS:
         raise ValueError(f"the few-head kernel takes at most {MAX_HEADS} heads, got h_q {h_q}")
     grid = (min(s_q, _sm_count(q.device)),)
