@@ -5,8 +5,9 @@ One module per CLI benchmark (``BENCHMARKS``), each with ``run(quick=..., progre
 returning a :class:`~sparse_prefill.bench.common.BenchResult` (rows + markdown table), and its own
 ``main`` with the knobs the CLI leaves out (``python -m sparse_prefill.bench.<name> --help``).
 Run only as ``python -m sparse_prefill.bench.<name>``: ``parallel`` (several GPUs),
-``stack_vs_original``, ``fp8_small_batch``, ``tune_sparse_attn``, ``few_heads``, ``chunk_cache_build``,
-``op_overhead`` (the public op against its kernel), ``profile_sparse_attn`` (one launch for ncu), ``compile_offline`` (ptxas' report without a GPU; Triton 3.6) and
+``stack_vs_original``, ``fp8_small_batch``, ``tune_sparse_attn``, ``few_heads``,
+``chunk_cache_build``, ``op_overhead`` (the public op against its kernel), ``profile_sparse_attn``
+(one launch for ncu), ``compile_offline`` (ptxas' report without a GPU; Triton 3.6) and
 ``device_session`` (one call on the GPU machine). Their results go to ``benchmarks/``.
 """
 
