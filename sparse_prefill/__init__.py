@@ -24,7 +24,12 @@ from sparse_prefill.backend import (
     make_synthetic_batch,
     naive_layer_forward,
 )
-from sparse_prefill.backend.chunk_cache import LayerIndices, SparsePrefillChunkCache, StaleChunkCacheError
+from sparse_prefill.backend.chunk_cache import (
+    ChunkCacheBuilder,
+    LayerIndices,
+    SparsePrefillChunkCache,
+    StaleChunkCacheError,
+)
 from sparse_prefill.layout import KVCacheLayout
 from sparse_prefill.ops.cache import (
     dequantize_k_cache,
@@ -48,6 +53,7 @@ from sparse_prefill.parallel import ContextParallelPrefill, HeadParallelPrefill,
 __all__ = [
     "__version__",
     "BatchMetadata",
+    "ChunkCacheBuilder",
     "ContextParallelPrefill",
     "ForwardMode",
     "HeadParallelPrefill",

@@ -219,6 +219,32 @@ def test_kernel_cache_equals_reference_cache(device):
     assert_caches_equal(tri, ref, 7, picks.to(device), picks)
 
 
+def test_builder_builds_what_build_builds():
+    """One builder, several batches: each cache equals ``build``'s of the same batch."""
+    _, kwargs = build_small()
+    model = {k: kwargs.pop(k) for k in ("window_size", "ratios", "topk", "impl")}
+    builder = SparsePrefillChunkCache.builder(**model, device="cpu")
+    assert builder.ratios == sorted(RATIOS) and builder.impl == "reference" and builder.device_type == "cpu"
+    picks = torch.randint(-1, 310, (17, 8), dtype=torch.int32)
+    for key in (1, 2):
+        assert_caches_equal(builder.build(**{**kwargs, "key": key}), SparsePrefillChunkCache.build(
+            **kwargs | {"key": key}, **model), key, picks, picks)
+
+
+def test_builder_validation():
+    _, kwargs = build_small()
+    model = {k: kwargs.pop(k) for k in ("window_size", "ratios", "topk", "impl")}
+    with pytest.raises(ValueError, match="window_size"):
+        SparsePrefillChunkCache.builder(**model | {"window_size": 0})
+    with pytest.raises(ValueError, match="impl"):
+        SparsePrefillChunkCache.builder(**model | {"impl": "fast"})
+    builder = SparsePrefillChunkCache.builder(**model, device="meta")
+    with pytest.raises(ValueError, match="seq_lens must be on a meta device"):
+        builder.build(**kwargs)
+    with pytest.raises(ValueError, match="key"):
+        SparsePrefillChunkCache.builder(**model, device="cpu").build(**kwargs | {"key": None})
+
+
 def test_topk_buffers_are_reused():
     cache, _ = build_small()
     a = cache.combine_topk(4, torch.zeros(cache.num_tokens, 8, dtype=torch.int32), 7)
@@ -309,7 +335,7 @@ def test_inference_tensors_use_key_and_invalidate():
         (dict(ratio_kinds={4: "swa"}), ValueError, "ratio 0 is the SWA-only layer"),
         (dict(topk=None), TypeError, "topk"),
         (dict(topk=0), ValueError, "topk"),
-        (dict(ratios=(0, 128), compressed_token_tables=None), ValueError, "compressed_token_tables"),
+        (dict(ratios=(0, 128), compressed_token_tables=None, topk=None), ValueError, "compressed_token_tables"),
         (dict(extend_lens=torch.tensor([5, 10, 3], dtype=torch.int32)), ValueError, r"extend_lens\[1\]"),
         (dict(extend_lens=torch.tensor([5, 9], dtype=torch.int32)), ValueError, "extend_lens"),
         (dict(seq_lens=torch.tensor([40, 9, 300])), TypeError, "seq_lens"),

@@ -39,7 +39,7 @@ from sparse_prefill._utils import (
     value_checks_enabled,
 )
 from sparse_prefill.backend import routing
-from sparse_prefill.backend.chunk_cache import SparsePrefillChunkCache
+from sparse_prefill.backend.chunk_cache import ChunkCacheBuilder, SparsePrefillChunkCache
 from sparse_prefill.backend.config import ModelConfig
 from sparse_prefill.backend.layer_kinds import SWA_RATIO, LayerKind
 from sparse_prefill.backend.metadata import BatchMetadata, LayerCaches
@@ -194,6 +194,7 @@ class SparsePrefillBackend:
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
         self.config = config
+        self._ratios = sorted(set(config.compress_ratios))  # distinct, ascending
         self.path_setting = routing.path_setting(path)
         self.impl = kernel_choice.check_name(impl)
         # The index and cache ops have no Gluon or FlashMLA kernel.
@@ -213,6 +214,9 @@ class SparsePrefillBackend:
             )
         self.cuda_graph = cuda_graph
         self._state: _ForwardState | None = None
+        # (sparse ratios, device type) -> their chunk-cache builder: the model's side of the
+        # build is validated once, not every forward.
+        self._chunk_builders: dict[tuple[tuple[int, ...], str], ChunkCacheBuilder] = {}
 
     # -- per-forward state -------------------------------------------------------------------
 
@@ -229,8 +233,8 @@ class SparsePrefillBackend:
                 "request lengths, which a replay would not update: use SparsePrefillBackend(..., cuda_graph=True)"
             )
         self._state = state = _ForwardState(metadata)
-        ratios = sorted(set(self.config.compress_ratios))
-        paths = {r: self.path_for(r) for r in ratios}
+        ratios = self._ratios
+        paths = {r: self.path_for(r) for r in ratios}  # every ratio's, in state.paths from here on
         if routing.SPARSE in paths.values():
             self.chunk_cache()
         if routing.REGULAR in paths.values():
@@ -412,19 +416,23 @@ class SparsePrefillBackend:
         if state.chunk_cache is None or not state.chunk_cache.is_valid_for(state.generation):
             # The ratios routed sparse (all when none is, for callers that ask anyway); the host
             # lengths spare the build its device sync.
-            all_ratios = sorted(set(cfg.compress_ratios))
-            ratios = [r for r in all_ratios if self.path_for(r) == routing.SPARSE] or all_ratios
-            state.chunk_cache = SparsePrefillChunkCache.build(
+            ratios = [r for r in self._ratios if state.paths[r] == routing.SPARSE] or self._ratios
+            builder = self._chunk_builders.get((tuple(ratios), md.device.type))
+            if builder is None:
+                builder = self._chunk_builders[tuple(ratios), md.device.type] = SparsePrefillChunkCache.builder(
+                    window_size=cfg.window_size,
+                    ratios=ratios,
+                    topk=cfg.topk if any(r in cfg.topk_ratios for r in ratios) else None,
+                    ratio_kinds=cfg.ratio_kinds,
+                    impl=self.ops_impl,
+                    device=md.device,
+                )
+            state.chunk_cache = builder.build(
                 key=state.generation,
                 seq_lens=md.seq_lens,
                 extend_lens=md.extend_lens,
                 swa_token_table=md.swa_token_table,
-                window_size=cfg.window_size,
-                ratios=ratios,
                 compressed_token_tables={r: md.compressed_token_tables[r] for r in ratios if r > 0},
-                topk=cfg.topk if any(r in cfg.topk_ratios for r in ratios) else None,
-                ratio_kinds=cfg.ratio_kinds,
-                impl=self.ops_impl,
                 host_lens=(md.seq_lens_host, md.extend_lens_host),
             )
             state.workspaces, state.filled = {}, {}

@@ -87,9 +87,14 @@ def _host_lens(
     names = ("seq_lens", "extend_lens")
     lists = []
     for name, values, t in zip(names, host_lens, (seq_lens, extend_lens)):
-        if isinstance(values, (str, bytes, torch.Tensor)) or not isinstance(values, Sequence):
+        if type(values) not in (list, tuple) and (
+            isinstance(values, (str, bytes, torch.Tensor)) or not isinstance(values, Sequence)
+        ):
             raise TypeError(f"host_lens' {name} must be a sequence of ints, got {type(values).__name__}")
-        values = [check_int(f"host_lens' {name}[{i}]", v) for i, v in enumerate(values)]
+        if all(type(v) is int for v in values):  # the usual case, checked in one pass
+            values = list(values)
+        else:
+            values = [check_int(f"host_lens' {name}[{i}]", v) for i, v in enumerate(values)]
         if len(values) != t.shape[0]:
             raise ValueError(f"host_lens' {name} has {len(values)} entries, the {name} tensor {t.shape[0]}")
         lists.append(values)
@@ -141,6 +146,41 @@ class SparsePrefillChunkCache:
         self._impl = impl
 
     @classmethod
+    def builder(
+        cls,
+        *,
+        window_size: int,
+        ratios: Collection[int],
+        topk: int | None = None,
+        ratio_kinds: Mapping[int, object] | None = None,
+        impl: str = "auto",
+        device: torch.device | str | None = None,
+    ) -> ChunkCacheBuilder:
+        """Validate the model's side of ``build`` once; the returned builder's ``build`` takes
+        the batch's side (an engine keeps one builder per set of ratios and calls it every
+        forward). Arguments as ``build``'s; ``device`` (None: CUDA if available, else CPU)
+        resolves ``impl``: the builder takes tensors of its type ("cuda" or "cpu")."""
+        check_int("window_size", window_size, lo=1, hi=INT32_MAX)
+        if not isinstance(ratios, Collection) or isinstance(ratios, (str, Mapping)) or not ratios:
+            raise ValueError(f"ratios must be a non-empty collection of ints, got {ratios!r}")
+        for c in ratios:
+            check_int("each of ratios", c, lo=0, hi=INT32_MAX)
+        ratio_list = sorted(set(ratios))
+        if len(ratio_list) != len(ratios):
+            raise ValueError(f"ratios must be distinct, got {ratios!r}")
+        kinds = resolve_ratio_kinds(ratio_list, ratio_kinds)
+        topk_ratios = [c for c in ratio_list if kinds[c] is LayerKind.TOPK]
+        if topk_ratios:
+            check_int("topk", topk, lo=1, hi=INT32_MAX)
+        elif topk is not None:
+            raise ValueError(f"topk is for top-k layers; ratios {ratio_list} have none")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        return ChunkCacheBuilder(window_size, ratio_list, kinds, topk_ratios, topk, resolve_impl(impl, device),
+                                 device.type)
+
+    @classmethod
     def build(
         cls,
         *,
@@ -158,7 +198,7 @@ class SparsePrefillChunkCache:
     ) -> SparsePrefillChunkCache:
         """Build the cache of one chunk. Without ``host_lens``, one host sync (the ``[R]``
         lengths are read once); with them, none, so the build queues behind the GPU's work
-        instead of draining it.
+        instead of draining it. ``builder(...).build(...)`` is the same in two steps.
 
         Args:
             key: the batch metadata this cache belongs to (not None): the metadata object
@@ -188,84 +228,11 @@ class SparsePrefillChunkCache:
         lengths are on the host anyway), on more than ``2**31 - 1`` query tokens, and on a
         workspace of more than ``2**31 - 1`` rows for some ratio (limits: ``ops/indices/plan.py``).
         """
-        if key is None:
-            raise ValueError("key must identify the batch metadata (e.g. the metadata object), not None")
-        check_int("window_size", window_size, lo=1, hi=INT32_MAX)
-        if not isinstance(ratios, Collection) or isinstance(ratios, (str, Mapping)) or not ratios:
-            raise ValueError(f"ratios must be a non-empty collection of ints, got {ratios!r}")
-        for c in ratios:
-            check_int("each of ratios", c, lo=0, hi=INT32_MAX)
-        ratio_list = sorted(set(ratios))
-        if len(ratio_list) != len(ratios):
-            raise ValueError(f"ratios must be distinct, got {ratios!r}")
-        kinds = resolve_ratio_kinds(ratio_list, ratio_kinds)
-        topk_ratios = [c for c in ratio_list if kinds[c] is LayerKind.TOPK]
-        check_tensor("seq_lens", seq_lens, dtypes=_I32, shape=(None,))
-        num_reqs, device = seq_lens.shape[0], seq_lens.device
-        check_tensor("extend_lens", extend_lens, dtypes=_I32, shape=(num_reqs,), device=device)
-        table_shape = (num_reqs, None)
-        check_tensor("swa_token_table", swa_token_table, dtypes=_I32, shape=table_shape, device=device)
-        tables = dict(compressed_token_tables or {})
-        if sorted(tables) != [c for c in ratio_list if c > 0]:
-            raise ValueError(
-                f"compressed_token_tables must have one table per ratio > 0 of {ratio_list}, "
-                f"got ratios {sorted(tables)}"
-            )
-        for c, t in tables.items():
-            check_tensor(f"compressed_token_tables[{c}]", t, dtypes=_I32, shape=table_shape, device=device)
-        if topk_ratios:
-            check_int("topk", topk, lo=1, hi=INT32_MAX)
-        elif topk is not None:
-            raise ValueError(f"topk is for top-k layers; ratios {ratio_list} have none")
-        impl = resolve_impl(impl, device)
-
-        # Every size below is computed from these host lists.
-        if host_lens is None:
-            seq, ext = torch.stack([seq_lens, extend_lens]).tolist()  # the one host sync
-        else:
-            seq, ext = _host_lens(host_lens, seq_lens, extend_lens)
-        check_request_lengths(seq, ext, swa_token_table.shape[1], "swa_token_table")
-        num_tokens = sum(ext)
-        if num_tokens > INT32_MAX:
-            raise ValueError(f"sum(extend_lens) = {num_tokens} query tokens exceed int32 ({INT32_MAX})")
-        num_swa = sum(swa_gather_len(s, e, window_size) for s, e in zip(seq, ext))
-        num_compressed = {}
-        for c in ratio_list:
-            if c > 0:
-                check_request_lengths(seq, None, tables[c].shape[1], f"compressed_token_tables[{c}]", c)
-            num_compressed[c] = sum(s // c for s in seq) if c > 0 else 0
-            check_workspace_rows(num_compressed[c], num_swa)
-
-        # Rows built once: SWA-only takes no entries; a dense ratio all of the longest request's.
-        row_topks = [
-            -1 if kinds[c] is LayerKind.TOPK else 0 if c == 0 else max((s // c for s, e in zip(seq, ext) if e), default=0)
-            for c in ratio_list
-        ]
-        chunk = chunk_indices(
-            seq_lens, extend_lens, swa_token_table, tables, ratio_list, row_topks, window_size, num_tokens, num_swa,
-            [num_compressed[c] for c in ratio_list], impl,
-        )
-        rows = dict(chunk.rows)
-        width = combined_width(topk, window_size) if topk_ratios else 0
-        for c in topk_ratios:  # recombined per layer into these
-            rows[c] = (
-                torch.empty((num_tokens, width), dtype=torch.int32, device=device),
-                torch.empty(num_tokens, dtype=torch.int32, device=device),
-            )
-        return cls(
-            key=key,
-            seq_lens=seq_lens,
-            sources=[seq_lens, extend_lens, swa_token_table, *tables.values()],
-            window_size=window_size,
-            topk=topk,
-            kinds=kinds,
-            query_start_loc=chunk.query_start_loc,
-            query_pos=chunk.query_pos,
-            swa=chunk.swa,
-            plans=chunk.plans,
-            rows=rows,
-            impl=impl,
-        )
+        device = seq_lens.device if isinstance(seq_lens, torch.Tensor) else None
+        spec = cls.builder(window_size=window_size, ratios=ratios, topk=topk, ratio_kinds=ratio_kinds, impl=impl,
+                           device=device)
+        return spec.build(key=key, seq_lens=seq_lens, extend_lens=extend_lens, swa_token_table=swa_token_table,
+                          compressed_token_tables=compressed_token_tables, host_lens=host_lens)
 
     # -- staleness ---------------------------------------------------------------------------
 
@@ -380,3 +347,95 @@ class SparsePrefillChunkCache:
                 )
             indices, lens = self._rows[ratio]
         return LayerIndices(plan, indices, lens)
+
+
+class ChunkCacheBuilder(NamedTuple):
+    """The model's side of ``SparsePrefillChunkCache.build``, validated once
+    (``SparsePrefillChunkCache.builder``); ``build`` takes the batch's side."""
+
+    window_size: int
+    ratios: list[int]  # sorted
+    kinds: dict[int, LayerKind]
+    topk_ratios: list[int]
+    topk: int | None
+    impl: str  # resolved for device_type
+    device_type: str
+
+    def build(
+        self,
+        *,
+        key: object,
+        seq_lens: torch.Tensor,
+        extend_lens: torch.Tensor,
+        swa_token_table: torch.Tensor,
+        compressed_token_tables: Mapping[int, torch.Tensor] | None = None,
+        host_lens: tuple[Sequence[int], Sequence[int]] | None = None,
+    ) -> SparsePrefillChunkCache:
+        """``SparsePrefillChunkCache.build`` with this builder's model arguments; the tensors
+        must be on a device of the builder's ``device_type``."""
+        if key is None:
+            raise ValueError("key must identify the batch metadata (e.g. the metadata object), not None")
+        ratio_list, kinds, topk, window_size = self.ratios, self.kinds, self.topk, self.window_size
+        check_tensor("seq_lens", seq_lens, dtypes=_I32, shape=(None,))
+        num_reqs, device = seq_lens.shape[0], seq_lens.device
+        if device.type != self.device_type:
+            raise ValueError(f"seq_lens must be on a {self.device_type} device (the builder's), got {device}")
+        check_tensor("extend_lens", extend_lens, dtypes=_I32, shape=(num_reqs,), device=device)
+        table_shape = (num_reqs, None)
+        check_tensor("swa_token_table", swa_token_table, dtypes=_I32, shape=table_shape, device=device)
+        tables = dict(compressed_token_tables or {})
+        if sorted(tables) != [c for c in ratio_list if c > 0]:
+            raise ValueError(
+                f"compressed_token_tables must have one table per ratio > 0 of {ratio_list}, "
+                f"got ratios {sorted(tables)}"
+            )
+        for c, t in tables.items():
+            check_tensor(f"compressed_token_tables[{c}]", t, dtypes=_I32, shape=table_shape, device=device)
+
+        # Every size below is computed from these host lists.
+        if host_lens is None:
+            seq, ext = torch.stack([seq_lens, extend_lens]).tolist()  # the one host sync
+        else:
+            seq, ext = _host_lens(host_lens, seq_lens, extend_lens)
+        check_request_lengths(seq, ext, swa_token_table.shape[1], "swa_token_table")
+        num_tokens = sum(ext)
+        if num_tokens > INT32_MAX:
+            raise ValueError(f"sum(extend_lens) = {num_tokens} query tokens exceed int32 ({INT32_MAX})")
+        num_swa = sum(swa_gather_len(s, e, window_size) for s, e in zip(seq, ext))
+        num_compressed = {}
+        for c in ratio_list:
+            if c > 0:
+                check_request_lengths(seq, None, tables[c].shape[1], f"compressed_token_tables[{c}]", c)
+            num_compressed[c] = sum(s // c for s in seq) if c > 0 else 0
+            check_workspace_rows(num_compressed[c], num_swa)
+
+        # Rows built once: SWA-only takes no entries; a dense ratio all of the longest request's.
+        row_topks = [
+            -1 if kinds[c] is LayerKind.TOPK else 0 if c == 0 else max((s // c for s, e in zip(seq, ext) if e), default=0)
+            for c in ratio_list
+        ]
+        chunk = chunk_indices(
+            seq_lens, extend_lens, swa_token_table, tables, ratio_list, row_topks, window_size, num_tokens, num_swa,
+            [num_compressed[c] for c in ratio_list], self.impl,
+        )
+        rows = dict(chunk.rows)
+        width = combined_width(topk, window_size) if self.topk_ratios else 0
+        for c in self.topk_ratios:  # recombined per layer into these
+            rows[c] = (
+                torch.empty((num_tokens, width), dtype=torch.int32, device=device),
+                torch.empty(num_tokens, dtype=torch.int32, device=device),
+            )
+        return SparsePrefillChunkCache(
+            key=key,
+            seq_lens=seq_lens,
+            sources=[seq_lens, extend_lens, swa_token_table, *tables.values()],
+            window_size=window_size,
+            topk=topk,
+            kinds=kinds,
+            query_start_loc=chunk.query_start_loc,
+            query_pos=chunk.query_pos,
+            swa=chunk.swa,
+            plans=chunk.plans,
+            rows=rows,
+            impl=self.impl,
+        )

@@ -16,6 +16,10 @@ are then checked against the length tensors on the device):
   calls (0 when every buffer is served from its cache; a build that needs a fresh segment each
   time pays the driver's allocation on the host).
 
+Every case is measured in ``ROUNDS`` rounds over all cases (column ``round``): the H200's host
+ran the same build at 190 us in some seconds and over 400 us in others, so one figure per case
+says little; the rounds show that spread (benchmarks/NOTES.md, 2026-12-04).
+
 Under the table, the host profile of the last case's build with checks off (``cProfile``, the
 functions with the most time of their own; also the last JSON row's ``host_profile``): where the host
 time goes.
@@ -42,7 +46,6 @@ from sparse_prefill.bench.backend import (
     ChunkCachePipeline,
     case_batch,
     case_main,
-    each_case,
     ours_kernel,
 )
 from sparse_prefill.bench.common import (
@@ -74,6 +77,7 @@ def device_work(fn: Callable[[], object]) -> tuple[int | None, float | None]:
 
 HOST_CALLS = 50
 PROFILE_LINES = 15
+ROUNDS = 2
 
 
 def device_mallocs(fn: Callable[[], object], calls: int = HOST_CALLS) -> float | None:
@@ -88,11 +92,11 @@ def device_mallocs(fn: Callable[[], object], calls: int = HOST_CALLS) -> float |
     return (torch.cuda.memory_stats()["segment.all.allocated"] - before) / calls
 
 
-def run_case(h_q: int, topk: int, chunk: int, prefix: int, device: torch.device, profile: bool) -> dict:
-    """The case's row; with ``profile``, also the host profile of its build with checks off
-    (``row["host_profile"]``)."""
-    pipe = ChunkCachePipeline(case_batch(h_q, topk, chunk, prefix, device, layers=()), ours_kernel)
-    row = dict(h_q=h_q, topk=topk, chunk=chunk, prefix=prefix)
+def run_case(pipe: ChunkCachePipeline, case: tuple[int, int, int, int], round_: int, profile: bool) -> dict:
+    """The row of ``case`` (h_q, topk, chunk, prefix; ``pipe`` built for it) in round ``round_``;
+    with ``profile``, also the host profile of its build with checks off (``row["host_profile"]``)."""
+    h_q, topk, chunk, prefix = case
+    row = dict(round=round_, h_q=h_q, topk=topk, chunk=chunk, prefix=prefix)
     for suffix, checks in (("", False), ("_checked", True)):
         with value_checks(checks):
             row[f"build_us{suffix}"] = median_us(pipe.begin)
@@ -106,16 +110,17 @@ def run_case(h_q: int, topk: int, chunk: int, prefix: int, device: torch.device,
 
 
 def markdown(rows: list[dict]) -> str:
-    columns = ["h_q/topk", "chunk", "prefix", "build us", "host us", "launches", "device us", "cudaMalloc",
+    columns = ["round", "h_q/topk", "chunk", "prefix", "build us", "host us", "launches", "device us", "cudaMalloc",
                "build us (checks on)", "host us (checks on)", "launches (checks on)", "device us (checks on)"]
-    cells = [[f"{r['h_q']}/{r['topk']}", r["chunk"], r["prefix"], fmt(r["build_us"]), fmt(r["host_us"]),
+    cells = [[r["round"], f"{r['h_q']}/{r['topk']}", r["chunk"], r["prefix"], fmt(r["build_us"]), fmt(r["host_us"]),
               fmt(r["launches"], "d"), fmt(r["device_us"]), fmt(r["mallocs"], ".2f"), fmt(r["build_us_checked"]),
               fmt(r["host_us_checked"]), fmt(r["launches_checked"], "d"), fmt(r["device_us_checked"])]
              for r in rows]
     last = rows[-1]
     return "\n".join([
         "Median us of do_bench; host us: per call on the host, no sync.", "", *markdown_table(columns, cells), "",
-        f"Host profile, {last['h_q']}/{last['topk']} chunk {last['chunk']} prefix {last['prefix']}, checks off "
+        f"Host profile, round {last['round']}, {last['h_q']}/{last['topk']} chunk {last['chunk']} prefix "
+        f"{last['prefix']}, checks off "
         f"({HOST_CALLS} builds):", "", "```", last["host_profile"], "```", "",
     ])
 
@@ -128,10 +133,15 @@ def run(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if smoke:
         shapes, chunks, prefixes = [(4, 16)], [64], [0, 300]
-    progress.section("chunk_cache_build", len(shapes) * len(chunks) * len(prefixes))
-    last = (*shapes[-1], chunks[-1], prefixes[-1])  # the one case profiled
-    rows = each_case(shapes, chunks, prefixes, progress,
-                     lambda *case: run_case(*case, device, profile=case == last))
+    cases = [(h, k, c, p) for h, k in shapes for c in chunks for p in prefixes]
+    progress.section("chunk_cache_build", ROUNDS * len(cases))
+    pipes = [ChunkCachePipeline(case_batch(*case, device, layers=()), ours_kernel) for case in cases]
+    rows = []
+    for round_ in range(ROUNDS):
+        for i, (case, pipe) in enumerate(zip(cases, pipes)):
+            progress.step(f"round {round_}: h_q {case[0]} topk {case[1]}, chunk {case[2]}, prefix {case[3]}")
+            last = round_ == ROUNDS - 1 and i == len(cases) - 1  # the one build profiled
+            rows.append(run_case(pipe, case, round_, profile=last))
     return BenchResult("chunk_cache_build", "The per-forward chunk-cache build (begin_forward, sparse path)",
                        markdown(rows), rows)
 

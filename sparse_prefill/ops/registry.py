@@ -30,6 +30,21 @@ def define_op(schema: str, impl: Callable, fake: Callable) -> torch._ops.OpOverl
     return getattr(getattr(torch.ops, NAMESPACE), name).default
 
 
+def direct_call_ok(t: torch.Tensor) -> bool:
+    """Whether an op called with ``t`` among its tensors may run its implementation directly,
+    skipping the dispatcher: ``t`` a plain CUDA tensor, no ``torch.compile`` trace, and no
+    dispatch or function mode (fake tensors, op counters, a ``torch.device`` context) that
+    expects to see the op. For ops whose boxing costs tens of microseconds a call (lists of
+    arguments or outputs); everything else goes through the registered op."""
+    return (
+        type(t) is torch.Tensor
+        and t.device.type == "cuda"
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+    )
+
+
 def writes_only(*args: object) -> None:
     """The fake implementation of an op that only writes its output arguments."""
     return None

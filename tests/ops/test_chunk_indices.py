@@ -123,9 +123,9 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_build_is_one_op_and_one_launch_per_ratio(device, monkeypatch):
+def test_build_is_one_op_and_one_launch(device, monkeypatch):
     """With value checks off the build dispatches the fused op and the top-k buffers'
-    allocations only, and the op launches one kernel per ratio."""
+    allocations only, and the op launches one kernel for its three ratios."""
     launches = []
     run = kernels._chunk_kernel.run
     monkeypatch.setattr(kernels._chunk_kernel, "run", lambda *a, **k: launches.append(1) or run(*a, **k))
@@ -138,16 +138,82 @@ def test_build_is_one_op_and_one_launch_per_ratio(device, monkeypatch):
             host_lens=(seq, ext),
         )
     assert counter.ops == {"sparse_prefill.build_chunk_indices": 1, "aten.empty": 2}
-    assert len(launches) == 3
+    assert len(launches) == 1
+
+
+def test_direct_call_only_for_plain_cuda_eager():
+    """The build skips the dispatcher only where nothing expects to see the op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sparse_prefill.ops.registry import direct_call_ok
+
+    assert not direct_call_ok(torch.zeros(1))
+    with FakeTensorMode() as mode:
+        assert not direct_call_ok(mode.from_tensor(torch.zeros(1)))
+    if torch.cuda.is_available():
+        t = torch.zeros(1, device="cuda")
+        assert direct_call_ok(t)
+        with _OpCounter():
+            assert not direct_call_ok(t)
+        with torch.device("cuda"):
+            assert not direct_call_ok(t)
+
+
+@pytest.mark.gpu
+def test_gpu_build_calls_the_impl_directly(monkeypatch):
+    """On plain CUDA tensors the build runs the op's implementation without the dispatcher, on
+    one pooled buffer, and gives what the registered op gives."""
+    import sparse_prefill.ops.indices as indices
+
+    calls = []
+    impl = library.build_chunk_indices
+    monkeypatch.setattr(indices, "build_chunk_indices", lambda *a, **k: calls.append(k) or impl(*a, **k))
+    args = chunk_args([40, 9, 300, 77], [5, 9, 3, 0], (0, 4, 128), (0, 128), 16, "cuda")
+    direct = chunk_indices(*args, "triton")
+    assert calls == [{"pooled": True}]
+    tables = [args[3][c] for c in args[4] if c > 0]
+    via_op = library.build_chunk_indices_op(*args[:3], tables, *args[4:], "triton")
+    assert_chunk_equal(direct, library.unflatten_chunk_indices(via_op, args[4], args[5]))
+
+
+def _op_args(args):
+    """``chunk_args`` as the op takes them: the tables a list, in ratio order."""
+    return (*args[:3], [args[3][c] for c in args[4] if c > 0], *args[4:])
+
+
+@pytest.mark.parametrize("case", [0, 1, 3, 4])
+def test_pooled_build_matches_reference(device, poisoned, case):
+    seq, ext = CASES[case]
+    args = chunk_args(seq, ext, (0, 1, 4, 128), (0, 128), 16, device)
+    pooled = library.build_chunk_indices(*_op_args(args), "triton", pooled=True)
+    assert_chunk_equal(pooled, chunk_indices(*args, "reference"))
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_pooled_views_are_aligned_and_disjoint(case):
+    """One buffer; every view 16-byte aligned (as separate allocations are, so Triton compiles
+    the same variant), shaped and typed as unpooled, and no two overlap."""
+    seq, ext = CASES[case]
+    args = chunk_args(seq, ext, (0, 3, 4, 128), (0, 3), 5, "cpu")
+    sizes = (args[0], args[4], args[5], args[6], args[7], args[8], args[9])
+    pooled, separate = (flat(library.empty_chunk_indices(*sizes, pooled=p)) for p in (True, False))
+    assert [(t.dtype, t.shape) for t in pooled] == [(t.dtype, t.shape) for t in separate]
+    assert len({t.untyped_storage().data_ptr() for t in pooled}) == 1
+    assert all(t.data_ptr() % 16 == 0 and t.is_contiguous() for t in pooled)
+    for i, t in enumerate(pooled):
+        t.fill_(i)
+    assert all(bool((t == i).all()) for i, t in enumerate(pooled))
 
 
 def test_bench_smoke():
     from sparse_prefill.bench import chunk_cache_build
 
     result = chunk_cache_build.run(smoke=True)
-    assert [(r["chunk"], r["prefix"]) for r in result.rows] == [(64, 0), (64, 300)]
+    assert [(r["round"], r["chunk"], r["prefix"]) for r in result.rows] == [
+        (round_, 64, prefix) for round_ in range(chunk_cache_build.ROUNDS) for prefix in (0, 300)
+    ]
     assert all(r[k] > 0 for r in result.rows for k in ("build_us", "build_us_checked", "host_us", "host_us_checked"))
-    assert "| h_q/topk | chunk | prefix | build us | host us | launches |" in result.markdown
-    assert "host_profile" not in result.rows[0]  # the last case only
+    assert "| round | h_q/topk | chunk | prefix | build us | host us | launches |" in result.markdown
+    assert all("host_profile" not in r for r in result.rows[:-1])  # the last round's last case only
     assert "chunk_cache.py" in result.rows[-1]["host_profile"]  # the build's own functions are in it
     assert result.rows[-1]["host_profile"] in result.markdown

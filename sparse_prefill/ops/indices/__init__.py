@@ -23,11 +23,11 @@ from sparse_prefill._utils import (
     values_readable,
 )
 from sparse_prefill.ops.indices.library import (
+    build_chunk_indices,
     build_chunk_indices_op,
     build_swa_token_ids_op,
     build_workspace_plan_op,
     combine_topk_swa_indices_op,
-    unflatten_chunk_indices,
 )
 from sparse_prefill.ops.indices.plan import (
     INT32_MAX,
@@ -39,7 +39,9 @@ from sparse_prefill.ops.indices.plan import (
     combined_width,
     swa_gather_len,
     swa_gather_lens,
+    unflatten_chunk_indices,
 )
+from sparse_prefill.ops.registry import direct_call_ok
 
 __all__ = [
     "SwaTokenIds",
@@ -514,10 +516,12 @@ def chunk_indices(
     query rows, the SWA gather, the plan of each of ``ratios`` and, for each ratio ``k`` with
     ``row_topks[k] >= 0``, its rows of entries ``0 .. row_topks[k] - 1``. Equal to
     ``build_swa_token_ids``, ``build_workspace_plan`` and ``combine_topk_swa_indices`` with
-    ``topk_indices=None`` in turn; the Triton path is one launch per ratio."""
+    ``topk_indices=None`` in turn; the Triton path is one launch per three ratios."""
     tables = [compressed_token_tables[c] for c in ratios if c > 0]
-    flat = build_chunk_indices_op(
-        seq_lens, extend_lens, swa_token_table, tables, ratios, row_topks, window_size, num_tokens, num_swa,
-        num_compressed, impl,
-    )
-    return unflatten_chunk_indices(flat, ratios, row_topks)
+    args = (seq_lens, extend_lens, swa_token_table, tables, ratios, row_topks, window_size, num_tokens, num_swa,
+            num_compressed, impl)
+    if direct_call_ok(seq_lens):
+        # Boxing the op's ~20 outputs through the dispatcher, and allocating each, cost ~100 us
+        # of host time a build on the H200's host: run the implementation on one pooled buffer.
+        return build_chunk_indices(*args, pooled=True)
+    return unflatten_chunk_indices(build_chunk_indices_op(*args), ratios, row_topks)

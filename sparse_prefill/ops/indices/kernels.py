@@ -228,9 +228,10 @@ def combine_topk_swa_indices_triton(
     )
 
 
-# The chunk build: one launch per compress ratio. Its programs need per-request prefix sums
-# that no earlier launch wrote, so each scans the [R] lengths itself, _SCAN_R requests a step:
-# a few vector ops for the usual handful of requests, where a separate launch would cost more.
+# The chunk build: one launch per group of ratios (_SLOTS below). Its programs need per-request
+# prefix sums that no earlier launch wrote, so each scans the [R] lengths itself, _SCAN_R
+# requests a step: a few vector ops for the usual handful of requests, where a separate launch
+# would cost more.
 _SCAN_R = 16
 _CHUNK_BLOCK = 256  # elements per program of the flat outputs
 _ROWS_Q = 16  # combined rows per program
@@ -373,43 +374,82 @@ def _chunk_rows(block, num_tokens, seq_ptr, seq_stride, ext_ptr, ext_stride, num
     tl.store(lens_ptr + q, length.to(tl.int32), mask=live)
 
 
+@triton.jit
+def _slot_blocks(pid, start, seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window, num_tokens,
+                 table_ptr, table_stride0, table_stride1, cids_ptr, rows_ptr, lens_ptr,
+                 divisor, has_entries, num_compressed, topk, width, rows_first, slot_end,
+                 SCAN_R: tl.constexpr, BLOCK: tl.constexpr, ROWS_Q: tl.constexpr, ROWS_W: tl.constexpr):
+    """Program ``pid``'s share of one ratio (a slot of the launch): its compressed ids in
+    programs ``start .. rows_first - 1``, its combined rows in ``rows_first .. slot_end - 1``."""
+    if (pid >= start) & (pid < rows_first):
+        _chunk_segments(pid - start, num_compressed, seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window,
+                        divisor, has_entries, table_ptr, table_stride0, table_stride1, cids_ptr, 2, SCAN_R, BLOCK)
+    elif (pid >= rows_first) & (pid < slot_end):
+        _chunk_rows(pid - rows_first, num_tokens, seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window,
+                    divisor, has_entries, num_compressed, topk, width, rows_ptr, lens_ptr, SCAN_R, ROWS_Q, ROWS_W)
+
+
+# Ratios per launch. Each launch's cost on the host grows with its tensor arguments (about 2 us
+# each), so the usual stack of three ratios (0, 4, 128) is one launch, not three.
+_SLOTS = 3
+_SLOT_ARGS = 15  # per slot: its table, the table's 2 strides, its 5 outputs, 7 sizes
 # The sizes change every forward: specializing on them (value 1, multiples of 16) would compile
 # a new variant for every new pattern of sizes.
+_SLOT_SIZES = ("table_stride0", "num_compressed", "topk", "width", "rows_first", "slot_end")
+
+
 @triton.jit(do_not_specialize=[
-    "num_reqs", "swa_stride0", "table_stride0", "num_compressed", "topk", "width", "num_tokens", "num_swa",
-    "qpos_end", "swa_end", "cids_end",
+    "num_reqs", "swa_stride0", "num_tokens", "num_swa", "qpos_end", "swa_end",
+    *(f"{name}{k}" for k in range(_SLOTS) for name in _SLOT_SIZES),
 ])
 def _chunk_kernel(
     seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window,
-    swa_table_ptr, swa_stride0, swa_stride1, table_ptr, table_stride0, table_stride1,
+    swa_table_ptr, swa_stride0, swa_stride1,
     qsl_ptr, qpos_ptr, swa_ids_ptr, first_pos_ptr, gather_ptr, offsets_ptr,
-    cids_ptr, cbase_ptr, sbase_ptr, rows_ptr, lens_ptr,
-    divisor, has_entries, num_compressed, topk, width, num_tokens, num_swa,
-    first, qpos_end, swa_end, cids_end,
-    SCAN_R: tl.constexpr, BLOCK: tl.constexpr, ROWS_Q: tl.constexpr, ROWS_W: tl.constexpr,
+    num_tokens, num_swa, first, qpos_end, swa_end,
+    table0, table_stride00, table_stride10, cids0, cbase0, sbase0, rows0, lens0,
+    divisor0, has_entries0, num_compressed0, topk0, width0, rows_first0, slot_end0,
+    table1, table_stride01, table_stride11, cids1, cbase1, sbase1, rows1, lens1,
+    divisor1, has_entries1, num_compressed1, topk1, width1, rows_first1, slot_end1,
+    table2, table_stride02, table_stride12, cids2, cbase2, sbase2, rows2, lens2,
+    divisor2, has_entries2, num_compressed2, topk2, width2, rows_first2, slot_end2,
+    NUM_SLOTS: tl.constexpr, SCAN_R: tl.constexpr, BLOCK: tl.constexpr, ROWS_Q: tl.constexpr,
+    ROWS_W: tl.constexpr,
 ):
-    """One ratio's share of the chunk build; programs by range: 0 the [R] vectors, then
-    (first launch only) query positions and SWA ids, then compressed ids, then combined rows."""
+    """Up to three ratios' share of the chunk build (slots 0 .. NUM_SLOTS - 1); programs by
+    range: 0 the [R] vectors, then (first launch only) query positions and SWA ids, then each
+    slot's compressed ids and combined rows (``_slot_blocks``)."""
     pid = tl.program_id(0)
     if pid == 0:
-        _chunk_vectors(seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window, divisor, has_entries,
-                       num_compressed, first, qsl_ptr, first_pos_ptr, gather_ptr, offsets_ptr,
-                       cbase_ptr, sbase_ptr, SCAN_R)
+        _chunk_vectors(seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window, divisor0, has_entries0,
+                       num_compressed0, first, qsl_ptr, first_pos_ptr, gather_ptr, offsets_ptr,
+                       cbase0, sbase0, SCAN_R)
+        if NUM_SLOTS > 1:
+            _chunk_vectors(seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window, divisor1, has_entries1,
+                           num_compressed1, 0, qsl_ptr, first_pos_ptr, gather_ptr, offsets_ptr,
+                           cbase1, sbase1, SCAN_R)
+        if NUM_SLOTS > 2:
+            _chunk_vectors(seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window, divisor2, has_entries2,
+                           num_compressed2, 0, qsl_ptr, first_pos_ptr, gather_ptr, offsets_ptr,
+                           cbase2, sbase2, SCAN_R)
     elif pid < qpos_end:
         _chunk_segments(pid - 1, num_tokens, seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window,
-                        divisor, has_entries, table_ptr, table_stride0, table_stride1, qpos_ptr, 0, SCAN_R, BLOCK)
+                        1, 0, swa_table_ptr, swa_stride0, swa_stride1, qpos_ptr, 0, SCAN_R, BLOCK)
     elif pid < swa_end:
         _chunk_segments(pid - qpos_end, num_swa, seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window,
-                        divisor, has_entries, swa_table_ptr, swa_stride0, swa_stride1, swa_ids_ptr, 1,
-                        SCAN_R, BLOCK)
-    elif pid < cids_end:
-        _chunk_segments(pid - swa_end, num_compressed, seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs,
-                        window, divisor, has_entries, table_ptr, table_stride0, table_stride1, cids_ptr, 2,
-                        SCAN_R, BLOCK)
+                        1, 0, swa_table_ptr, swa_stride0, swa_stride1, swa_ids_ptr, 1, SCAN_R, BLOCK)
     else:
-        _chunk_rows(pid - cids_end, num_tokens, seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window,
-                    divisor, has_entries, num_compressed, topk, width, rows_ptr, lens_ptr,
-                    SCAN_R, ROWS_Q, ROWS_W)
+        _slot_blocks(pid, swa_end, seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window, num_tokens,
+                     table0, table_stride00, table_stride10, cids0, rows0, lens0, divisor0, has_entries0,
+                     num_compressed0, topk0, width0, rows_first0, slot_end0, SCAN_R, BLOCK, ROWS_Q, ROWS_W)
+        if NUM_SLOTS > 1:
+            _slot_blocks(pid, slot_end0, seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window, num_tokens,
+                         table1, table_stride01, table_stride11, cids1, rows1, lens1, divisor1, has_entries1,
+                         num_compressed1, topk1, width1, rows_first1, slot_end1, SCAN_R, BLOCK, ROWS_Q, ROWS_W)
+        if NUM_SLOTS > 2:
+            _slot_blocks(pid, slot_end1, seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs, window, num_tokens,
+                         table2, table_stride02, table_stride12, cids2, rows2, lens2, divisor2, has_entries2,
+                         num_compressed2, topk2, width2, rows_first2, slot_end2, SCAN_R, BLOCK, ROWS_Q, ROWS_W)
 
 
 def build_chunk_indices_triton(
@@ -421,24 +461,31 @@ def build_chunk_indices_triton(
     window_size: int,
     out: ChunkIndices,
 ) -> None:
-    """Fill ``out`` (``empty_chunk_indices``): one launch per ratio."""
+    """Fill ``out`` (``empty_chunk_indices``): one launch per ``_SLOTS`` ratios."""
     num_reqs, num_tokens, num_swa = seq_lens.shape[0], out.query_pos.shape[0], out.swa.token_ids.shape[0]
     swa = out.swa
-    for k, ((c, plan), topk) in enumerate(zip(out.plans.items(), row_topks)):
-        table = compressed_token_tables.get(c, swa_token_table)  # ratio 0 reads none
-        rows, lens = out.rows.get(c, (out.query_pos, out.query_pos))  # not written without rows
-        n_c = plan.num_compressed_rows
-        first = k == 0  # the first launch also writes what the ratios share
+    ratios = list(out.plans.items())
+    for g in range(0, len(ratios), _SLOTS):
+        first = g == 0  # the first launch also writes what the ratios share
         qpos_end = 1 + (cdiv(num_tokens, _CHUNK_BLOCK) if first else 0)
-        swa_end = qpos_end + (cdiv(num_swa, _CHUNK_BLOCK) if first else 0)
-        cids_end = swa_end + cdiv(n_c, _CHUNK_BLOCK)
-        row_blocks = cdiv(num_tokens, _ROWS_Q) if topk >= 0 else 0
-        _chunk_kernel[(cids_end + row_blocks,)](
+        end = swa_end = qpos_end + (cdiv(num_swa, _CHUNK_BLOCK) if first else 0)
+        slots = []
+        for (c, plan), topk in zip(ratios[g : g + _SLOTS], row_topks[g : g + _SLOTS]):
+            table = compressed_token_tables.get(c, swa_token_table)  # ratio 0 reads none
+            rows, lens = out.rows.get(c, (out.query_pos, out.query_pos))  # not written without rows
+            n_c = plan.num_compressed_rows
+            rows_first = end + cdiv(n_c, _CHUNK_BLOCK)
+            end = rows_first + (cdiv(num_tokens, _ROWS_Q) if topk >= 0 else 0)
+            slots += [
+                table, *table.stride(), plan.compressed_token_ids, plan.compressed_base, plan.swa_base, rows, lens,
+                max(c, 1), int(c > 0), n_c, max(topk, 0), rows.shape[-1] if topk >= 0 else 0, rows_first, end,
+            ]
+        num_slots = len(slots) // _SLOT_ARGS
+        slots += ([None] * 8 + [0] * 7) * (_SLOTS - num_slots)  # unused slots: never read
+        _chunk_kernel[(end,)](
             seq_lens, seq_lens.stride(0), extend_lens, extend_lens.stride(0), num_reqs, window_size,
-            swa_token_table, *swa_token_table.stride(), table, *table.stride(),
+            swa_token_table, *swa_token_table.stride(),
             out.query_start_loc, out.query_pos, swa.token_ids, swa.first_pos, swa.gather_lens, swa.offsets,
-            plan.compressed_token_ids, plan.compressed_base, plan.swa_base, rows, lens,
-            max(c, 1), int(c > 0), n_c, max(topk, 0), rows.shape[-1] if topk >= 0 else 0, num_tokens, num_swa,
-            int(first), qpos_end, swa_end, cids_end,
-            SCAN_R=_SCAN_R, BLOCK=_CHUNK_BLOCK, ROWS_Q=_ROWS_Q, ROWS_W=_ROWS_W,
+            num_tokens, num_swa, int(first), qpos_end, swa_end, *slots,
+            NUM_SLOTS=num_slots, SCAN_R=_SCAN_R, BLOCK=_CHUNK_BLOCK, ROWS_Q=_ROWS_Q, ROWS_W=_ROWS_W,
         )

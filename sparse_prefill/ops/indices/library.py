@@ -24,7 +24,9 @@ from sparse_prefill.ops.indices.plan import (
     SwaTokenIds,
     WorkspacePlan,
     empty_chunk_indices,
+    flatten_chunk_indices,
     swa_gather_lens,
+    unflatten_chunk_indices,
 )
 from sparse_prefill.ops.registry import define_op, writes_only
 
@@ -99,44 +101,28 @@ def _combine_topk_swa_indices(
         combine_topk_swa_indices_triton(topk_indices, *vectors, *sizes, out_indices, out_lens)
 
 
-def flatten_chunk_indices(ci: ChunkIndices) -> list[torch.Tensor]:
-    """The op's outputs: query_start_loc, query_pos, the SWA fields, then per ratio its plan's
-    compressed_token_ids, compressed_base, swa_base and, where it has rows, indices and lens."""
-    flat = [ci.query_start_loc, ci.query_pos, *ci.swa]
-    for c, plan in ci.plans.items():
-        flat += [plan.compressed_token_ids, plan.compressed_base, plan.swa_base, *ci.rows.get(c, ())]
-    return flat
-
-
-def unflatten_chunk_indices(flat: list[torch.Tensor], ratios: list[int], row_topks: list[int]) -> ChunkIndices:
-    """The inverse of ``flatten_chunk_indices``."""
-    it = iter(flat)
-    query_start_loc, query_pos = next(it), next(it)
-    swa = SwaTokenIds(next(it), next(it), next(it), next(it))
-    plans, rows = {}, {}
-    for c, topk in zip(ratios, row_topks):
-        plans[c] = WorkspacePlan(c, next(it), swa.token_ids, next(it), next(it))
-        if topk >= 0:
-            rows[c] = next(it), next(it)
-    return ChunkIndices(query_start_loc, query_pos, swa, plans, rows)
-
-
-def _build_chunk_indices(
+def build_chunk_indices(
     seq_lens: torch.Tensor, extend_lens: torch.Tensor, swa_token_table: torch.Tensor,
     compressed_token_tables: list[torch.Tensor], ratios: list[int], row_topks: list[int], window_size: int,
-    num_tokens: int, num_swa: int, num_compressed: list[int], impl: str,
-) -> list[torch.Tensor]:
-    """``flatten_chunk_indices`` of the chunk's ``ChunkIndices``; ``compressed_token_tables``
-    are those of the ratios > 0, in order; ``row_topks[k] < 0``: ratio ``k`` has no rows."""
+    num_tokens: int, num_swa: int, num_compressed: list[int], impl: str, pooled: bool = False,
+) -> ChunkIndices:
+    """The chunk's ``ChunkIndices``; ``compressed_token_tables`` are those of the ratios > 0, in
+    order; ``row_topks[k] < 0``: ratio ``k`` has no rows; ``pooled``: as ``empty_chunk_indices``'
+    (the Triton path)."""
     tables = dict(zip([c for c in ratios if c > 0], compressed_token_tables))
     if impl == "reference":
-        ci = build_chunk_indices_ref(
+        return build_chunk_indices_ref(
             seq_lens, extend_lens, swa_token_table, tables, ratios, row_topks, window_size, num_tokens
         )
-    else:
-        ci = empty_chunk_indices(seq_lens, ratios, row_topks, window_size, num_tokens, num_swa, num_compressed)
-        build_chunk_indices_triton(seq_lens, extend_lens, swa_token_table, tables, row_topks, window_size, ci)
-    return flatten_chunk_indices(ci)
+    ci = empty_chunk_indices(seq_lens, ratios, row_topks, window_size, num_tokens, num_swa, num_compressed, pooled)
+    build_chunk_indices_triton(seq_lens, extend_lens, swa_token_table, tables, row_topks, window_size, ci)
+    return ci
+
+
+def _build_chunk_indices_op(*args) -> list[torch.Tensor]:
+    """The op's kernel: ``flatten_chunk_indices`` of ``build_chunk_indices``, unpooled (an op's
+    outputs must not alias one another)."""
+    return flatten_chunk_indices(build_chunk_indices(*args))
 
 
 def _build_chunk_indices_fake(seq_lens, extend_lens, swa_token_table, compressed_token_tables, ratios, row_topks,
@@ -167,5 +153,5 @@ build_chunk_indices_op = define_op(
     "build_chunk_indices(Tensor seq_lens, Tensor extend_lens, Tensor swa_token_table, Tensor[] compressed_token_tables, "
     "int[] ratios, int[] row_topks, int window_size, int num_tokens, int num_swa, int[] num_compressed, str impl) "
     "-> Tensor[]",
-    _build_chunk_indices, _build_chunk_indices_fake,
+    _build_chunk_indices_op, _build_chunk_indices_fake,
 )

@@ -126,6 +126,33 @@ class ChunkIndices(NamedTuple):
     rows: dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 
+def flatten_chunk_indices(ci: ChunkIndices) -> list[torch.Tensor]:
+    """The chunk build's outputs in a list: query_start_loc, query_pos, the SWA fields, then per
+    ratio its plan's compressed_token_ids, compressed_base, swa_base and, where it has rows,
+    indices and lens."""
+    flat = [ci.query_start_loc, ci.query_pos, *ci.swa]
+    for c, plan in ci.plans.items():
+        flat += [plan.compressed_token_ids, plan.compressed_base, plan.swa_base, *ci.rows.get(c, ())]
+    return flat
+
+
+def unflatten_chunk_indices(flat: list[torch.Tensor], ratios: list[int], row_topks: list[int]) -> ChunkIndices:
+    """The inverse of ``flatten_chunk_indices``."""
+    it = iter(flat)
+    query_start_loc, query_pos = next(it), next(it)
+    swa = SwaTokenIds(next(it), next(it), next(it), next(it))
+    plans, rows = {}, {}
+    for c, topk in zip(ratios, row_topks):
+        plans[c] = WorkspacePlan(c, next(it), swa.token_ids, next(it), next(it))
+        if topk >= 0:
+            rows[c] = next(it), next(it)
+    return ChunkIndices(query_start_loc, query_pos, swa, plans, rows)
+
+
+_OFFSETS = 5  # the int64 one (SwaTokenIds.offsets) in flatten_chunk_indices' order
+_SEGMENT_ALIGN = 4  # int32 elements: a pooled tensor starts 16-byte aligned, as Triton specializes on
+
+
 def empty_chunk_indices(
     seq_lens: torch.Tensor,
     ratios: list[int],
@@ -134,18 +161,36 @@ def empty_chunk_indices(
     num_tokens: int,
     num_swa: int,
     num_compressed: list[int],
+    pooled: bool = False,
 ) -> ChunkIndices:
     """Uninitialized ``ChunkIndices`` of these sizes (``row_topks[k] < 0``: no rows for
-    ``ratios[k]``), on ``seq_lens``' device (fake tensors under ``torch.compile``)."""
+    ``ratios[k]``), on ``seq_lens``' device (fake tensors under ``torch.compile``).
+
+    ``pooled``: every tensor a view of one int32 buffer (each 16-byte aligned), one allocation
+    instead of about twenty; the buffer lives as long as any of them. Not for an op's outputs,
+    which must not alias one another."""
     num_reqs = seq_lens.shape[0]
-    empty = seq_lens.new_empty  # int32
-    swa = SwaTokenIds(empty(num_swa), empty(num_reqs), empty(num_reqs), empty(num_reqs + 1, dtype=torch.int64))
-    plans, rows = {}, {}
-    for c, topk, n_c in zip(ratios, row_topks, num_compressed):
-        plans[c] = WorkspacePlan(c, empty(n_c), swa.token_ids, empty(num_reqs), empty(num_reqs))
+    shapes = [(num_reqs + 1,), (num_tokens,), (num_swa,), (num_reqs,), (num_reqs,), (num_reqs + 1,)]
+    for topk, n_c in zip(row_topks, num_compressed):
+        shapes += [(n_c,), (num_reqs,), (num_reqs,)]
         if topk >= 0:
-            rows[c] = empty((num_tokens, combined_width(topk, window_size))), empty(num_tokens)
-    return ChunkIndices(empty(num_reqs + 1), empty(num_tokens), swa, plans, rows)
+            shapes += [(num_tokens, combined_width(topk, window_size)), (num_tokens,)]
+    if not pooled:
+        flat = [seq_lens.new_empty(s, dtype=torch.int64 if i == _OFFSETS else torch.int32)
+                for i, s in enumerate(shapes)]
+    else:
+        sizes, keep = [], []  # int32 elements of each tensor and of the padding it needs
+        for i, s in enumerate(shapes):
+            n = (2 if i == _OFFSETS else 1) * s[0] * (s[1] if len(s) > 1 else 1)
+            keep.append(len(sizes))
+            sizes += [n, -n % _SEGMENT_ALIGN] if n % _SEGMENT_ALIGN else [n]  # each view costs ~1 us
+        pieces = seq_lens.new_empty(sum(sizes), dtype=torch.int32).split_with_sizes(sizes)
+        flat = [pieces[k] for k in keep]
+        flat[_OFFSETS] = flat[_OFFSETS].view(torch.int64)
+        for i, s in enumerate(shapes):
+            if len(s) > 1:
+                flat[i] = flat[i].view(s)
+    return unflatten_chunk_indices(flat, ratios, row_topks)
 
 
 def check_workspace_rows(num_compressed: int, num_swa: int) -> None:
