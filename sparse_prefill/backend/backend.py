@@ -417,9 +417,10 @@ class SparsePrefillBackend:
             # The ratios routed sparse (all when none is, for callers that ask anyway); the host
             # lengths spare the build its device sync.
             ratios = [r for r in self._ratios if state.paths[r] == routing.SPARSE] or self._ratios
-            builder = self._chunk_builders.get((tuple(ratios), md.device.type))
+            builder_key = (tuple(ratios), md.device.type)
+            builder = self._chunk_builders.get(builder_key)
             if builder is None:
-                builder = self._chunk_builders[tuple(ratios), md.device.type] = SparsePrefillChunkCache.builder(
+                builder = self._chunk_builders[builder_key] = SparsePrefillChunkCache.builder(
                     window_size=cfg.window_size,
                     ratios=ratios,
                     topk=cfg.topk if any(r in cfg.topk_ratios for r in ratios) else None,

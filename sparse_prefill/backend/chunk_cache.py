@@ -158,8 +158,17 @@ class SparsePrefillChunkCache:
     ) -> ChunkCacheBuilder:
         """Validate the model's side of ``build`` once; the returned builder's ``build`` takes
         the batch's side (an engine keeps one builder per set of ratios and calls it every
-        forward). Arguments as ``build``'s; ``device`` (None: CUDA if available, else CPU)
-        resolves ``impl``: the builder takes tensors of its type ("cuda" or "cpu")."""
+        forward).
+
+        Args:
+            window_size, ratios, topk, ratio_kinds, impl: as in ``build`` (ints, a collection of
+                distinct ints >= 0, an int or None, a ``{ratio: kind}`` mapping or None, a str).
+            device: the device type the batches' tensors will be on (None: CUDA if available,
+                else CPU); ``impl`` is resolved for it.
+
+        Returns a ``ChunkCacheBuilder`` holding the validated values (``ratios`` sorted, each
+        ratio's ``LayerKind``, the resolved ``impl``). Raises as ``build`` does for these
+        arguments."""
         check_int("window_size", window_size, lo=1, hi=INT32_MAX)
         if not isinstance(ratios, Collection) or isinstance(ratios, (str, Mapping)) or not ratios:
             raise ValueError(f"ratios must be a non-empty collection of ints, got {ratios!r}")
@@ -229,10 +238,10 @@ class SparsePrefillChunkCache:
         workspace of more than ``2**31 - 1`` rows for some ratio (limits: ``ops/indices/plan.py``).
         """
         device = seq_lens.device if isinstance(seq_lens, torch.Tensor) else None
-        spec = cls.builder(window_size=window_size, ratios=ratios, topk=topk, ratio_kinds=ratio_kinds, impl=impl,
-                           device=device)
-        return spec.build(key=key, seq_lens=seq_lens, extend_lens=extend_lens, swa_token_table=swa_token_table,
-                          compressed_token_tables=compressed_token_tables, host_lens=host_lens)
+        builder = cls.builder(window_size=window_size, ratios=ratios, topk=topk, ratio_kinds=ratio_kinds,
+                              impl=impl, device=device)
+        return builder.build(key=key, seq_lens=seq_lens, extend_lens=extend_lens, swa_token_table=swa_token_table,
+                             compressed_token_tables=compressed_token_tables, host_lens=host_lens)
 
     # -- staleness ---------------------------------------------------------------------------
 
@@ -371,8 +380,16 @@ class ChunkCacheBuilder(NamedTuple):
         compressed_token_tables: Mapping[int, torch.Tensor] | None = None,
         host_lens: tuple[Sequence[int], Sequence[int]] | None = None,
     ) -> SparsePrefillChunkCache:
-        """``SparsePrefillChunkCache.build`` with this builder's model arguments; the tensors
-        must be on a device of the builder's ``device_type``."""
+        """``SparsePrefillChunkCache.build`` with this builder's model arguments.
+
+        Args:
+            key, host_lens: as in ``SparsePrefillChunkCache.build``.
+            seq_lens, extend_lens: ``[R]`` int32, on a device of the builder's ``device_type``.
+            swa_token_table: ``[R, max_len]`` int32, on the same device.
+            compressed_token_tables: ``{ratio: [R, max_entries] int32}`` for exactly the
+                builder's ratios > 0, on the same device.
+
+        Returns the chunk's ``SparsePrefillChunkCache``; raises as ``build`` does."""
         if key is None:
             raise ValueError("key must identify the batch metadata (e.g. the metadata object), not None")
         ratio_list, kinds, topk, window_size = self.ratios, self.kinds, self.topk, self.window_size

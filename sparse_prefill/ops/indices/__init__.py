@@ -521,7 +521,7 @@ def chunk_indices(
     args = (seq_lens, extend_lens, swa_token_table, tables, ratios, row_topks, window_size, num_tokens, num_swa,
             num_compressed, impl)
     if direct_call_ok(seq_lens):
-        # Boxing the op's ~20 outputs through the dispatcher, and allocating each, cost ~100 us
-        # of host time a build on the H200's host: run the implementation on one pooled buffer.
+        # Boxing the op's ~20 outputs through the dispatcher, and allocating each, cost the host
+        # tens of microseconds a build: run the implementation on one pooled buffer.
         return build_chunk_indices(*args, pooled=True)
     return unflatten_chunk_indices(build_chunk_indices_op(*args), ratios, row_topks)

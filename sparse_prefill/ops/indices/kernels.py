@@ -389,10 +389,11 @@ def _slot_blocks(pid, start, seq_ptr, seq_stride, ext_ptr, ext_stride, num_reqs,
                     divisor, has_entries, num_compressed, topk, width, rows_ptr, lens_ptr, SCAN_R, ROWS_Q, ROWS_W)
 
 
-# Ratios per launch. Each launch's cost on the host grows with its tensor arguments (about 2 us
-# each), so the usual stack of three ratios (0, 4, 128) is one launch, not three.
+# Ratios per launch. Each launch costs the host tens of microseconds (Triton's binder and
+# launcher), so the usual stack of three ratios (0, 4, 128) is one launch, not three.
 _SLOTS = 3
 _SLOT_ARGS = 15  # per slot: its table, the table's 2 strides, its 5 outputs, 7 sizes
+_SLOT_TENSORS = 8  # the table, its 2 strides, its 5 outputs: None in an unused slot, the sizes 0
 # The sizes change every forward: specializing on them (value 1, multiples of 16) would compile
 # a new variant for every new pattern of sizes.
 _SLOT_SIZES = ("table_stride0", "num_compressed", "topk", "width", "rows_first", "slot_end")
@@ -481,7 +482,8 @@ def build_chunk_indices_triton(
                 max(c, 1), int(c > 0), n_c, max(topk, 0), rows.shape[-1] if topk >= 0 else 0, rows_first, end,
             ]
         num_slots = len(slots) // _SLOT_ARGS
-        slots += ([None] * 8 + [0] * 7) * (_SLOTS - num_slots)  # unused slots: never read
+        unused = [None] * _SLOT_TENSORS + [0] * (_SLOT_ARGS - _SLOT_TENSORS)  # never read
+        slots += unused * (_SLOTS - num_slots)
         _chunk_kernel[(end,)](
             seq_lens, seq_lens.stride(0), extend_lens, extend_lens.stride(0), num_reqs, window_size,
             swa_token_table, *swa_token_table.stride(),

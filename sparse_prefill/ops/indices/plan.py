@@ -16,6 +16,7 @@ Index ranges (why each dtype is wide enough):
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -181,7 +182,7 @@ def empty_chunk_indices(
     else:
         sizes, keep = [], []  # int32 elements of each tensor and of the padding it needs
         for i, s in enumerate(shapes):
-            n = (2 if i == _OFFSETS else 1) * s[0] * (s[1] if len(s) > 1 else 1)
+            n = (2 if i == _OFFSETS else 1) * math.prod(s)
             keep.append(len(sizes))
             sizes += [n, -n % _SEGMENT_ALIGN] if n % _SEGMENT_ALIGN else [n]  # each view costs ~1 us
         pieces = seq_lens.new_empty(sum(sizes), dtype=torch.int32).split_with_sizes(sizes)
