@@ -7,7 +7,8 @@ returning a :class:`~sparse_prefill.bench.common.BenchResult` (rows + markdown t
 Run only as ``python -m sparse_prefill.bench.<name>``: ``parallel`` (several GPUs),
 ``stack_vs_original``, ``fp8_small_batch``, ``tune_sparse_attn``, ``few_heads``,
 ``chunk_cache_build``, ``op_overhead`` (the public op against its kernel), ``profile_sparse_attn``
-(one launch for ncu), ``compile_offline`` (ptxas' report without a GPU; Triton 3.6) and
+(one launch for ncu), ``ncu_source`` (ncu's stall samples per instruction, summed per
+partition), ``compile_offline`` (ptxas' report without a GPU; Triton 3.6) and
 ``device_session`` (one call on the GPU machine). Their results go to ``benchmarks/``.
 """
 

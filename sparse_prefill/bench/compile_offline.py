@@ -82,6 +82,8 @@ def sparse_source(kernel: str, d_qk: int, h_q: int, tuning: dict[str, int]) -> G
         consts = {"NUM_HEAD_BLOCKS": -(-h_q // 64), **consts, **gluon_kernel.DEFAULT_TUNING}
     sig[tail_arg] = "i32"
     consts.update(tuning)
+    if kernel == "few":
+        consts.setdefault("Q_LATE", gluon_few_heads.q_late_blocks(consts["STAGES"]))
     return specialized(fn, sig, consts)
 
 

@@ -30,6 +30,8 @@ Steps (default ``tests bench``), each writing its whole output under ``$OUT`` (d
 * ``ncu``: per kernel of ``$NCU_KERNELS`` (default ``gluon flash_mla``), Nsight Compute on the
   second launch of ``sparse_prefill.bench.profile_sparse_attn --kernel K $NCU_ARGS``, 200 s
   each; ``OUT/ncu_K.txt``, of which the stall, throughput and hit-rate lines are printed.
+  ``$NCU_FLAGS`` go to ``ncu`` itself (e.g. ``--page source --print-source sass`` for stall
+  samples per instruction).
 
 Children get ``PYTHONPATH=.:/tmp/fm`` (FlashMLA unpacked there), unbuffered output and NVLink
 multicast off. ``--dry-run`` prints what would run and runs nothing. Exit code 1 when a step
@@ -131,8 +133,8 @@ def plan(env: Mapping[str, str], python: str = sys.executable) -> list[Step]:
                 if kernel not in NCU_KERNEL_NAMES:
                     raise ValueError(f"NCU_KERNELS: {kernel!r} is not one of {tuple(NCU_KERNEL_NAMES)}")
                 sections = [a for s in NCU_SECTIONS for a in ("--section", s)]
-                argv = ("ncu", "--clock-control", "none", *sections, "-k", f"regex:{NCU_KERNEL_NAMES[kernel]}",
-                        "--launch-skip", "1", "--launch-count", "1",
+                argv = ("ncu", "--clock-control", "none", *sections, *shlex.split(knob(env, "NCU_FLAGS", "")),
+                        "-k", f"regex:{NCU_KERNEL_NAMES[kernel]}", "--launch-skip", "1", "--launch-count", "1",
                         python, "-m", "sparse_prefill.bench.profile_sparse_attn", "--kernel", kernel,
                         *shlex.split(knob(env, "NCU_ARGS", "")))
                 steps.append(Step(f"ncu {kernel}", argv, NCU_S, f"{out}/ncu_{kernel}.txt", 40, NCU_SUMMARY))

@@ -126,6 +126,10 @@ GLUON_VARIANTS = {
     "Gluon few-head kernel, 2 stages": {"STAGES": 2},
     # The copy-only ring was 1-3% faster with 8 producer warps than with 4 (benchmarks/data/gather_ceiling_h200.md).
     "Gluon few-head kernel, 8 producer warps": {"PRODUCER_WARPS": 8},
+    # The default copies a token's Q after its first two blocks (Q_LATE 2; ncu, 2026-12-04: with Q
+    # first, the producer waited 14% of its time for Q's buffer ahead of those copies).
+    "Gluon few-head kernel, Q first": {"Q_LATE": 0},
+    "Gluon few-head kernel, Q after one block": {"Q_LATE": 1},
 }
 
 

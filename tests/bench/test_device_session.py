@@ -48,6 +48,7 @@ def test_knobs():
     ncu = steps["ncu triton"]
     assert ncu.argv[0] == "ncu" and "regex:_sparse_attn_fwd_kernel" in ncu.argv and ncu.log == "/o/ncu_triton.txt"
     assert ncu.argv[-5:] == ("--kernel", "triton", "--h-q", "128", "BLOCK_N=32")
+    assert "--page" not in ncu.argv  # NCU_FLAGS unset
     assert steps["tests"].argv[-1] == "fp8" and steps["tests"].timeout_s == 7
     assert steps["bench"].argv[-3:] == ("--quick", "--d-qk", "576") and steps["bench"].timeout_s == 6
     fixture = by_name(ds.plan(dict(STEPS="fixture chunkcache", XDIST="3", FIXTURE_S="5"), python="py"))
@@ -59,6 +60,14 @@ def test_knobs():
     assert few.argv == ("py", "-m", "sparse_prefill.bench.few_heads", "--out", "/tmp/out") and few.timeout_s == 4
     # Empty knobs mean their defaults, as ${NAME:-default} does.
     assert by_name(ds.plan(dict(STEPS="", TEST_K=""), python="py"))["tests"].argv[-1] == "gluon"
+
+
+def test_ncu_flags_go_to_ncu_itself():
+    argv = by_name(ds.plan(dict(STEPS="ncu", NCU_KERNELS="gluon", NCU_FLAGS="--page source --print-source sass --csv"),
+                           python="py"))["ncu gluon"].argv
+    k = argv.index("-k")
+    assert argv[k - 5 : k] == ("--page", "source", "--print-source", "sass", "--csv")
+    assert argv.index("py") > k  # ncu's options, then the profiled command
 
 
 @pytest.mark.parametrize("env, message", [

@@ -370,6 +370,8 @@ def test_gluon_kernel_says_where_it_cannot_run():
             gluon_kernel.sparse_attn_fwd_gluon(torch.empty(1, h_q, 512), *[None] * 8, BLOCK_N=32)
     with pytest.raises(ValueError, match="PRODUCER_WARPS must be 1, 2, 4 or 8, got 3"):
         gluon_kernel.sparse_attn_fwd_gluon(torch.empty(1, 8, 512), *[None] * 8, PRODUCER_WARPS=3)
+    with pytest.raises(ValueError, match=r"Q_LATE must be 0, 1 or 2 \(blocks copied before the token's Q\), got 3"):
+        gluon_kernel.sparse_attn_fwd_gluon(torch.empty(1, 8, 512), *[None] * 8, Q_LATE=3)
 
 
 @pytest.mark.parametrize("width,offset,ok", [(512, 0, True), (576, 0, True), (520, 0, False), (512, 4, False)])
@@ -560,12 +562,15 @@ def test_gpu_tensor_parallel_heads(h_q, kernel):
 @pytest.mark.gpu
 @pytest.mark.parametrize("d_qk", [512, 576])
 @pytest.mark.parametrize("h_q", [3, 9, 16])
-@pytest.mark.parametrize("tuning", [{"PRODUCER_WARPS": 2}, {"PRODUCER_WARPS": 8}],
-                         ids=["2 producer warps", "8 producer warps"])
+@pytest.mark.parametrize("tuning", [{"PRODUCER_WARPS": 2}, {"PRODUCER_WARPS": 8}, {"Q_LATE": 0}, {"Q_LATE": 1},
+                                    {"Q_LATE": 2}],
+                         ids=["2 producer warps", "8 producer warps", "Q first", "Q after one block", "Q after two blocks"])
 def test_gpu_few_head_kernel_variants(tuning, h_q, d_qk):
     """The few-head kernel's tuning variants that bench.few_heads times: the producer's copy
-    layout and its barriers' arrival counts follow its warp count (topk 300: an odd block count,
-    so the last pair's second block is all invalid)."""
+    layout and its barriers' arrival counts follow its warp count; Q copied before, between or
+    after a token's first two blocks (s_q 300: several tokens per CTA; random lengths down to 0:
+    tokens with no block; topk 300: an odd block count, so the last pair's second block is all
+    invalid)."""
     case = make_case(300, 5000, h_q, d_qk, 300, "cuda")
     assert_attn_close(run_launcher(case, "gluon", **tuning), sparse_attn_fwd_naive(*case.args()))
 

@@ -7,9 +7,9 @@ heads along N instead: ``S^T = K Q^T`` ([64 keys, HN heads]) and ``O^T += V^T P^
 dims, HN]), HN = h_q rounded up to 16 or 32. The tensor cores then do little, and the kernel's
 speed is that of the KV gather:
 
-- the producer (``PRODUCER_WARPS``) loads each token's Q and gathers each block of 64 KV rows by index
-  with ``cp.async`` into a ring of ``STAGES`` shared-memory stages (three at d_qk 512), each
-  completing its own mbarrier;
+- the producer (``PRODUCER_WARPS``) gathers each block of 64 KV rows by index with ``cp.async``
+  into a ring of ``STAGES`` shared-memory stages (three at d_qk 512), each completing its own
+  mbarrier, and loads each token's Q after its first ``Q_LATE`` blocks (``q_late_blocks``);
 - the math group (the default 4 warps) runs the online softmax of each block and queues the next
   block's ``S^T`` right behind its ``P V``; the row sums stay per thread until the token's end
   (one cross-warp sum per token, one cross-warp max per block).
@@ -40,6 +40,16 @@ def kv_stages(d_qk: int) -> int:
     """KV blocks in flight: three (192 KB) at d_qk 512, 1.25x faster than two; at d_qk 576 a
     third stage of 72 KB does not fit beside Q."""
     return 3 if d_qk == 512 else 2
+
+
+def q_late_blocks(stages: int) -> int:
+    """Blocks of a token the producer copies before the token's Q (``Q_LATE``). Q first made
+    the producer wait for the math group's last Q K^T of the previous token before those
+    copies (14% of its time, ncu); with three stages, copying two blocks first measured 3-4%
+    faster at h_q 8 and within 1% at h_q 16, one block first within 1% of two (d_qk 512,
+    benchmarks/NOTES.md). With two stages (d_qk 576) Q stays first: not measured there, and
+    the token's second block would wait for the previous token's last one."""
+    return 2 if stages >= 3 else 0
 
 
 def heads_tile(h_q: int) -> int:
@@ -77,10 +87,23 @@ if GLUON_IMPORTED:
                 dst.slice(c * 64, 64, dim=1), rows[:, None] + (col0 + c * 64) + offs_c[None, :], mask=mask[:, None])
 
     @gluon.jit
+    def _load_q(q_smem, qt_smem, bars, it, q_ptr, tok64, stride_q_s, stride_q_h, h_q, offs_h, offs_c,
+                Q_BUFS: gl.constexpr, D_TAIL: gl.constexpr):
+        """Token ``it``'s Q (``tok64``) into its buffer, once the math group is done with the
+        token that last used that buffer."""
+        qb = it % Q_BUFS
+        mbarrier.wait(bars.index(2 + qb), ((it // Q_BUFS) & 1) ^ 1, pred=it >= Q_BUFS)
+        q_rows = q_ptr + tok64 * stride_q_s + offs_h.to(gl.int64) * stride_q_h
+        _copy_rows(q_smem.index(qb), q_rows, 0, 512, offs_h < h_q, offs_c)
+        if D_TAIL > 0:
+            _copy_rows(qt_smem.index(qb), q_rows, 512, TAIL, offs_h < h_q, offs_c)
+        async_copy.mbarrier_arrive(bars.index(qb), increment_count=False)
+
+    @gluon.jit
     def _producer(q_smem, qt_smem, k_smem, kt_smem, bars, q_ptr, stride_q_s, stride_q_h, h_q,
                   kv_ptr, stride_kv_s, s_kv, idx_ptr, stride_i_s, topk, topk_len_ptr, s_q,
                   HN: gl.constexpr, STAGES: gl.constexpr, Q_BUFS: gl.constexpr, D_TAIL: gl.constexpr,
-                  HAS_TOPK_LEN: gl.constexpr, PW: gl.constexpr):
+                  HAS_TOPK_LEN: gl.constexpr, PW: gl.constexpr, Q_LATE: gl.constexpr):
         # A warp covers 4 rows x 64 dims: 16-byte copies, each row's 128 bytes one cache line.
         cp_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [PW, 1], [1, 0])
         offs_r = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, cp_l))
@@ -91,14 +114,15 @@ if GLUON_IMPORTED:
         for tok in range(gl.program_id(0), s_q, gl.num_programs(0)):
             n_keys = key_count(tok, topk, topk_len_ptr, HAS_TOPK_LEN)
             tok64 = tok.to(gl.int64)
-            qb = it % Q_BUFS
-            # The math group is done with the Q K^T of the token that last used this buffer.
-            mbarrier.wait(bars.index(2 + qb), ((it // Q_BUFS) & 1) ^ 1, pred=it >= Q_BUFS)
-            q_rows = q_ptr + tok64 * stride_q_s + offs_h.to(gl.int64) * stride_q_h
-            _copy_rows(q_smem.index(qb), q_rows, 0, 512, offs_h < h_q, offs_c)
-            if D_TAIL > 0:
-                _copy_rows(qt_smem.index(qb), q_rows, 512, TAIL, offs_h < h_q, offs_c)
-            async_copy.mbarrier_arrive(bars.index(qb), increment_count=False)
+            # Q after the token's first Q_LATE blocks (0, 1 or 2; a token has 0 or at least 2),
+            # so that waiting for the previous token's last Q K^T does not hold up their copies.
+            if Q_LATE == 0:
+                _load_q(q_smem, qt_smem, bars, it, q_ptr, tok64, stride_q_s, stride_q_h, h_q, offs_h, offs_c,
+                        Q_BUFS, D_TAIL)
+            else:
+                if n_keys <= 0:
+                    _load_q(q_smem, qt_smem, bars, it, q_ptr, tok64, stride_q_s, stride_q_h, h_q, offs_h, offs_c,
+                            Q_BUFS, D_TAIL)
             idx_row = idx_ptr + tok64 * stride_i_s
             ids = gl.load(idx_row + offs_r, mask=offs_r < n_keys, other=-1)
             # Whole pairs of blocks (the math group's unit): past n_keys, rows are zero-filled.
@@ -112,6 +136,10 @@ if GLUON_IMPORTED:
                 if D_TAIL > 0:
                     _copy_rows(kt_smem.index(st), rows, 512, TAIL, ok, offs_c)
                 async_copy.mbarrier_arrive(bars.index(4 + st), increment_count=False)
+                if Q_LATE > 0:
+                    if j + 1 == Q_LATE:
+                        _load_q(q_smem, qt_smem, bars, it, q_ptr, tok64, stride_q_s, stride_q_h, h_q, offs_h,
+                                offs_c, Q_BUFS, D_TAIL)
                 # The next block's ids, loaded while this block's copies are in flight.
                 pos = pos + BLOCK_N
                 ids = gl.load(idx_row + pos, mask=pos < n_keys, other=-1)
@@ -238,6 +266,7 @@ if GLUON_IMPORTED:
         stride_q_s, stride_q_h, stride_kv_s, stride_i_s, stride_o_s, stride_o_h, stride_ml_s, s_q,
         HN: gl.constexpr, D_TAIL: gl.constexpr, HAS_SINK: gl.constexpr, HAS_TOPK_LEN: gl.constexpr,
         STAGES: gl.constexpr, Q_BUFS: gl.constexpr, PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+        Q_LATE: gl.constexpr,
     ):
         nvmma: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         q_smem = gl.allocate_shared_memory(gl.bfloat16, [Q_BUFS, HN, 512], nvmma)
@@ -264,7 +293,7 @@ if GLUON_IMPORTED:
                      topk_len_ptr, s_q, STAGES, Q_BUFS, D_TAIL, HAS_TOPK_LEN, HAS_SINK, HN)),
             (_producer, (q_smem, qt_smem, k_smem, kt_smem, bars, q_ptr, stride_q_s, stride_q_h, h_q,
                          kv_ptr, stride_kv_s, s_kv, idx_ptr, stride_i_s, topk, topk_len_ptr, s_q,
-                         HN, STAGES, Q_BUFS, D_TAIL, HAS_TOPK_LEN, PRODUCER_WARPS)),
+                         HN, STAGES, Q_BUFS, D_TAIL, HAS_TOPK_LEN, PRODUCER_WARPS, Q_LATE)),
         ], [PRODUCER_WARPS], [PRODUCER_REGS])
 
 
@@ -281,18 +310,22 @@ def sparse_attn_fwd_gluon_few_heads(
     **tuning: int,
 ) -> object:
     """Launch on validated inputs with ``h_q <= MAX_HEADS`` (as ``gluon_kernel.sparse_attn_fwd_gluon``,
-    which calls it). ``tuning`` overrides ``DEFAULT_TUNING`` and ``STAGES`` (``kv_stages``).
-    Returns Triton's handle of the compiled kernel."""
+    which calls it). ``tuning`` overrides ``DEFAULT_TUNING``, ``STAGES`` (``kv_stages``) and
+    ``Q_LATE`` (``q_late_blocks``). Returns Triton's handle of the compiled kernel."""
     from sparse_prefill.ops.sparse_attn.kernel import launch_args
 
     s_q, h_q, d_qk = q.shape
-    cfg = {**DEFAULT_TUNING, "STAGES": kv_stages(d_qk)}
+    cfg = {**DEFAULT_TUNING, "STAGES": kv_stages(d_qk), "Q_LATE": None}
     unknown = set(tuning) - set(cfg)
     if unknown:
         raise ValueError(f"unknown tuning keys {sorted(unknown)}; known: {sorted(cfg)}")
     cfg.update(tuning)
+    if cfg["Q_LATE"] is None:
+        cfg["Q_LATE"] = q_late_blocks(cfg["STAGES"])
     if cfg["PRODUCER_WARPS"] not in (1, 2, 4, 8):
         raise ValueError(f"PRODUCER_WARPS must be 1, 2, 4 or 8, got {cfg['PRODUCER_WARPS']}")
+    if cfg["Q_LATE"] not in (0, 1, 2):
+        raise ValueError(f"Q_LATE must be 0, 1 or 2 (blocks copied before the token's Q), got {cfg['Q_LATE']}")
     if h_q > MAX_HEADS:
         raise ValueError(f"the few-head kernel takes at most {MAX_HEADS} heads, got h_q {h_q}")
     grid = (min(s_q, _sm_count(q.device)),)
