@@ -14,8 +14,10 @@ speed is that of the KV gather:
   block's ``S^T`` right behind its ``P V``; the row sums stay per thread until the token's end
   (one cross-warp sum per token, one cross-warp max per block).
 
-Measured and dropped (benchmarks/NOTES.md): two math groups on half the heads each, freeing
-stages before the next block's ``S^T``, and loading ids two blocks ahead.
+Measured and dropped (benchmarks/NOTES.md): two math groups on half the heads each, or on
+alternate blocks (each then holds a stage for its whole chain, and the rows come late), freeing
+stages before the next block's ``S^T``, loading ids two blocks ahead, and skipping the rescale
+of O while the max grows by less than 2**8 (the branch cost more than the multiplies).
 
 Persistent: one CTA per SM walks the tokens. Results are those of the Triton kernel
 (``kernel.py``) up to float summation order.
