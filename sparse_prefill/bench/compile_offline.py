@@ -75,15 +75,11 @@ def sparse_source(kernel: str, d_qk: int, h_q: int, tuning: dict[str, int]) -> G
     consts = {"D_TAIL": d_qk - 512, "HAS_SINK": True, "HAS_TOPK_LEN": True}
     if kernel == "few":
         fn, tail_arg = gluon_few_heads._sparse_attn_few_heads_kernel, "s_q"
-        consts = {"HN": gluon_few_heads.heads_tile(h_q), **consts, **gluon_few_heads.DEFAULT_TUNING,
-                  "STAGES": gluon_few_heads.kv_stages(d_qk)}
+        consts = {"HN": gluon_few_heads.heads_tile(h_q), **consts, **gluon_few_heads.tuning_for(d_qk, tuning)}
     else:
         fn, tail_arg = gluon_kernel._sparse_attn_ws_kernel, "n_items"
-        consts = {"NUM_HEAD_BLOCKS": -(-h_q // 64), **consts, **gluon_kernel.DEFAULT_TUNING}
+        consts = {"NUM_HEAD_BLOCKS": -(-h_q // 64), **consts, **gluon_kernel.DEFAULT_TUNING, **tuning}
     sig[tail_arg] = "i32"
-    consts.update(tuning)
-    if kernel == "few":
-        consts.setdefault("Q_LATE", gluon_few_heads.q_late_blocks(consts["STAGES"]))
     return specialized(fn, sig, consts)
 
 

@@ -120,7 +120,7 @@ def gather_runs(kv: torch.Tensor, idx: torch.Tensor, topk: int) -> dict:
 TRITON_VARIANTS = {"Triton default": {}, "Triton BLOCK_N 32": {"BLOCK_N": 32}}
 
 
-# Launcher overrides of the few-head Gluon kernel (gluon_few_heads.DEFAULT_TUNING).
+# Launcher overrides of the few-head Gluon kernel (its keys: gluon_few_heads.tuning_for).
 GLUON_VARIANTS = {
     "Gluon few-head kernel": {},
     "Gluon few-head kernel, 2 stages": {"STAGES": 2},

@@ -54,6 +54,24 @@ def q_late_blocks(stages: int) -> int:
     return 2 if stages >= 3 else 0
 
 
+def tuning_for(d_qk: int, tuning: dict[str, int]) -> dict[str, int]:
+    """The kernel's tuning constants at ``d_qk``: ``DEFAULT_TUNING``, ``STAGES``
+    (``kv_stages``) and ``Q_LATE`` (``q_late_blocks`` of the stages), overridden by ``tuning``;
+    raises ValueError on an unknown key or an out-of-range value."""
+    cfg = {**DEFAULT_TUNING, "STAGES": kv_stages(d_qk), "Q_LATE": None}
+    unknown = set(tuning) - set(cfg)
+    if unknown:
+        raise ValueError(f"unknown tuning keys {sorted(unknown)}; known: {sorted(cfg)}")
+    cfg.update(tuning)
+    if cfg["Q_LATE"] is None:
+        cfg["Q_LATE"] = q_late_blocks(cfg["STAGES"])
+    if cfg["PRODUCER_WARPS"] not in (1, 2, 4, 8):
+        raise ValueError(f"PRODUCER_WARPS must be 1, 2, 4 or 8, got {cfg['PRODUCER_WARPS']}")
+    if cfg["Q_LATE"] not in (0, 1, 2):
+        raise ValueError(f"Q_LATE must be 0, 1 or 2 (blocks copied before the token's Q), got {cfg['Q_LATE']}")
+    return cfg
+
+
 def heads_tile(h_q: int) -> int:
     """HN: the N width that holds ``h_q`` heads."""
     return 16 if h_q <= 16 else 32
@@ -312,22 +330,12 @@ def sparse_attn_fwd_gluon_few_heads(
     **tuning: int,
 ) -> object:
     """Launch on validated inputs with ``h_q <= MAX_HEADS`` (as ``gluon_kernel.sparse_attn_fwd_gluon``,
-    which calls it). ``tuning`` overrides ``DEFAULT_TUNING``, ``STAGES`` (``kv_stages``) and
-    ``Q_LATE`` (``q_late_blocks``). Returns Triton's handle of the compiled kernel."""
+    which calls it), with the constants of ``tuning_for``. Returns Triton's handle of the
+    compiled kernel."""
     from sparse_prefill.ops.sparse_attn.kernel import launch_args
 
     s_q, h_q, d_qk = q.shape
-    cfg = {**DEFAULT_TUNING, "STAGES": kv_stages(d_qk), "Q_LATE": None}
-    unknown = set(tuning) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown tuning keys {sorted(unknown)}; known: {sorted(cfg)}")
-    cfg.update(tuning)
-    if cfg["Q_LATE"] is None:
-        cfg["Q_LATE"] = q_late_blocks(cfg["STAGES"])
-    if cfg["PRODUCER_WARPS"] not in (1, 2, 4, 8):
-        raise ValueError(f"PRODUCER_WARPS must be 1, 2, 4 or 8, got {cfg['PRODUCER_WARPS']}")
-    if cfg["Q_LATE"] not in (0, 1, 2):
-        raise ValueError(f"Q_LATE must be 0, 1 or 2 (blocks copied before the token's Q), got {cfg['Q_LATE']}")
+    cfg = tuning_for(d_qk, tuning)
     if h_q > MAX_HEADS:
         raise ValueError(f"the few-head kernel takes at most {MAX_HEADS} heads, got h_q {h_q}")
     grid = (min(s_q, _sm_count(q.device)),)
